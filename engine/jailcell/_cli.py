@@ -1,0 +1,200 @@
+"""The ``jailcell`` command line.  Exit codes: 0 ok, 1 the program did not succeed, 2 usage error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from ._errors import JailcellError
+from ._policy import Policy, builtin_policy_names
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+DESCRIPTION = """\
+jailcell runs untrusted, model-generated Python in a hardened local sandbox
+(nsjail namespaces + seccomp + cgroups; a reported process fallback elsewhere).
+
+commands:
+  run      run a program in a fresh sandbox and print what it printed
+  check    show which isolation features work on this machine, and how to fix the rest
+  policy   list the built-in policies or show a policy's effective settings
+
+examples:
+  jailcell run -c 'print(2 ** 10)'
+  jailcell run --policy minimal --timeout 5 --json script.py
+  echo 'import numpy; print(numpy.eye(2))' | jailcell run -
+  jailcell check
+  jailcell policy show standard
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's default, with a pointer to --help
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"jailcell: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="jailcell", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"jailcell {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser(
+        "run", help="run a program in a sandbox",
+        description="Run a Python program in a fresh sandbox. Prints the program's stdout and stderr as it "
+                    "produced them; with --json prints exactly one JSON object (the Result) instead.\n\n"
+                    "exit status: 0 if the program succeeded, 1 if not (error, timeout, memory_limit, "
+                    "output_limit, killed, policy_violation), 2 on a usage error.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = run.add_mutually_exclusive_group(required=True)
+    src.add_argument("file", nargs="?", metavar="FILE", help="a Python file to run, or - to read the program from stdin")
+    src.add_argument("-c", dest="code", metavar="CODE", help="the program as a string")
+    run.add_argument("--policy", default="standard", metavar="NAME|FILE",
+                     help=f"built-in policy ({', '.join(_safe_names())}) or a .toml file (default: standard)")
+    run.add_argument("--timeout", type=float, metavar="S", help="wall-clock limit in seconds (default: the policy's)")
+    run.add_argument("--memory", type=int, metavar="MIB", help="memory limit in MiB (default: the policy's)")
+    run.add_argument("--json", action="store_true", help="print the Result as one JSON object on stdout")
+    run.add_argument("--backend", default="auto", choices=["auto", "nsjail", "process"],
+                     help="isolation backend (default: auto = nsjail, else the reported process fallback)")
+    run.add_argument("--file", dest="files", action="append", default=[], metavar="NAME=PATH",
+                     help="copy a host file into the workspace as NAME before running (repeatable)")
+
+    sub.add_parser("check", help="show what isolation works here",
+                   description="Probe nsjail, namespaces, seccomp, cgroups and limits on this machine; for "
+                               "each feature that does not work, say why and how to fix it. Exit 0 when "
+                               "programs can run (even degraded), 1 when nothing can run.")
+
+    pol = sub.add_parser("policy", help="list or show policies", description="Inspect policies.")
+    pol_sub = pol.add_subparsers(dest="policy_command", metavar="ACTION", parser_class=_Parser, required=True)
+    pol_sub.add_parser("list", help="list the built-in policies")
+    show = pol_sub.add_parser("show", help="print a policy's effective settings (after extends) as TOML")
+    show.add_argument("policy", metavar="NAME|FILE")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _safe_names() -> list[str]:
+    try:
+        return builtin_policy_names()
+    except JailcellError:
+        return ["minimal", "standard", "restricted"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "check":
+            from ._check import run_check
+
+            return run_check()
+        if args.command == "policy":
+            return _policy(args)
+    except JailcellError as exc:
+        print(f"jailcell: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_USAGE
+
+
+def _usage(message: str) -> int:
+    print(f"jailcell: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _read_source(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(code, error message)."""
+    if args.code is not None:
+        raw: bytes = os.fsencode(args.code)
+        origin = "-c"
+    elif args.file == "-":
+        raw = sys.stdin.buffer.read()
+        origin = "stdin"
+    else:
+        try:
+            with open(args.file, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None, f"no such file: {args.file!r}"
+        except IsADirectoryError:
+            return None, f"{args.file!r} is a directory, not a Python file"
+        except OSError as exc:
+            return None, f"cannot read {args.file!r}: {exc.strerror}"
+        origin = repr(args.file)
+    if not raw.strip():
+        return None, f"nothing to run: the program from {origin} is empty"
+    try:
+        code = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"the program from {origin} is not UTF-8 text (undecodable byte at offset {exc.start})"
+    if "\0" in code:
+        return None, f"the program from {origin} contains a NUL byte at offset {code.index(chr(0))}"
+    return code, None
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ._sandbox import Sandbox
+
+    policy = Policy.load(args.policy).with_overrides(timeout=args.timeout, memory=args.memory)
+    code, problem = _read_source(args)
+    if problem:
+        return _usage(problem)
+    files: dict[str, bytes] = {}
+    for spec in args.files:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            return _usage(f"--file takes NAME=PATH, got {spec!r}")
+        try:
+            with open(path, "rb") as f:
+                files[name] = f.read()
+        except OSError as exc:
+            return _usage(f"--file {spec!r}: cannot read {path!r}: {exc.strerror}")
+    with Sandbox(policy, backend=args.backend) as sandbox:
+        result = sandbox.run(code, files=files or None)
+    if args.json:
+        sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write(result.stdout)
+        sys.stdout.flush()
+        sys.stderr.write(result.stderr)
+        if result.error and result.error.get("traceback"):
+            sys.stderr.write(result.error["traceback"])
+        if result.outputs:
+            print(f"jailcell: {len(result.outputs)} rich output(s) (images) not shown; use --json", file=sys.stderr)
+        if result.status != "ok":
+            message = (result.error or {}).get("message", "")
+            print(f"jailcell: {result.status}" + (f": {message}" if message else ""), file=sys.stderr)
+    return EXIT_OK if result.status == "ok" else EXIT_FAILED
+
+
+def _policy(args: argparse.Namespace) -> int:
+    if args.policy_command == "list":
+        for name in builtin_policy_names():
+            p = Policy.load(name)
+            print(f"{name:12} {p.description}")
+        return EXIT_OK
+    print(Policy.load(args.policy).to_toml(), end="")
+    return EXIT_OK
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

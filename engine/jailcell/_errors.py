@@ -1,0 +1,39 @@
+"""jailcell's exception hierarchy.
+
+Errors in the *user's* code are never exceptions: they come back as a
+:class:`~jailcell.Result` with a non-"ok" status.  Exceptions are reserved for
+problems of jailcell itself, and each message says how to fix it::
+
+    JailcellError
+    ├── PolicyError          a policy name, file, key or value is wrong
+    ├── InputError           the code, a file name or a size is not acceptable
+    ├── BackendUnavailable   the requested isolation cannot be set up here
+    ├── JailError            a jail broke in a way jailcell could not recover from
+    └── SandboxClosed        the Sandbox / Session / Pool was already closed
+"""
+
+from __future__ import annotations
+
+
+class JailcellError(Exception):
+    """Base class of every error raised by jailcell itself."""
+
+
+class PolicyError(JailcellError, ValueError):
+    """A policy name, file, key or value is invalid."""
+
+
+class InputError(JailcellError, ValueError):
+    """Code, file names or sizes passed to jailcell are not acceptable."""
+
+
+class BackendUnavailable(JailcellError, RuntimeError):
+    """The requested backend (isolation mechanism) cannot run on this machine."""
+
+
+class JailError(JailcellError, RuntimeError):
+    """A jail failed to start or broke and could not be replaced."""
+
+
+class SandboxClosed(JailcellError, RuntimeError):
+    """The object was used after ``close()``."""

@@ -1,0 +1,105 @@
+"""What every backend provides: a way to start a zygote under some isolation."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._policy import MIB, Policy
+
+JAIL_SRC = Path(__file__).resolve().parent.parent / "jail"
+
+# Thread pools must be single-threaded before fork; matplotlib must not look for a display.
+BASE_ENV = {
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "PYTHONHASHSEED": "random",
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "NUMEXPR_NUM_THREADS": "1",
+    "VECLIB_MAXIMUM_THREADS": "1",
+    "MPLBACKEND": "Agg",
+}
+
+
+def interpreter_paths() -> list[str]:
+    """Directories the jailed interpreter needs: its installation and its site-packages."""
+    paths = [sys.base_prefix, sys.prefix]
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        p = sysconfig.get_paths().get(key)
+        if p:
+            paths.append(p)
+    # Drop nested duplicates; keep the outermost directory.
+    real = sorted({os.path.realpath(p) for p in paths if os.path.isdir(p)}, key=len)
+    out: list[str] = []
+    for p in real:
+        if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in out):
+            out.append(p)
+    return out
+
+
+@dataclass
+class Spawned:
+    """A started zygote process and what the backend set up for it."""
+
+    proc: subprocess.Popen
+    config: dict[str, Any]
+    cleanup: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend:
+    """Base class.  Subclasses build the command; the Jail handle speaks the protocol."""
+
+    name = "base"
+
+    def spawn(self, policy: Policy, *, session: bool, stderr: Any) -> Spawned:
+        raise NotImplementedError
+
+    def after_ready(self, spawned: Spawned, policy: Policy) -> None:
+        """Called once the zygote has preloaded its modules (e.g. to tighten memory limits)."""
+
+    def oom_kills(self, spawned: Spawned) -> int:
+        return 0
+
+    def teardown(self, spawned: Spawned) -> None:
+        """Release what ``spawn`` created, after the process is gone."""
+
+    def isolation(self, policy: Policy) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @staticmethod
+    def zygote_config(policy: Policy, *, session: bool, workspace: str, tmp: str,
+                      pid_namespace: bool, rlimit_as: bool) -> dict[str, Any]:
+        return {
+            "policy_name": policy.name,
+            "session": session,
+            "workspace": workspace,
+            "tmp": tmp,
+            "pid_namespace": pid_namespace,
+            "preload": list(policy.preload),
+            "imports": {"allow": list(policy.imports.allow), "deny": list(policy.imports.deny)},
+            "code_mode": policy.code_mode,
+            "limits": {"output_bytes": policy.limits.output_bytes},
+            "trusted_paths": interpreter_paths() + [str(JAIL_SRC) if not pid_namespace else "/jailcell/jail"],
+            "rlimit_as_mib": policy.limits.memory_mib if rlimit_as else None,
+        }
+
+    @staticmethod
+    def env(policy: Policy, *, tmp: str, home: str) -> dict[str, str]:
+        env = dict(BASE_ENV)
+        env.update({"HOME": home, "TMPDIR": tmp, "MPLCONFIGDIR": f"{tmp}/.matplotlib",
+                    "PATH": os.path.dirname(sys.executable)})
+        env.update(dict(policy.env))
+        return env
+
+
+def preload_allowance(policy: Policy) -> int:
+    """Memory allowed while the zygote imports its preload modules (before user code exists)."""
+    return policy.limits.memory_mib * MIB + (1024 * MIB if policy.preload else 256 * MIB)

@@ -1,0 +1,243 @@
+"""Cgroup v1 / v2 support: one directory per jail, created before nsjail and removed after.
+
+jailcell owns ``<controller mount>/jailcell/<host pid>-<n>`` (v1: under the memory and pids
+hierarchies; v2: under the unified hierarchy) and passes it to nsjail as the *parent*, so
+nsjail's own ``NSJAIL.<pid>`` cgroup sits below it.  Limits set on jailcell's directory apply
+hierarchically; jailcell tightens the memory limit once the zygote has preloaded its modules
+(limit = warm baseline + the policy's memory), and reads OOM-kill counters from it.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT_NAME = "jailcell"
+_counter = itertools.count(1)
+
+
+def _mounts() -> list[tuple[str, str, set[str]]]:
+    out = []
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 4:
+                    out.append((parts[2], parts[1], set(parts[3].split(","))))
+    except OSError:
+        pass
+    return out
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _read(path: Path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+@dataclass
+class CgroupDirs:
+    """The directories of one jail (v1: memory + pids; v2: one unified directory)."""
+
+    memory: Path
+    pids: Path
+
+    def all(self) -> list[Path]:
+        return list(dict.fromkeys([self.memory, self.pids]))
+
+
+class Cgroups:
+    """What cgroup support this machine gives jailcell, and operations on jail directories."""
+
+    def __init__(self, version: str | None, memory_root: Path | None, pids_root: Path | None,
+                 mount: Path | None, reason: str) -> None:
+        self.version = version
+        self.memory_root = memory_root  # .../memory/jailcell (v1) or .../jailcell (v2)
+        self.pids_root = pids_root
+        self.mount = mount
+        self.reason = reason
+        self.memsw = version == "v1" and memory_root is not None and (memory_root / "memory.memsw.limit_in_bytes").exists()
+
+    # -- detection -----------------------------------------------------------------------------
+
+    @classmethod
+    def detect(cls) -> "Cgroups":
+        mounts = _mounts()
+        v1 = {opt: Path(mp) for fstype, mp, opts in mounts if fstype == "cgroup" for opt in opts & {"memory", "pids"}}
+        v2 = [Path(mp) for fstype, mp, _ in mounts if fstype == "cgroup2"]
+        reasons = []
+        if "memory" in v1 and "pids" in v1:
+            try:
+                mem, pids = v1["memory"] / ROOT_NAME, v1["pids"] / ROOT_NAME
+                mem.mkdir(exist_ok=True)
+                pids.mkdir(exist_ok=True)
+                return cls("v1", mem, pids, None, "cgroup v1 memory and pids controllers")
+            except OSError as exc:
+                reasons.append(f"cgroup v1: cannot create {v1['memory'] / ROOT_NAME}: {exc.strerror} (needs root)")
+        for mount in v2:
+            try:
+                controllers = set(_read(mount / "cgroup.controllers").split())
+            except OSError:
+                continue
+            if not {"memory", "pids"} <= controllers:
+                reasons.append(f"cgroup v2 at {mount}: memory/pids controllers not available here ({' '.join(sorted(controllers)) or 'none'})")
+                continue
+            base = cls._v2_base(mount)
+            if base is None:
+                reasons.append(
+                    f"cgroup v2 at {mount}: no writable cgroup for this user; run as root or under "
+                    "`systemd-run --user --scope -p Delegate=yes jailcell ...`"
+                )
+                continue
+            return cls("v2", base, base, mount, f"cgroup v2 at {base}")
+        if not mounts or (not v1 and not v2):
+            reasons.append("no cgroup filesystem is mounted (inside an unprivileged container?)")
+        return cls(None, None, None, None, "; ".join(reasons) or "no usable cgroup controllers")
+
+    @staticmethod
+    def _v2_base(mount: Path) -> Path | None:
+        """A directory under which jailcell may create jail cgroups with memory+pids enabled."""
+        candidates = []
+        if os.geteuid() == 0:
+            candidates.append((mount, mount / ROOT_NAME))
+        try:
+            own = _read(Path("/proc/self/cgroup")).strip().splitlines()
+            rel = next(line.split("::", 1)[1] for line in own if line.startswith("0::"))
+            own_dir = mount / rel.lstrip("/")
+            candidates.append((own_dir.parent, own_dir.parent / f"{ROOT_NAME}-{os.getuid()}"))
+        except (OSError, StopIteration):
+            pass
+        for parent, base in candidates:
+            try:
+                _write(parent / "cgroup.subtree_control", "+memory +pids")
+                base.mkdir(exist_ok=True)
+                _write(base / "cgroup.subtree_control", "+memory +pids")
+                return base
+            except OSError:
+                continue
+        return None
+
+    # -- per jail ------------------------------------------------------------------------------
+
+    def create(self, memory_bytes: int, pids: int) -> CgroupDirs:
+        assert self.version is not None and self.memory_root and self.pids_root
+        self.sweep_stale()
+        name = f"{os.getpid()}-{next(_counter)}"
+        dirs = CgroupDirs(self.memory_root / name, self.pids_root / name)
+        for d in dirs.all():
+            d.mkdir()
+        if self.version == "v2":
+            _write(dirs.memory / "cgroup.subtree_control", "+memory +pids")
+        self.set_memory(dirs, memory_bytes)
+        _write(dirs.pids / "pids.max", str(pids))
+        return dirs
+
+    def set_memory(self, dirs: CgroupDirs, limit: int) -> None:
+        if self.version == "v2":
+            _write(dirs.memory / "memory.max", str(limit))
+            try:
+                _write(dirs.memory / "memory.swap.max", "0")
+            except OSError:
+                pass
+            return
+        cur = int(_read(dirs.memory / "memory.limit_in_bytes"))
+        files = ["memory.limit_in_bytes"] + (["memory.memsw.limit_in_bytes"] if self.memsw else [])
+        # memsw must stay >= the memory limit at every step.
+        for fname in (files if limit < cur else reversed(files)):
+            _write(dirs.memory / fname, str(limit))
+
+    def usage(self, dirs: CgroupDirs) -> int:
+        name = "memory.current" if self.version == "v2" else "memory.usage_in_bytes"
+        return int(_read(dirs.memory / name))
+
+    def oom_kills(self, dirs: CgroupDirs) -> int:
+        name = "memory.events" if self.version == "v2" else "memory.oom_control"
+        try:
+            for line in _read(dirs.memory / name).splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except OSError:
+            pass
+        return 0
+
+    def nsjail_args(self, dirs: CgroupDirs, memory_bytes: int, pids: int) -> list[str]:
+        if self.version == "v2":
+            return ["--use_cgroupv2", "--cgroupv2_mount", str(dirs.memory),
+                    "--cgroup_mem_max", str(memory_bytes), "--cgroup_pids_max", str(pids)]
+        args = [
+            "--cgroup_mem_mount", str(dirs.memory.parent.parent), "--cgroup_mem_parent", f"{ROOT_NAME}/{dirs.memory.name}",
+            "--cgroup_mem_max", str(memory_bytes),
+            "--cgroup_pids_mount", str(dirs.pids.parent.parent), "--cgroup_pids_parent", f"{ROOT_NAME}/{dirs.pids.name}",
+            "--cgroup_pids_max", str(pids),
+        ]
+        if self.memsw:
+            args += ["--cgroup_mem_memsw_max", str(memory_bytes)]
+        return args
+
+    def remove(self, dirs: CgroupDirs) -> None:
+        """Kill whatever is still in the jail's cgroups and remove them (nothing is left behind)."""
+        for d in dirs.all():
+            _remove_tree(d)
+
+    def sweep_stale(self) -> None:
+        """Remove jail cgroups left by jailcell processes that no longer exist (e.g. kill -9)."""
+        for root in {self.memory_root, self.pids_root}:
+            if root is None or not root.is_dir():
+                continue
+            for d in root.iterdir():
+                owner = d.name.split("-", 1)[0]
+                if d.is_dir() and owner.isdigit() and not _alive(int(owner)):
+                    _remove_tree(d)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _procs(d: Path) -> list[int]:
+    try:
+        return [int(x) for x in _read(d / "cgroup.procs").split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _remove_tree(d: Path) -> None:
+    for _ in range(100):
+        children = [c for c in d.iterdir() if c.is_dir()] if d.is_dir() else []
+        for c in children:
+            _remove_tree(c)
+        if (d / "cgroup.kill").exists():
+            try:
+                _write(d / "cgroup.kill", "1")
+            except OSError:
+                pass
+        for pid in _procs(d):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            d.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+                return
+        time.sleep(0.01)

@@ -1,0 +1,1072 @@
+"""The in-jail zygote: the first process of a jail.  Stdlib only; runs *inside* the jail.
+
+It reads a config frame from the host on fd 0, imports the policy's preload modules once,
+answers READY on fd 1, then serves requests.  Every execution runs in a *cell*, a fork of
+the zygote (stateless runs) or of a session *head* (sessions).  The zygote is trusted code
+that runs before any user code; it never executes anything a cell sends, only parses it as
+bounded JSON, and it decides the status of a run from what it observed itself (exit
+status, signals, its own timers and byte counts).
+
+Layout of the processes (pid namespace of the jail when nsjail is used)::
+
+    zygote (pid 1)  -- fd 0/1: host channel
+      ├── spare cell    pre-forked, blocked on its request pipe (stateless runs)
+      └── head          a session's globals; forks one cell per run; a cell that finishes
+            └── cell    becomes the next head, one that is killed is discarded
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import builtins
+import io
+import linecache
+import os
+import resource
+import select
+import signal
+import socket
+import stat
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _protocol as proto  # noqa: E402  (stdlib-only framing shared with the host)
+
+HOST_IN, HOST_OUT = 0, 1
+CELL_FILENAME = "<cell>"
+MAX_REPORT = 48 * 1024 * 1024
+MAX_IMAGES_BYTES = 16 * 1024 * 1024
+MAX_LISTED_FILES = 1000
+SIGNAMES = {s.value: s.name for s in signal.Signals}
+
+CONFIG: dict = {}
+STATE: dict = {"ctypes": None}
+
+
+# ----------------------------------------------------------------------------------------------
+# small OS helpers
+# ----------------------------------------------------------------------------------------------
+
+def _libc():
+    if STATE["ctypes"] is None:
+        import ctypes
+
+        STATE["ctypes"] = ctypes.CDLL(None, use_errno=True)
+    return STATE["ctypes"]
+
+
+def _prctl(option: int, arg: int) -> None:
+    try:
+        _libc().prctl(option, arg, 0, 0, 0)
+    except Exception:  # pragma: no cover - best effort hardening
+        pass
+
+
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 1, 4, 36
+
+
+def _close_fds(keep: set[int]) -> None:
+    try:
+        fds = [int(x) for x in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = list(range(3, 1024))
+    for fd in fds:
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _descendants(root: int) -> list[int]:
+    """Pids of every process below ``root`` (via /proc ppid links)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        ppid = int(data[data.rindex(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _reap_nohang() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def kill_strays(protected: set[int]) -> int:
+    """Kill every process of this jail except the zygote and ``protected``; returns the count."""
+    me = os.getpid()
+    killed = 0
+    for _ in range(200):
+        strays = [p for p in _descendants(me) if p not in protected]
+        if not strays:
+            break
+        for pid in strays:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+        _reap_nohang()
+        time.sleep(0.001)
+    _reap_nohang()
+    return killed
+
+
+def wipe(path: str) -> None:
+    """Remove everything below ``path`` (not ``path`` itself), whatever permissions a cell set."""
+    try:
+        os.chmod(path, 0o1777 if path == "/tmp" else 0o755)
+        entries = list(os.scandir(path))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        full = entry.path
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                wipe(full)
+                os.rmdir(full)
+            else:
+                os.unlink(full)
+        except FileNotFoundError:
+            pass
+
+
+def list_files(root: str) -> dict[str, tuple[int, int]]:
+    """Regular files below ``root``: relative name -> (size, mtime_ns)."""
+    out: dict[str, tuple[int, int]] = {}
+    stack = [root]
+    while stack and len(out) < MAX_LISTED_FILES:
+        d = stack.pop()
+        try:
+            it = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in it:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(e.path)
+            elif stat.S_ISREG(st.st_mode):
+                out[os.path.relpath(e.path, root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def safe_join(root: str, name: str) -> str:
+    """``root/name`` after checking ``name`` stays inside ``root`` (host checked it too)."""
+    if not name or "\0" in name or name.startswith("/") or len(name) > 1024:
+        raise ValueError(f"invalid file name {name!r}")
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"invalid file name {name!r}")
+    return os.path.join(root, *parts)
+
+
+def write_file(root: str, name: str, data: bytes) -> None:
+    path = safe_join(root, name)
+    cur = root
+    for part in name.split("/")[:-1]:
+        cur = os.path.join(cur, part)
+        try:
+            os.mkdir(cur, 0o755)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(cur).st_mode):
+                raise ValueError(f"{name!r}: {part!r} is not a directory") from None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{name!r} is not a regular file")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def read_file(root: str, name: str, limit: int) -> bytes:
+    path = safe_join(root, name)
+    # Refuse symlinks anywhere on the path: a cell may have planted one.
+    cur = root
+    for part in name.split("/"):
+        cur = os.path.join(cur, part)
+        if stat.S_ISLNK(os.lstat(cur).st_mode):
+            raise ValueError(f"{name!r} is a symbolic link")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{name!r} is not a regular file")
+        if st.st_size > limit:
+            raise ValueError(f"{name!r} is {st.st_size} bytes, over the limit of {limit}")
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limit:
+                raise ValueError(f"{name!r} is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------
+# what runs inside a cell: compile, guard imports, execute, describe the outcome
+# ----------------------------------------------------------------------------------------------
+
+class PolicyViolation(ImportError):
+    """An import refused by the jail's policy (an ImportError, so `except ImportError` works)."""
+
+
+def _module_matches(module: str, pattern: str) -> bool:
+    import fnmatch
+
+    if fnmatch.fnmatchcase(module, pattern):
+        return True
+    return "*" not in pattern and module.startswith(pattern + ".")
+
+
+def import_blocked(module: str) -> bool:
+    imports = CONFIG.get("imports", {})
+    if any(_module_matches(module, p) for p in imports.get("deny", ())):
+        return True
+    allow = imports.get("allow", ())
+    return bool(allow) and not any(_module_matches(module, p) for p in allow)
+
+
+def _blocked_message(module: str) -> str:
+    imports = CONFIG.get("imports", {})
+    policy = CONFIG.get("policy_name", "?")
+    if imports.get("allow"):
+        allowed = ", ".join(imports["allow"][:30]) + (", ..." if len(imports["allow"]) > 30 else "")
+    else:
+        allowed = "everything except " + ", ".join(imports.get("deny", [])[:30])
+    return (
+        f"import of {module!r} is blocked by policy {policy!r}; allowed: {allowed} "
+        f"(to allow it, use a policy that extends {policy!r} with imports.allow_add/deny_remove)"
+    )
+
+
+def _trusted_frame(frame) -> bool:
+    """True when ``frame`` runs library code (a file under the interpreter's install)."""
+    filename = frame.f_code.co_filename
+    return filename.startswith(STATE["trusted_prefixes"]) and not filename.startswith("<")
+
+
+def install_import_guard() -> None:
+    """Refuse imports made *by user code* that the policy blocks.
+
+    Imports made by library code (numpy importing ctypes) are not blocked.  This is defence in
+    depth and a clear message for the model; the OS jail is the boundary, not this hook.
+    """
+    if not CONFIG.get("imports", {}).get("deny") and not CONFIG.get("imports", {}).get("allow"):
+        return
+    import importlib
+
+    real_import = builtins.__import__
+    real_import_module = importlib.import_module
+    getframe = sys._getframe
+
+    def check(name: str, frame) -> None:
+        if frame is not None and not _trusted_frame(frame) and name and import_blocked(name):
+            raise PolicyViolation(_blocked_message(name), name=name)
+
+    def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
+        if level == 0:
+            check(name, getframe(1))
+            if fromlist and not _trusted_frame(getframe(1)):
+                for sub in fromlist:
+                    if isinstance(sub, str) and sub != "*" and import_blocked(f"{name}.{sub}"):
+                        check(f"{name}.{sub}", getframe(1))
+        return real_import(name, globals, locals, fromlist, level)
+
+    def guarded_import_module(name, package=None):
+        if not name.startswith("."):
+            check(name, getframe(1))
+        return real_import_module(name, package)
+
+    builtins.__import__ = guarded_import
+    importlib.import_module = guarded_import_module
+
+
+def _split_last_expression(tree: ast.Module):
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = tree.body.pop()
+        return tree, ast.Expression(body=last.value)
+    return tree, None
+
+
+def _trim_traceback(exc: BaseException) -> str:
+    """The traceback from the user's first frame on, without jailcell's own frames at the end."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != CELL_FILENAME:
+        tb = tb.tb_next
+    if tb is None:  # e.g. a SyntaxError: no frame of the user's code
+        return "".join(traceback.format_exception_only(type(exc), exc))
+    summary = traceback.extract_tb(tb)
+    own = os.path.dirname(os.path.abspath(__file__))
+    while summary and summary[-1].filename.startswith(own + "/"):
+        summary.pop()
+    lines = ["Traceback (most recent call last):\n", *traceback.format_list(summary)]
+    return "".join(lines + traceback.format_exception_only(type(exc), exc))
+
+
+def _figures() -> list[dict]:
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is None:
+        return []
+    out, total = [], 0
+    for num in list(plt.get_fignums()):
+        fig = plt.figure(num)
+        buf = io.BytesIO()
+        try:
+            fig.savefig(buf, format="png")
+        except Exception:
+            continue
+        finally:
+            plt.close(fig)
+        data = buf.getvalue()
+        total += len(data)
+        if total > MAX_IMAGES_BYTES:
+            break
+        out.append({"mime_type": "image/png", "data": base64.b64encode(data).decode("ascii")})
+    return out
+
+
+def _patch_show(collected: list) -> None:
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is not None:
+        plt.show = lambda *a, **k: collected.extend(_figures())
+
+
+def execute(code: str, glb: dict) -> dict:
+    """Run ``code`` in ``glb``; return the cell's report (status, result, error, outputs)."""
+    report: dict = {"status": "ok", "result": None, "error": None, "outputs": []}
+    collected: list = []
+    _patch_show(collected)
+    linecache.cache[CELL_FILENAME] = (len(code), None, code.splitlines(True), CELL_FILENAME)
+    try:
+        if CONFIG.get("code_mode") == "restricted":
+            from _restricted import run_restricted
+
+            value = run_restricted(code, glb, CELL_FILENAME, lambda m: not import_blocked(m))
+        else:
+            tree = ast.parse(code, CELL_FILENAME, "exec")
+            body, last = _split_last_expression(tree)
+            exec(compile(body, CELL_FILENAME, "exec"), glb)
+            value = eval(compile(last, CELL_FILENAME, "eval"), glb) if last is not None else None
+        if value is not None:
+            try:
+                report["result"] = repr(value)
+            except Exception as exc:  # a broken __repr__ is the user's error, not ours
+                report["result"] = f"<repr failed: {type(exc).__name__}: {exc}>"
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            report["status"] = "error"
+            report["error"] = {"type": "SystemExit", "message": str(exc.code), "traceback": ""}
+    except BaseException as exc:  # noqa: BLE001 - everything the user's code raises is data
+        status = "error"
+        if isinstance(exc, MemoryError):
+            status = "memory_limit"
+        elif isinstance(exc, PolicyViolation) or getattr(exc, "jailcell_policy", False):
+            status = "policy_violation"
+        report["status"] = status
+        report["error"] = {
+            "type": type(exc).__name__,
+            "message": _safe_str(exc),
+            "traceback": _trim_traceback(exc),
+        }
+    try:
+        report["outputs"] = collected + _figures()
+    except Exception:
+        pass
+    return report
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return f"<unprintable {type(exc).__name__}>"
+
+
+def _cell_limits(req: dict) -> None:
+    cpu = max(1, int(-(-float(req.get("cpu_s", 30)) // 1)))
+    try:
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    except (ValueError, OSError):
+        pass
+    if CONFIG.get("rlimit_as_mib"):
+        # No cgroup: cap the address space at what the cell has now plus its memory budget.
+        with open("/proc/self/statm") as f:
+            size = int(f.read().split()[0]) * resource.getpagesize()
+        limit = size + int(CONFIG["rlimit_as_mib"]) * 1024 * 1024
+        try:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        except (ValueError, OSError):
+            pass
+
+
+def _cell_prepare() -> None:
+    """First thing in a new cell (before it waits for work)."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")  # under memory pressure the cell dies, never the zygote or a head
+    except OSError:
+        pass
+    if not CONFIG.get("pid_namespace"):
+        os.setpgid(0, 0)
+
+
+def _finish_cell(res_fd: int, report: dict) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    try:
+        proto.write_frame(res_fd, report)
+    except Exception:
+        pass
+
+
+def _fresh_stdio() -> None:
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
+                                  errors="backslashreplace", line_buffering=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
+                                  errors="backslashreplace", line_buffering=True)
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+    sys.__stdout__, sys.__stderr__, sys.__stdin__ = sys.stdout, sys.stderr, sys.stdin
+
+
+def _user_globals() -> dict:
+    return {"__name__": "__main__", "__builtins__": builtins, "__doc__": None, "__spec__": None}
+
+
+# ----------------------------------------------------------------------------------------------
+# cells as seen from the zygote
+# ----------------------------------------------------------------------------------------------
+
+class Pipes:
+    """Per-run pipes: stdout, stderr, report (cell -> zygote)."""
+
+    def __init__(self) -> None:
+        self.out_r, self.out_w = os.pipe()
+        self.err_r, self.err_w = os.pipe()
+        self.res_r, self.res_w = os.pipe()
+
+    def close_write_ends(self) -> None:
+        for fd in (self.out_w, self.err_w, self.res_w):
+            os.close(fd)
+
+    def close_read_ends(self) -> None:
+        for fd in (self.out_r, self.err_r, self.res_r):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _become_cell(pipes: Pipes, keep: set[int]) -> tuple[int, dict[int, int]]:
+    """In a freshly forked child: wire stdio to the run's pipes; returns (report fd, moved fds)."""
+    import fcntl
+
+    moved = {fd: fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in keep}  # out of the way of 0..3
+    devnull = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(pipes.out_w, 1)
+    os.dup2(pipes.err_w, 2)
+    os.dup2(pipes.res_w, 3)
+    os.dup2(devnull, 0)
+    _close_fds({0, 1, 2, 3, *moved.values()})
+    _fresh_stdio()
+    return 3, moved
+
+
+class Spare:
+    """A pre-forked cell waiting for one stateless request."""
+
+    def __init__(self) -> None:
+        self.pipes = Pipes()
+        ctrl_r, self.ctrl_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # ------------------------------------------------------------- the cell
+            try:
+                res_fd, moved = _become_cell(self.pipes, {ctrl_r})
+                _cell_prepare()
+                req = proto.read_frame(moved[ctrl_r], MAX_REPORT)
+                os.close(moved[ctrl_r])
+                _cell_limits(req)
+                report = execute(req["code"], _user_globals())
+                _finish_cell(res_fd, report)
+            finally:
+                os._exit(0)
+        os.close(ctrl_r)
+        self.pipes.close_write_ends()
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)
+
+    def start(self, req: dict) -> None:
+        proto.write_frame(self.ctrl_w, req)
+        os.close(self.ctrl_w)
+
+    def discard(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for fd in (self.ctrl_w, self.pidfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.pipes.close_read_ends()
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _frame_complete(buf: bytes) -> bool:
+    if len(buf) < proto.HEADER.size:
+        return False
+    try:
+        length = proto.parse_header(bytes(buf[: proto.HEADER.size]), MAX_REPORT)
+    except proto.ProtocolError:
+        return True
+    return len(buf) >= proto.HEADER.size + length
+
+
+def _parse_report(raw: bytes) -> dict | None:
+    """The cell's own report: untrusted bytes, validated field by field."""
+    if len(raw) < proto.HEADER.size:
+        return None
+    try:
+        length = proto.parse_header(raw[: proto.HEADER.size], MAX_REPORT)
+        rep = proto.decode(raw[proto.HEADER.size : proto.HEADER.size + length])
+    except proto.ProtocolError:
+        return None
+    out: dict = {}
+    status = rep.get("status")
+    out["status"] = status if status in ("ok", "error", "memory_limit", "policy_violation") else "error"
+    result = rep.get("result")
+    out["result"] = result if isinstance(result, str) else None
+    err = rep.get("error")
+    if isinstance(err, dict):
+        out["error"] = {k: str(err.get(k, ""))[:200_000] for k in ("type", "message", "traceback")}
+    else:
+        out["error"] = None
+    outputs = rep.get("outputs")
+    out["outputs"] = [
+        {"mime_type": str(o["mime_type"]), "data": str(o["data"])}
+        for o in (outputs if isinstance(outputs, list) else [])
+        if isinstance(o, dict) and isinstance(o.get("mime_type"), str) and isinstance(o.get("data"), str)
+    ]
+    return out
+
+
+def _outcome(req, killed_for, wait_status, rusage, raw_report, out, err, duration) -> dict:
+    cpu = (rusage.ru_utime + rusage.ru_stime) if rusage is not None else 0.0
+    maxrss = (rusage.ru_maxrss * 1024) if rusage is not None else 0
+    result = {
+        "op": "result",
+        "stdout": out.decode("utf-8", "replace"),
+        "stderr": err.decode("utf-8", "replace"),
+        "result": None,
+        "error": None,
+        "outputs": [],
+        "duration_s": round(duration, 6),
+        "cpu_s": round(cpu, 6),
+        "peak_memory_bytes": maxrss,
+        "signal": None,
+        "exit_code": None,
+    }
+    report = _parse_report(raw_report)
+    sig = None
+    if wait_status is not None:
+        if os.WIFSIGNALED(wait_status):
+            sig = os.WTERMSIG(wait_status)
+            result["signal"] = SIGNAMES.get(sig, str(sig))
+        elif os.WIFEXITED(wait_status):
+            result["exit_code"] = os.WEXITSTATUS(wait_status)
+    cpu_limit = float(req.get("cpu_s", 30))
+    if killed_for == "timeout":
+        status = "timeout"
+        result["error"] = {"type": "Timeout", "message": f"wall-clock limit of {req.get('timeout')} s reached", "traceback": ""}
+    elif killed_for == "output":
+        status = "output_limit"
+        cap = CONFIG["limits"]["output_bytes"]
+        result["error"] = {"type": "OutputLimit", "message": f"output exceeded {cap} bytes; the head is kept", "traceback": ""}
+    elif sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= cpu_limit - 0.05):
+        status = "timeout"
+        result["error"] = {"type": "Timeout", "message": f"CPU-time limit of {cpu_limit:g} s reached", "traceback": ""}
+    elif sig is not None:
+        status = "killed"
+        try:
+            desc = signal.strsignal(sig) or ""
+        except (ValueError, AttributeError):
+            desc = ""
+        result["error"] = {"type": "Signal", "message": f"killed by {SIGNAMES.get(sig, sig)} ({desc})", "traceback": ""}
+    elif report is not None:
+        status = report["status"]
+        result.update(result=report["result"], error=report["error"], outputs=report["outputs"])
+    elif killed_for == "report":
+        status = "output_limit"
+        result["error"] = {"type": "OutputLimit", "message": "the result was too large", "traceback": ""}
+    elif result["exit_code"] not in (None, 0):
+        status = "error"
+        result["error"] = {"type": "SystemExit", "message": f"the program exited with code {result['exit_code']}", "traceback": ""}
+    else:
+        status = "ok"
+    result["status"] = status
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# stateless runs
+# ----------------------------------------------------------------------------------------------
+
+class Stateless:
+    def __init__(self) -> None:
+        self.spare: Spare | None = None
+        self.workspace = CONFIG["workspace"]
+
+    def ensure_spare(self) -> None:
+        if self.spare is None:
+            self.spare = Spare()
+
+    def run(self, req: dict) -> dict:
+        t0 = time.monotonic()
+        before = self._write_inputs(req.get("files") or {})
+        spare, self.spare = self.spare or Spare(), None
+        spare.start(req)
+
+        def on_exit(_alive):
+            _, wstatus, rusage = os.wait4(spare.pid, 0)
+            return wstatus, rusage
+
+        try:
+            result = supervise(spare.pid, spare.pidfd, spare.pipes, req, t0, on_exit)
+        finally:
+            os.close(spare.pidfd)
+        result.pop("_alive", None)
+        result["files"] = self._changed_files(before)
+        return result
+
+    def _write_inputs(self, files: dict) -> dict:
+        for name, b64 in files.items():
+            write_file(self.workspace, name, base64.b64decode(b64))
+        return list_files(self.workspace) if files else {}
+
+    def _changed_files(self, before: dict) -> list[dict]:
+        after = list_files(self.workspace)
+        return [{"name": n, "size": v[0]} for n, v in sorted(after.items()) if before.get(n) != v]
+
+    def cleanup(self) -> None:
+        kill_strays(set())
+        wipe(self.workspace)
+        wipe(CONFIG["tmp"])
+
+
+# ----------------------------------------------------------------------------------------------
+# sessions: heads that hold globals
+# ----------------------------------------------------------------------------------------------
+
+class Head:
+    """Zygote-side handle of a session head (a process holding a session's globals)."""
+
+    def __init__(self, hid: str, pid: int, sock: socket.socket, workspace: str) -> None:
+        self.hid, self.pid, self.sock, self.workspace = hid, pid, sock, workspace
+
+
+def _head_loop(sock: socket.socket, glb: dict, workspace: str) -> None:
+    """Runs in a head process forever: fork one cell per request."""
+    while True:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 8)
+        except OSError:
+            os._exit(0)
+        if not msg:
+            os._exit(0)
+        req = proto.decode(msg)
+        op = req.get("op")
+        if op == "run":
+            out_w, err_w, res_w = fds
+            pid = os.fork()
+            if pid == 0:  # --------------------------------------------------- the new cell
+                os.dup2(out_w, 1)
+                os.dup2(err_w, 2)
+                os.dup2(res_w, 3)
+                for fd in fds:
+                    if fd > 3:
+                        os.close(fd)
+                _fresh_stdio()
+                _cell_limits(req)
+                report = execute(req["code"], glb)
+                _finish_cell(3, report)
+                # Detach from this run's pipes, then serve as the next head.
+                devnull = os.open("/dev/null", os.O_WRONLY)
+                for fd in (1, 2, 3):
+                    os.dup2(devnull, fd)
+                os.close(devnull)
+                try:
+                    resource.setrlimit(resource.RLIMIT_CPU, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+                except (ValueError, OSError):
+                    pass
+                continue
+            for fd in fds:
+                os.close(fd)
+            sock.send(proto.encode({"op": "forked", "pid": pid}))
+            _, wstatus, rusage = os.wait4(pid, 0)
+            # Only reached when the cell died before becoming the head.
+            sock.send(proto.encode({
+                "op": "cell_exit", "status": wstatus,
+                "utime": rusage.ru_utime, "stime": rusage.ru_stime, "maxrss": rusage.ru_maxrss,
+            }))
+        elif op == "fork":
+            (child_sock_fd,) = fds
+            new_ws = req["workspace"]
+            pid = os.fork()
+            if pid == 0:
+                sock.close()
+                sock = socket.socket(fileno=child_sock_fd)
+                _copy_tree(workspace, new_ws)
+                workspace = new_ws
+                os.chdir(workspace)
+                sock.send(proto.encode({"op": "forked", "pid": os.getpid()}))
+                continue
+            os.close(child_sock_fd)
+        else:
+            os._exit(0)
+
+
+def _copy_tree(src: str, dst: str) -> None:
+    import shutil
+
+    shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
+
+
+class Sessions:
+    def __init__(self) -> None:
+        self.heads: dict[str, Head] = {}
+        self.counter = 0
+        self.root = CONFIG["workspace"]
+
+    def _new_workspace(self) -> tuple[str, str]:
+        self.counter += 1
+        hid = f"h{self.counter}"
+        ws = os.path.join(self.root, hid)
+        os.mkdir(ws, 0o755)
+        return hid, ws
+
+    def new(self) -> dict:
+        hid, ws = self._new_workspace()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            parent.close()
+            devnull = os.open("/dev/null", os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            _close_fds({0, 1, 2, child.fileno()})
+            _fresh_stdio()
+            _cell_prepare()
+            os.chdir(ws)
+            try:
+                _head_loop(child, _user_globals(), ws)
+            finally:
+                os._exit(0)
+        child.close()
+        self.heads[hid] = Head(hid, pid, parent, ws)
+        return {"op": "ok", "head": hid}
+
+    def _head(self, req: dict) -> Head:
+        head = self.heads.get(req.get("head"))
+        if head is None:
+            raise KeyError(f"no such session head {req.get('head')!r}")
+        return head
+
+    def run(self, req: dict) -> dict:
+        head = self._head(req)
+        t0 = time.monotonic()
+        before = list_files(head.workspace)
+        pipes = Pipes()
+        socket.send_fds(head.sock, [proto.encode(req)], [pipes.out_w, pipes.err_w, pipes.res_w])
+        pipes.close_write_ends()
+        msg = proto.decode(head.sock.recv(1 << 16))
+        cell_pid = int(msg["pid"])
+        pidfd = os.pidfd_open(cell_pid)
+
+        def on_exit(alive):
+            if alive:  # a finished cell does not exit; measure it through /proc
+                cpu, hwm = _proc_cpu(cell_pid)
+                return 0, _Usage(cpu, hwm // 1024)
+            # The cell is the old head's child; the old head reports how it ended.
+            head.sock.settimeout(2.0)
+            try:
+                info = proto.decode(head.sock.recv(1 << 16))
+            except (OSError, proto.ProtocolError):
+                info = {}
+            finally:
+                head.sock.settimeout(None)
+            return _session_rusage(info)
+
+        result = supervise(cell_pid, pidfd, pipes, req, t0, on_exit, stays_alive=True)
+        os.close(pidfd)
+        if result.pop("_alive", False):
+            # The cell finished: it becomes the head; the old head is no longer needed.
+            _kill(head.pid)
+            head.pid = cell_pid
+        result["files"] = [
+            {"name": n, "size": v[0]} for n, v in sorted(list_files(head.workspace).items()) if before.get(n) != v
+        ]
+        return result
+
+    def fork(self, req: dict) -> dict:
+        head = self._head(req)
+        hid, ws = self._new_workspace()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        socket.send_fds(head.sock, [proto.encode({"op": "fork", "workspace": ws})], [child.fileno()])
+        child.close()
+        parent.settimeout(30)
+        msg = proto.decode(parent.recv(1 << 16))
+        parent.settimeout(None)
+        self.heads[hid] = Head(hid, int(msg["pid"]), parent, ws)
+        return {"op": "ok", "head": hid}
+
+    def close(self, req: dict) -> dict:
+        head = self.heads.pop(req.get("head"), None)
+        if head is not None:
+            _kill(head.pid)
+            head.sock.close()
+            wipe(head.workspace)
+            try:
+                os.rmdir(head.workspace)
+            except OSError:
+                pass
+        return {"op": "ok"}
+
+    def upload(self, req: dict) -> dict:
+        head = self._head(req)
+        write_file(head.workspace, req["name"], base64.b64decode(req["data"]))
+        return {"op": "ok"}
+
+    def download(self, req: dict) -> dict:
+        head = self._head(req)
+        data = read_file(head.workspace, req["name"], int(req.get("limit", 64 * 1024 * 1024)))
+        return {"op": "ok", "data": base64.b64encode(data).decode("ascii")}
+
+    def cleanup(self) -> None:
+        kill_strays({h.pid for h in self.heads.values()})
+        wipe(CONFIG["tmp"])
+
+
+class _Usage:
+    """The two rusage fields jailcell reports, for cells that are not the zygote's children."""
+
+    def __init__(self, cpu: float, maxrss_kib: int) -> None:
+        self.ru_utime, self.ru_stime, self.ru_maxrss = cpu, 0.0, maxrss_kib
+
+
+def _session_rusage(info: dict):
+    status = info.get("status")
+    usage = _Usage(float(info.get("utime", 0.0)) + float(info.get("stime", 0.0)), int(info.get("maxrss", 0)))
+    return (int(status) if isinstance(status, int) else None), usage
+
+
+def _proc_cpu(pid: int) -> tuple[float, int]:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        fields = data[data.rindex(b")") + 2 :].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        cpu = (int(fields[11]) + int(fields[12])) / tick
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return cpu, int(line.split()[1]) * 1024
+        return cpu, 0
+    except (OSError, ValueError, IndexError):
+        return 0.0, 0
+
+
+def supervise(pid: int, pidfd: int, pipes: Pipes, req: dict, t0: float, on_exit, stays_alive: bool = False) -> dict:
+    """Relay a running cell's output, enforce wall time and output size, collect its report.
+
+    The run ends when the cell exits or, for a session cell (``stays_alive``), when its report
+    is complete: such a cell lives on as the next head.  ``on_exit(alive)`` returns
+    ``(wait_status, rusage)``.
+    """
+    finished: dict = {}
+    cap = int(CONFIG["limits"]["output_bytes"])
+    deadline = t0 + float(req.get("timeout", 30))
+    bufs = {pipes.out_r: bytearray(), pipes.err_r: bytearray()}
+    res = bytearray()
+    total = 0
+    killed_for = None
+    poller = select.poll()
+    for fd in (pipes.out_r, pipes.err_r, pipes.res_r, pidfd):
+        poller.register(fd, select.POLLIN)
+    done = False
+    while not done:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 and killed_for is None:
+            killed_for = "timeout"
+            _kill(pid)
+        for fd, _ev in poller.poll(max(0, remaining) * 1000 if killed_for is None else 1000):
+            if fd == pidfd:
+                done = True
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                poller.unregister(fd)
+                continue
+            if fd == pipes.res_r:
+                res += chunk
+                if len(res) > MAX_REPORT:
+                    killed_for = killed_for or "report"
+                    _kill(pid)
+                elif stays_alive and killed_for is None and _frame_complete(res):
+                    finished["alive"] = True
+                    done = True
+                continue
+            room = cap - total
+            if len(chunk) > room:
+                bufs[fd] += chunk[: max(0, room)]
+                total = cap
+                if killed_for is None:
+                    killed_for = "output"
+                    _kill(pid)
+            else:
+                bufs[fd] += chunk
+                total += len(chunk)
+    # Drain what is left without blocking: output written before the report or the exit is
+    # already in the pipes, and strays may still hold the write ends.
+    for fd in (pipes.out_r, pipes.err_r, pipes.res_r):
+        os.set_blocking(fd, False)
+        while True:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            if fd == pipes.res_r:
+                res += chunk[: max(0, MAX_REPORT - len(res))]
+                continue
+            room = cap - total
+            if len(chunk) > room and killed_for is None:
+                killed_for = "output"
+            bufs[fd] += chunk[: max(0, room)]
+            total += min(len(chunk), max(0, room))
+    duration = time.monotonic() - t0
+    alive = finished.get("alive", False)
+    wait_status, rusage = on_exit(alive)
+    pipes.close_read_ends()
+    result = _outcome(req, killed_for, wait_status, rusage, bytes(res), bufs[pipes.out_r], bufs[pipes.err_r], duration)
+    result["_alive"] = alive
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# main loop
+# ----------------------------------------------------------------------------------------------
+
+def _preload(modules: list[str]) -> dict:
+    loaded, failed = [], {}
+    for name in modules:
+        try:
+            __import__(name)
+            loaded.append(name)
+        except Exception as exc:  # noqa: BLE001 - report, do not die: the policy says "if installed"
+            failed[name] = f"{type(exc).__name__}: {exc}"
+    return {"loaded": loaded, "failed": failed}
+
+
+def _harden() -> None:
+    # The host controls the zygote; cells must not.  Default dispositions make pid 1 of a pid
+    # namespace immune to signals sent from inside it; Python's SIGINT handler would undo that.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
+    _prctl(PR_SET_DUMPABLE, 0)  # no /proc/1/mem, no ptrace from cells (seccomp denies it too)
+    if not CONFIG.get("pid_namespace"):
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans come back to us, so strays can be found
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def main() -> None:
+    global CONFIG
+    CONFIG = proto.read_frame(HOST_IN)
+    STATE["trusted_prefixes"] = tuple(p.rstrip("/") + "/" for p in CONFIG.get("trusted_paths", [])) or ("/nonexistent/",)
+    _harden()
+    os.chdir(CONFIG["workspace"])
+    t0 = time.monotonic()
+    preload = _preload(CONFIG.get("preload", []))
+    if CONFIG.get("code_mode") == "restricted":
+        import _restricted  # noqa: F401 - compile RestrictedPython once, not per cell
+    install_import_guard()
+    engine = Sessions() if CONFIG.get("session") else Stateless()
+    proto.write_frame(HOST_OUT, {
+        "op": "ready", "version": proto.VERSION, "pid": os.getpid(),
+        "preload": preload, "preload_s": round(time.monotonic() - t0, 4),
+        "python": sys.version.split()[0],
+    })
+    if isinstance(engine, Stateless):
+        engine.ensure_spare()
+    while True:
+        try:
+            req = proto.read_frame(HOST_IN)
+        except (EOFError, proto.ProtocolError):
+            os._exit(0)
+        op = req.get("op")
+        try:
+            if op == "run" and isinstance(engine, Stateless):
+                reply = engine.run(req)
+            elif op == "run":
+                reply = engine.run(req)
+            elif op in ("new", "fork", "close", "upload", "download") and isinstance(engine, Sessions):
+                reply = getattr(engine, op)(req)
+            elif op == "ping":
+                reply = {"op": "pong"}
+            elif op == "shutdown":
+                proto.write_frame(HOST_OUT, {"op": "bye"})
+                os._exit(0)
+            else:
+                reply = {"op": "error", "message": f"unknown request {op!r}"}
+        except (ValueError, KeyError, OSError) as exc:
+            reply = {"op": "error", "message": f"{type(exc).__name__}: {exc}"}
+        proto.write_frame(HOST_OUT, reply)
+        if op == "run":
+            engine.cleanup()
+            if isinstance(engine, Stateless):
+                engine.ensure_spare()
+
+
+if __name__ == "__main__":
+    main()
