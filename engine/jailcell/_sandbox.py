@@ -91,6 +91,14 @@ def _check_files(files: Mapping[str, Any] | None, policy: Policy) -> dict[str, s
     return out
 
 
+def raise_reply_error(reply: dict[str, Any]) -> None:
+    """Map an error reply of the zygote onto jailcell's exceptions."""
+    kind, message = reply.get("type", ""), reply.get("message", "the jail refused the request")
+    if kind in ("ValueError", "FileNotFoundError", "IsADirectoryError", "NotADirectoryError", "KeyError"):
+        raise InputError(message)
+    raise JailError(f"{kind}: {message}" if kind else message)
+
+
 class _Engine:
     """Everything the sync and async classes share: policy, backend, requests, results."""
 
@@ -144,7 +152,7 @@ class _Engine:
             jail.kill()
             return self._host_failure("killed", "JailDied", f"the jail stopped during the run ({exc})", t0), False
         if reply.get("op") == "error":
-            raise InputError(reply.get("message", "the jail refused the request"))
+            raise_reply_error(reply)
         return self.to_result(reply, jail, oom_before), True
 
     def _host_failure(self, status: str, etype: str, message: str, t0: float) -> Result:
@@ -296,7 +304,7 @@ class Session:
                 self._shared.jail.kill()
                 raise JailError(f"the session's jail stopped answering ({type(exc).__name__}); the session is lost") from None
         if reply.get("op") == "error":
-            raise InputError(reply.get("message", "the session refused the request"))
+            raise_reply_error(reply)
         return reply
 
     def _check_open(self) -> None:

@@ -29,20 +29,27 @@ BASE_ENV = {
 }
 
 
-def interpreter_paths() -> list[str]:
-    """Directories the jailed interpreter needs: its installation and its site-packages."""
-    paths = [sys.base_prefix, sys.prefix]
-    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
-        p = sysconfig.get_paths().get(key)
-        if p:
-            paths.append(p)
-    # Drop nested duplicates; keep the outermost directory.
-    real = sorted({os.path.realpath(p) for p in paths if os.path.isdir(p)}, key=len)
+SHARED_PREFIXES = {"/", "/usr", "/usr/local", "/opt"}
+
+
+def outermost(paths: list[str]) -> list[str]:
+    """Existing real paths with nested duplicates dropped, parents first."""
+    real = sorted({os.path.realpath(p) for p in paths if os.path.exists(p)}, key=lambda p: (p.count("/"), p))
     out: list[str] = []
     for p in real:
         if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in out):
             out.append(p)
     return out
+
+
+def interpreter_paths() -> list[str]:
+    """What the jailed interpreter needs: its installation (or, for a system Python, its
+    stdlib and site-packages -- never all of /usr) and the interpreter binary."""
+    paths = [p for p in (sys.base_prefix, sys.prefix) if os.path.realpath(p) not in SHARED_PREFIXES]
+    paths += [sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")]
+    paths += [p for p in sys.path if "site-packages" in p or "dist-packages" in p]
+    paths.append(sys.executable)
+    return outermost([p for p in paths if os.path.exists(p)])
 
 
 @dataclass

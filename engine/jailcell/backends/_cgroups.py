@@ -80,6 +80,8 @@ class Cgroups:
                 mem, pids = v1["memory"] / ROOT_NAME, v1["pids"] / ROOT_NAME
                 mem.mkdir(exist_ok=True)
                 pids.mkdir(exist_ok=True)
+                if not (os.access(mem, os.W_OK | os.X_OK) and os.access(pids, os.W_OK | os.X_OK)):
+                    raise PermissionError(errno.EACCES, "Permission denied")
                 return cls("v1", mem, pids, None, "cgroup v1 memory and pids controllers")
             except OSError as exc:
                 reasons.append(f"cgroup v1: cannot create {v1['memory'] / ROOT_NAME}: {exc.strerror} (needs root)")
@@ -121,7 +123,8 @@ class Cgroups:
                 _write(parent / "cgroup.subtree_control", "+memory +pids")
                 base.mkdir(exist_ok=True)
                 _write(base / "cgroup.subtree_control", "+memory +pids")
-                return base
+                if os.access(base, os.W_OK | os.X_OK):
+                    return base
             except OSError:
                 continue
         return None
@@ -160,15 +163,17 @@ class Cgroups:
         return int(_read(dirs.memory / name))
 
     def oom_kills(self, dirs: CgroupDirs) -> int:
-        name = "memory.events" if self.version == "v2" else "memory.oom_control"
+        """OOM kills in the jail so far (v1 counts them in nsjail's child cgroup: sum the tree)."""
+        if self.version == "v2":
+            return _oom_count(dirs.memory / "memory.events")  # hierarchical in v2
+        total = _oom_count(dirs.memory / "memory.oom_control")
         try:
-            for line in _read(dirs.memory / name).splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
+            for child in dirs.memory.iterdir():
+                if child.is_dir():
+                    total += _oom_count(child / "memory.oom_control")
         except OSError:
             pass
-        return 0
+        return total
 
     def nsjail_args(self, dirs: CgroupDirs, memory_bytes: int, pids: int) -> list[str]:
         if self.version == "v2":
@@ -198,6 +203,17 @@ class Cgroups:
                 owner = d.name.split("-", 1)[0]
                 if d.is_dir() and owner.isdigit() and not _alive(int(owner)):
                     _remove_tree(d)
+
+
+def _oom_count(path: Path) -> int:
+    try:
+        for line in _read(path).splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _alive(pid: int) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 
 from .._errors import BackendUnavailable
 from .._policy import MIB, Policy
-from ._base import JAIL_SRC, Backend, Spawned, interpreter_paths, preload_allowance
+from ._base import JAIL_SRC, Backend, Spawned, outermost, interpreter_paths, preload_allowance
 from ._cgroups import CgroupDirs, Cgroups
 
 JAIL_UID = 65534  # "nobody" on the host when jailcell runs as root
@@ -66,14 +66,19 @@ def nsjail_path() -> str | None:
         return shutil.which("nsjail")
 
 
-def system_ro_mounts() -> list[str]:
+def ro_mounts() -> list[str]:
+    """Read-only binds: system libraries, zoneinfo and the interpreter; parents before children."""
+    system = ["/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/share/zoneinfo"]
+    return outermost([*system, *interpreter_paths()])
+
+
+def symlinks(mounts: list[str]) -> list[str]:
+    """``target:link`` for host symlinks the jail needs (merged-/usr /lib, /usr/bin/python3)."""
     out = []
-    for p in ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/share/zoneinfo"):
-        if os.path.exists(p):
-            out.append(p)
-    real_exe = os.path.realpath(sys.executable)
-    if not any(real_exe.startswith(p.rstrip("/") + "/") for p in [*out, *interpreter_paths()]):
-        out.append(real_exe)
+    for link in ("/lib", "/lib64", "/bin", sys.executable):
+        inside_bound = any(link.startswith(m.rstrip("/") + "/") for m in mounts)
+        if os.path.islink(link) and not inside_bound and link not in mounts:
+            out.append(f"{os.readlink(link)}:{link}")
     return out
 
 
@@ -98,8 +103,11 @@ class NsjailCommand:
             args += ["--disable_clone_newuser", "--user", str(JAIL_UID), "--group", str(JAIL_UID)]
         else:
             args += ["--user", f"{INSIDE_UID}:{os.getuid()}:1", "--group", f"{INSIDE_UID}:{os.getgid()}:1"]
-        for path in [*system_ro_mounts(), *interpreter_paths()]:
+        mounts = ro_mounts()
+        for path in mounts:
             args += ["--bindmount_ro", path]
+        for link in symlinks(mounts):
+            args += ["--symlink", link]
         args += ["--bindmount_ro", f"{JAIL_SRC}:/jailcell/jail"]
         args += ["--bindmount", "/dev/null"]
         for dev in ("/dev/zero", "/dev/urandom", "/dev/random"):
@@ -208,14 +216,15 @@ def nsjail_probe() -> tuple[bool, str]:
         return False, str(exc)
     argv = NsjailCommand(backend.path, Policy(name="probe"), backend.as_root, []).argv()
     argv = argv[: argv.index("--") + 1] + [sys.executable, "-I", "-c", "print('ok')"]
+    argv.remove("--really_quiet")  # keep nsjail's reasons for the report
     try:
         out = subprocess.run(argv, capture_output=True, timeout=30, env={})
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, f"nsjail did not run: {exc}"
     if out.returncode == 0 and out.stdout.strip() == b"ok":
         return True, "nsjail runs here"
-    err = out.stderr.decode(errors="replace").strip().splitlines()
-    return False, _explain_failure("\n".join(err[-5:]))
+    err = [line for line in out.stderr.decode(errors="replace").splitlines() if line.startswith(("[W]", "[E]", "[F]"))]
+    return False, _explain_failure("\n".join(err[-4:]))
 
 
 def _explain_failure(stderr: str) -> str:

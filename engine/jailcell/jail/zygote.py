@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import base64
 import builtins
+import fnmatch
 import io
 import linecache
 import os
@@ -243,8 +244,6 @@ class PolicyViolation(ImportError):
 
 
 def _module_matches(module: str, pattern: str) -> bool:
-    import fnmatch
-
     if fnmatch.fnmatchcase(module, pattern):
         return True
     return "*" not in pattern and module.startswith(pattern + ".")
@@ -698,6 +697,10 @@ class Stateless:
 # sessions: heads that hold globals
 # ----------------------------------------------------------------------------------------------
 
+class HeadLost(Exception):
+    """A session head died (e.g. a cell killed it): that session's state is gone."""
+
+
 class Head:
     """Zygote-side handle of a session head (a process holding a session's globals)."""
 
@@ -705,16 +708,41 @@ class Head:
         self.hid, self.pid, self.sock, self.workspace = hid, pid, sock, workspace
 
 
+def sock_send(sock: socket.socket, obj: dict, fds: tuple[int, ...] = ()) -> None:
+    """One frame over a stream socket; ``fds`` travel with the header (SCM_RIGHTS)."""
+    frame = proto.encode(obj)
+    if fds:
+        socket.send_fds(sock, [frame[: proto.HEADER.size]], list(fds))
+        sock.sendall(frame[proto.HEADER.size :])
+    else:
+        sock.sendall(frame)
+
+
+def _sock_exact(sock: socket.socket, n: int, first: bytes = b"") -> bytes:
+    buf = bytearray(first)
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise EOFError("peer closed the socket")
+        buf += chunk
+    return bytes(buf)
+
+
+def sock_recv(sock: socket.socket, limit: int = MAX_REPORT) -> tuple[dict, list[int]]:
+    head, fds, _flags, _addr = socket.recv_fds(sock, proto.HEADER.size, 8)
+    if not head:
+        raise EOFError("peer closed the socket")
+    length = proto.parse_header(_sock_exact(sock, proto.HEADER.size, head), limit)
+    return proto.decode(_sock_exact(sock, length)), fds
+
+
 def _head_loop(sock: socket.socket, glb: dict, workspace: str) -> None:
     """Runs in a head process forever: fork one cell per request."""
     while True:
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 8)
-        except OSError:
+            req, fds = sock_recv(sock)
+        except (OSError, EOFError, proto.ProtocolError):
             os._exit(0)
-        if not msg:
-            os._exit(0)
-        req = proto.decode(msg)
         op = req.get("op")
         if op == "run":
             out_w, err_w, res_w = fds
@@ -742,13 +770,13 @@ def _head_loop(sock: socket.socket, glb: dict, workspace: str) -> None:
                 continue
             for fd in fds:
                 os.close(fd)
-            sock.send(proto.encode({"op": "forked", "pid": pid}))
+            sock_send(sock, {"op": "forked", "pid": pid})
             _, wstatus, rusage = os.wait4(pid, 0)
             # Only reached when the cell died before becoming the head.
-            sock.send(proto.encode({
+            sock_send(sock, {
                 "op": "cell_exit", "status": wstatus,
                 "utime": rusage.ru_utime, "stime": rusage.ru_stime, "maxrss": rusage.ru_maxrss,
-            }))
+            })
         elif op == "fork":
             (child_sock_fd,) = fds
             new_ws = req["workspace"]
@@ -759,7 +787,7 @@ def _head_loop(sock: socket.socket, glb: dict, workspace: str) -> None:
                 _copy_tree(workspace, new_ws)
                 workspace = new_ws
                 os.chdir(workspace)
-                sock.send(proto.encode({"op": "forked", "pid": os.getpid()}))
+                sock_send(sock, {"op": "forked", "pid": os.getpid()})
                 continue
             os.close(child_sock_fd)
         else:
@@ -785,9 +813,9 @@ class Sessions:
         os.mkdir(ws, 0o755)
         return hid, ws
 
-    def new(self) -> dict:
+    def new(self, req: dict | None = None) -> dict:
         hid, ws = self._new_workspace()
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:
             parent.close()
@@ -817,9 +845,16 @@ class Sessions:
         t0 = time.monotonic()
         before = list_files(head.workspace)
         pipes = Pipes()
-        socket.send_fds(head.sock, [proto.encode(req)], [pipes.out_w, pipes.err_w, pipes.res_w])
-        pipes.close_write_ends()
-        msg = proto.decode(head.sock.recv(1 << 16))
+        try:
+            sock_send(head.sock, req, (pipes.out_w, pipes.err_w, pipes.res_w))
+            pipes.close_write_ends()
+            head.sock.settimeout(10)
+            msg, _ = sock_recv(head.sock)
+        except (OSError, EOFError, proto.ProtocolError):
+            pipes.close_read_ends()
+            raise HeadLost("the session's state was lost: its head process is gone") from None
+        finally:
+            head.sock.settimeout(None)
         cell_pid = int(msg["pid"])
         pidfd = os.pidfd_open(cell_pid)
 
@@ -830,8 +865,8 @@ class Sessions:
             # The cell is the old head's child; the old head reports how it ended.
             head.sock.settimeout(2.0)
             try:
-                info = proto.decode(head.sock.recv(1 << 16))
-            except (OSError, proto.ProtocolError):
+                info, _ = sock_recv(head.sock)
+            except (OSError, EOFError, proto.ProtocolError):
                 info = {}
             finally:
                 head.sock.settimeout(None)
@@ -851,11 +886,15 @@ class Sessions:
     def fork(self, req: dict) -> dict:
         head = self._head(req)
         hid, ws = self._new_workspace()
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        socket.send_fds(head.sock, [proto.encode({"op": "fork", "workspace": ws})], [child.fileno()])
-        child.close()
-        parent.settimeout(30)
-        msg = proto.decode(parent.recv(1 << 16))
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock_send(head.sock, {"op": "fork", "workspace": ws}, (child.fileno(),))
+            child.close()
+            parent.settimeout(30)
+            msg, _ = sock_recv(parent)
+        except (OSError, EOFError, proto.ProtocolError):
+            parent.close()
+            raise HeadLost("the session's state was lost: its head process is gone") from None
         parent.settimeout(None)
         self.heads[hid] = Head(hid, int(msg["pid"]), parent, ws)
         return {"op": "ok", "head": hid}
@@ -1046,9 +1085,7 @@ def main() -> None:
             os._exit(0)
         op = req.get("op")
         try:
-            if op == "run" and isinstance(engine, Stateless):
-                reply = engine.run(req)
-            elif op == "run":
+            if op == "run":
                 reply = engine.run(req)
             elif op in ("new", "fork", "close", "upload", "download") and isinstance(engine, Sessions):
                 reply = getattr(engine, op)(req)
@@ -1059,8 +1096,8 @@ def main() -> None:
                 os._exit(0)
             else:
                 reply = {"op": "error", "message": f"unknown request {op!r}"}
-        except (ValueError, KeyError, OSError) as exc:
-            reply = {"op": "error", "message": f"{type(exc).__name__}: {exc}"}
+        except Exception as exc:  # noqa: BLE001 - a bad request must never take the zygote down
+            reply = {"op": "error", "type": type(exc).__name__, "message": str(exc)}
         proto.write_frame(HOST_OUT, reply)
         if op == "run":
             engine.cleanup()
