@@ -221,10 +221,16 @@ class Sandbox:
         """Run ``code`` in a fresh cell; errors in the code come back in the Result."""
         req, host_timeout = self._engine.run_request(code, timeout, files)
         with self._lock:
-            jail = self._ensure_jail()
-            result, usable = self._engine.execute(jail, req, host_timeout)
-            if not usable:
+            for attempt in (1, 2):
+                jail = self._ensure_jail()
+                result, usable = self._engine.execute(jail, req, host_timeout)
+                if usable:
+                    break
                 self._jail = None
+                # A cell cannot kill its zygote, so a dead jail is an infrastructure failure:
+                # run once more on a fresh jail.  A timeout is the program's doing: no retry.
+                if result.status == "timeout" or (result.error or {}).get("type") != "JailDied":
+                    break
         return result
 
     def session(self, *, idle_timeout: float | None = None) -> "Session":

@@ -29,6 +29,7 @@ import select
 import signal
 import socket
 import stat
+import struct
 import sys
 import time
 import traceback
@@ -562,15 +563,24 @@ def _frame_complete(buf: bytes) -> bool:
     return len(buf) >= proto.HEADER.size + length
 
 
-def _parse_report(raw: bytes) -> dict | None:
-    """The cell's own report: untrusted bytes, validated field by field."""
-    if len(raw) < proto.HEADER.size:
+CORRUPTED = object()
+
+
+def _parse_report(raw: bytes):
+    """The cell's own report: untrusted bytes, validated field by field.
+
+    Returns None when there is no report, CORRUPTED when the bytes are not exactly one valid
+    frame (the program wrote into the channel), else the cleaned report.
+    """
+    if not raw:
         return None
     try:
         length = proto.parse_header(raw[: proto.HEADER.size], MAX_REPORT)
-        rep = proto.decode(raw[proto.HEADER.size : proto.HEADER.size + length])
-    except proto.ProtocolError:
-        return None
+        if len(raw) != proto.HEADER.size + length:
+            return CORRUPTED
+        rep = proto.decode(raw[proto.HEADER.size :])
+    except (proto.ProtocolError, struct.error):
+        return CORRUPTED
     out: dict = {}
     status = rep.get("status")
     out["status"] = status if status in ("ok", "error", "memory_limit", "policy_violation") else "error"
@@ -617,7 +627,7 @@ def _outcome(req, killed_for, wait_status, rusage, raw_report, out, err, duratio
     cpu_limit = float(req.get("cpu_s", 30))
     if killed_for == "timeout":
         status = "timeout"
-        result["error"] = {"type": "Timeout", "message": f"wall-clock limit of {req.get('timeout')} s reached", "traceback": ""}
+        result["error"] = {"type": "Timeout", "message": f"wall-clock limit of {float(req.get('timeout', 0)):g} s reached", "traceback": ""}
     elif killed_for == "output":
         status = "output_limit"
         cap = CONFIG["limits"]["output_bytes"]
@@ -632,6 +642,10 @@ def _outcome(req, killed_for, wait_status, rusage, raw_report, out, err, duratio
         except (ValueError, AttributeError):
             desc = ""
         result["error"] = {"type": "Signal", "message": f"killed by {SIGNAMES.get(sig, sig)} ({desc})", "traceback": ""}
+    elif report is CORRUPTED:
+        status = "error"
+        result["error"] = {"type": "ResultChannelCorrupted", "traceback": "",
+                           "message": "the program wrote into jailcell's result channel; its own report was discarded"}
     elif report is not None:
         status = report["status"]
         result.update(result=report["result"], error=report["error"], outputs=report["outputs"])

@@ -1,0 +1,106 @@
+"""`jailcell run / check / policy` as a user types them (a real subprocess each time)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def jailcell(*args, input=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "jailcell", *args], input=input, capture_output=True,
+                          timeout=timeout)
+
+
+def test_run_code_prints_like_python():
+    r = jailcell("run", "-c", "import sys; print('hi'); print('oops', file=sys.stderr)")
+    assert r.returncode == 0 and r.stdout == b"hi\n" and r.stderr == b"oops\n"
+
+
+def test_run_file_and_stdin(tmp_path):
+    f = tmp_path / "prog.py"
+    f.write_text("print(sum(range(5)))")
+    assert jailcell("run", str(f)).stdout == b"10\n"
+    assert jailcell("run", "-", input=b"print('from stdin')").stdout == b"from stdin\n"
+
+
+def test_json_is_exactly_one_object():
+    r = jailcell("run", "--json", "-c", "print('x')\n1/0")
+    assert r.returncode == 1
+    obj = json.loads(r.stdout)  # fails if anything else was printed
+    assert obj["status"] == "error" and obj["stdout"] == "x\n" and obj["error"]["type"] == "ZeroDivisionError"
+    assert obj["isolation"]["backend"] in ("nsjail", "process")
+
+
+def test_not_ok_prints_traceback_and_status_line():
+    r = jailcell("run", "--timeout", "1", "-c", "while True: pass")
+    assert r.returncode == 1 and b"jailcell: timeout" in r.stderr
+    r = jailcell("run", "-c", "raise KeyError('k')")
+    assert r.returncode == 1 and b"KeyError: 'k'" in r.stderr and b"jailcell: error" in r.stderr
+
+
+def test_memory_flag():
+    r = jailcell("run", "--memory", "128", "--json", "-c", "x = bytearray(400 * 1024 * 1024)")
+    assert r.returncode == 1 and json.loads(r.stdout)["status"] == "memory_limit"
+
+
+@pytest.mark.parametrize("args, stdin, words", [
+    (["run", "/no/such/file.py"], None, [b"no such file"]),
+    (["run", "-c", ""], None, [b"empty"]),
+    (["run", "-"], b"   \n", [b"empty"]),
+    (["run", "-"], b"print(1)\0", [b"NUL"]),
+    (["run", "-"], b"print('\xff')", [b"UTF-8"]),
+    (["run", "-"], b"#" * (50 * 1024 * 1024), [b"over the limit", b"code_bytes"]),
+    (["run", "--policy", "nope", "-c", "1"], None, [b"unknown policy 'nope'", b"standard"]),
+    (["run", "--timeout", "abc", "-c", "1"], None, [b"invalid float"]),
+    (["run", "--memory", "1", "-c", "1"], None, [b"memory", b"16"]),
+    (["run"], None, [b"required"]),
+    (["run", "-c", "1", "file.py"], None, [b"not allowed"]),
+    (["frobnicate"], None, [b"invalid choice"]),
+], ids=["missing-file", "empty-c", "blank-stdin", "nul", "undecodable", "50MB", "bad-policy-name", "bad-timeout",
+        "bad-memory", "no-source", "two-sources", "bad-command"])
+def test_usage_errors_exit_2_without_traceback(args, stdin, words):
+    r = jailcell(*args, input=stdin)
+    assert r.returncode == 2, r
+    assert b"Traceback" not in r.stderr
+    for w in words:
+        assert w in r.stderr, (w, r.stderr)
+
+
+def test_bad_policy_file_exit_2(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("[limits]\ntimeout = 3\n")
+    r = jailcell("run", "--policy", str(p), "-c", "1")
+    assert r.returncode == 2 and str(p).encode() in r.stderr and b"timeout" in r.stderr and b"wall_s" in r.stderr
+    p.write_text("[limits\n")
+    r = jailcell("run", "--policy", str(p), "-c", "1")
+    assert r.returncode == 2 and b"not valid TOML" in r.stderr
+
+
+def test_file_option_copies_into_workspace(tmp_path):
+    data = tmp_path / "d.csv"
+    data.write_text("a,b\n1,2\n")
+    r = jailcell("run", "--file", f"in.csv={data}", "-c", "print(open('in.csv').read().split()[1])")
+    assert r.stdout == b"1,2\n"
+    assert jailcell("run", "--file", "../x=/etc/hostname", "-c", "1").returncode == 2
+
+
+def test_check_reports_and_exits_0():
+    r = jailcell("check")
+    assert r.returncode == 0
+    for feature in (b"nsjail binary", b"seccomp", b"network namespace", b"memory limit", b"cgroup v1", b"cgroup v2"):
+        assert feature in r.stdout
+
+
+def test_policy_list_and_show():
+    r = jailcell("policy", "list")
+    assert r.returncode == 0 and b"minimal" in r.stdout and b"restricted" in r.stdout
+    r = jailcell("policy", "show", "restricted")
+    assert r.returncode == 0 and b'mode = "restricted"' in r.stdout and b"wall_s = 10.0" in r.stdout
+
+
+def test_help_explains():
+    r = jailcell("--help")
+    assert r.returncode == 0 and b"check" in r.stdout and b"examples" in r.stdout
+    r = jailcell("run", "--help")
+    assert b"exit status" in r.stdout and b"--json" in r.stdout

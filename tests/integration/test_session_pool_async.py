@@ -1,0 +1,170 @@
+"""Sessions (state, forks, files), Pool, the async twins, concurrency and leaks."""
+
+import asyncio
+import os
+import threading
+import time
+
+import pytest
+
+from jailcell import AsyncSandbox, InputError, JailError, Pool, SandboxClosed, Sandbox
+
+from ..conftest import jail_processes, open_fds, wait_for
+
+
+@pytest.fixture(scope="module")
+def session(standard):
+    with standard.session() as s:
+        yield s
+
+
+def test_state_persists_and_survives_runaway_cells(session):
+    assert session.run("x = 41").status == "ok"
+    assert session.run("x += 1\nx").result == "42"
+    assert session.run("while True: pass", timeout=1).status == "timeout"
+    assert session.run("x").result == "42"
+    assert session.run("big = bytearray(2 * 1024**3)").status in ("memory_limit",)
+    assert session.run("x").result == "42"
+    assert session.run("import faulthandler; faulthandler._sigsegv()").status == "killed"
+    assert session.run("x").result == "42"
+    # a cell that raises keeps what it did before raising (Jupyter semantics)
+    r = session.run("y = 7\nraise ValueError('late')")
+    assert r.status == "error" and session.run("y").result == "7"
+
+
+def test_fork_branches(standard):
+    with standard.session() as s:
+        s.run("items = [1]")
+        s.run("open('shared.txt', 'w').write('base')")
+        branch = s.fork()
+        branch.run("items.append(2)\nopen('shared.txt', 'w').write('branch')")
+        assert branch.run("items").result == "[1, 2]"
+        assert s.run("items").result == "[1]"
+        assert s.download("shared.txt") == b"base" and branch.download("shared.txt") == b"branch"
+        branch.close()
+        assert s.run("len(items)").result == "1"
+
+
+def test_upload_download_and_files(session):
+    session.upload("data/in.txt", b"abc")
+    r = session.run("open('data/out.txt', 'w').write(open('data/in.txt').read() * 2)")
+    assert {"name": "data/out.txt", "size": 6} in r.files
+    assert session.download("data/out.txt") == b"abcabc"
+    r = session.run("print(open('extra.txt').read())", files={"extra.txt": "given"})
+    assert r.stdout == "given\n"
+
+
+@pytest.mark.parametrize("name", ["../escape", "/etc/passwd", "a/../../b", "", "a\0b", "./x", "a//b", "x" * 2000])
+def test_hostile_names_refused(session, name):
+    with pytest.raises(InputError):
+        session.upload(name, b"x")
+    with pytest.raises(InputError):
+        session.download(name)
+
+
+def test_symlink_fifo_and_size_refused(session):
+    session.run("import os\nos.symlink('/etc/hostname', 'link')\nos.symlink('/proc/1/environ', 'link2')\n"
+                "os.mkfifo('fifo')\nos.mkdir('adir')")
+    for name in ("link", "link2", "fifo", "adir", "missing.txt"):
+        with pytest.raises(InputError):
+            session.download(name)
+    with pytest.raises(InputError, match="too large"):
+        session.upload("huge.bin", b"x" * (300 * 1024 * 1024))
+    assert session.run("print('ok')").stdout == "ok\n"
+
+
+def test_session_run_accepts_same_keywords(session):
+    r = session.run("import time; time.sleep(5)", timeout=0.5)
+    assert r.status == "timeout"
+
+
+def test_idle_session_expires(minimal):
+    s = minimal.session(idle_timeout=0.5)
+    s.run("a = 1")
+    time.sleep(1.5)
+    assert s.closed
+    with pytest.raises(SandboxClosed):
+        s.run("a")
+
+
+def test_pool_map_keeps_order_and_catches_wrong_answers():
+    with Pool(2, "minimal") as pool:
+        codes = [f"assert {i} % 7 != 3, 'wrong'\nprint({i})" for i in range(40)]
+        results = pool.map(iter(codes))
+    assert [r.status for r in results] == ["error" if i % 7 == 3 else "ok" for i in range(40)]
+    assert all(r.stdout == f"{i}\n" for i, r in enumerate(results) if r.ok)
+
+
+def test_pool_survives_a_jail_dying_mid_map():
+    with Pool(2, "minimal") as pool:
+        out = []
+        t = threading.Thread(target=lambda: out.extend(pool.map(["import time\ntime.sleep(0.1)\nprint('x')"] * 20)))
+        t.start()
+        time.sleep(0.3)
+        os.kill(pool._all[0]._jail.pid, 9)
+        t.join(60)
+        assert len(out) == 20
+        assert sum(r.ok for r in out) >= 19
+        assert pool.run("print('after')").stdout == "after\n"
+
+
+def test_threads_share_one_sandbox(minimal):
+    results = []
+
+    def work(i):
+        results.append(minimal.run(f"print({i})").stdout)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == sorted(f"{i}\n" for i in range(8))
+
+
+async def test_async_sandbox_and_session():
+    async with AsyncSandbox("minimal") as sb:
+        outs = await asyncio.gather(*(sb.run(f"{i} * 2") for i in range(6)))
+        assert [o.result for o in outs] == [str(i * 2) for i in range(6)]
+        async with await sb.session() as s:
+            await s.run("z = 5")
+            await s.upload("f.txt", b"q")
+            assert (await s.run("z + 1")).result == "6"
+            assert await s.download("f.txt") == b"q"
+            branch = await s.fork()
+            await branch.run("z = 0")
+            assert (await s.run("z")).result == "5"
+            await branch.close()
+
+
+async def test_pool_async_map():
+    with Pool(2, "minimal") as pool:
+        rs = await pool.amap([f"{i}" for i in range(5)])
+    assert [r.result for r in rs] == [str(i) for i in range(5)]
+
+
+def test_closed_objects_raise():
+    sb = Sandbox("minimal")
+    sb.close()
+    with pytest.raises(SandboxClosed):
+        sb.run("1")
+
+
+def test_no_leaks_over_many_runs(minimal):
+    """Many runs across Sandbox, Pool and Session: no processes, fds or jails accumulate."""
+    minimal.run("1")
+    time.sleep(0.5)  # steady state: the zygote has forked its next spare cell
+    fds, procs = open_fds(), len(jail_processes())
+    for _ in range(150):
+        assert minimal.run("print(1)").ok
+    with minimal.session() as s:
+        for i in range(50):
+            s.run(f"v = {i}")
+    with Pool(2, "minimal") as pool:
+        pool.map(["1"] * 100)
+    for i in range(5):
+        s = Sandbox("minimal")
+        s.run("1")
+        s.close()
+    assert open_fds() <= fds + 2
+    assert wait_for(lambda: len(jail_processes()) <= procs), (procs, jail_processes())

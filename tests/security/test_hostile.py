@@ -1,0 +1,242 @@
+"""Hostile programs against the OS jail.  The import hook is *not* what contains these: they run
+under a policy with no import rules (``open_sandbox``) unless a test says otherwise."""
+
+import os
+import socket
+import struct
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from jailcell import Sandbox
+
+
+@pytest.fixture
+def host_secrets(tmp_path_factory):
+    token = uuid.uuid4().hex
+    tmp_secret = Path("/tmp") / f"jailcell-test-secret-{token}"
+    home_secret = Path.home() / f".jailcell-test-secret-{token}"
+    for p in (tmp_secret, home_secret):
+        p.write_text(token)
+    yield token, [tmp_secret, home_secret]
+    for p in (tmp_secret, home_secret):
+        p.unlink(missing_ok=True)
+
+
+def test_host_files_unreadable(open_sandbox, host_secrets):
+    token, paths = host_secrets
+    code = (
+        "import os\nfound = []\n"
+        f"for p in {[str(p) for p in paths]!r} + ['/etc/passwd', '/etc/shadow', '/root', '/home']:\n"
+        "    try:\n"
+        "        found.append(open(p).read() if os.path.isfile(p) else str(os.listdir(p)))\n"
+        "    except OSError as e:\n"
+        "        found.append(type(e).__name__)\n"
+        "for root, dirs, files in os.walk('/'):\n"
+        "    if root.startswith(('/proc', '/usr', '/sys')):\n"
+        "        dirs[:] = []\n"
+        "        continue\n"
+        "    for f in files:\n"
+        "        if 'secret' in f: found.append(os.path.join(root, f))\n"
+        "print(found)"
+    )
+    r = open_sandbox.run(code)
+    assert r.status == "ok", r
+    assert token not in r.stdout and "jailcell-test-secret" not in r.stdout
+    found = eval(r.stdout)
+    assert found[:4] == ["FileNotFoundError"] * 4  # both secrets, /etc/passwd, /etc/shadow
+    assert found[5] == "FileNotFoundError"  # /home
+    assert found[4] in ("FileNotFoundError", "['.pyenv']")  # /root holds at most the bound interpreter
+
+
+def test_host_environment_invisible(host_secrets):
+    os.environ["JAILCELL_TEST_SECRET"] = "env-s3cret"
+    try:
+        with Sandbox("standard") as sb:
+            r = sb.run("import os\nprint(dict(os.environ))\n"
+                       "for p in ('/proc/self/environ', '/proc/1/environ'):\n"
+                       "    try:\n        print(open(p, 'rb').read())\n    except OSError as e:\n        print(e)")
+    finally:
+        del os.environ["JAILCELL_TEST_SECRET"]
+    assert r.status == "ok" and "env-s3cret" not in r.stdout and "JAILCELL_TEST_SECRET" not in r.stdout
+
+
+def test_network_unreachable_tcp_udp_unix(open_sandbox, tmp_path):
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(5)
+    tcp.settimeout(0.2)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    udp.settimeout(0.2)
+    upath = tmp_path / "host.sock"
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.bind(str(upath))
+    unix.listen(5)
+    unix.settimeout(0.2)
+    abstract = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    abstract.bind(b"\0jailcell-test-" + uuid.uuid4().hex.encode())
+    abstract.listen(5)
+    abstract.settimeout(0.2)
+    code = f"""
+import socket
+res = []
+def attempt(f):
+    try:
+        f(); res.append('connected')
+    except OSError as e:
+        res.append(type(e).__name__)
+def tcp():
+    s = socket.create_connection(('127.0.0.1', {tcp.getsockname()[1]}), timeout=1)
+def udp():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b'ping', ('127.0.0.1', {udp.getsockname()[1]}))
+def unix():
+    s = socket.socket(socket.AF_UNIX); s.settimeout(1); s.connect({str(upath)!r})
+def abstract():
+    s = socket.socket(socket.AF_UNIX); s.settimeout(1); s.connect({abstract.getsockname()!r})
+def outside():
+    socket.create_connection(('1.1.1.1', 53), timeout=1)
+for f in (tcp, udp, unix, abstract, outside): attempt(f)
+print(res)
+"""
+    r = open_sandbox.run(code)
+    assert r.status == "ok", r
+    got = []
+    for s in (tcp, unix, abstract):
+        try:
+            s.accept()
+            got.append(s)
+        except OSError:
+            pass
+    try:
+        udp.recvfrom(16)
+        got.append(udp)
+    except OSError:
+        pass
+    for s in (tcp, udp, unix, abstract):
+        s.close()
+    assert not got, f"host listeners reached from the jail: {got}"
+    assert "connected" not in r.stdout.replace("'connected'", "") or r.stdout.count("connected") == 0
+
+
+def test_nothing_written_outside_workspace(open_sandbox):
+    import sys
+
+    targets = [sys.prefix + "/evil.txt", "/usr/lib/evil.txt", "/jailcell/jail/evil.py", "/evil.txt",
+               "/dev/evil", "/proc/sys/kernel/hostname"]
+    code = (
+        "res = []\n"
+        f"for p in {targets!r}:\n"
+        "    try:\n"
+        "        open(p, 'w').write('x'); res.append('wrote ' + p)\n"
+        "    except OSError as e:\n"
+        "        res.append(type(e).__name__)\n"
+        "print(res)"
+    )
+    r = open_sandbox.run(code)
+    assert r.status == "ok" and "wrote" not in r.stdout, r.stdout
+    assert not os.path.exists(sys.prefix + "/evil.txt") and not os.path.exists("/evil.txt")
+
+
+def test_fork_bomb_contained(open_sandbox):
+    t0 = time.monotonic()
+    r = open_sandbox.run("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+                         timeout=3)
+    assert r.status in ("timeout", "killed")
+    assert time.monotonic() - t0 < 8
+    assert open_sandbox.run("print('alive')").stdout == "alive\n"
+
+
+def test_thread_bomb_contained(open_sandbox):
+    r = open_sandbox.run(
+        "import threading, time\nn = 0\ntry:\n    while True:\n"
+        "        threading.Thread(target=time.sleep, args=(30,), daemon=True).start(); n += 1\n"
+        "except RuntimeError as e:\n    print('stopped at', n)", timeout=5)
+    assert r.status == "ok" and r.stdout.startswith("stopped at")
+    assert int(r.stdout.split()[-1]) < 300  # the pids limit stopped it
+    assert open_sandbox.run("print('alive')").stdout == "alive\n"
+
+
+def test_fd_exhaustion_contained(open_sandbox):
+    r = open_sandbox.run("fs = []\nwhile True:\n    fs.append(open('/dev/null'))")
+    assert r.status == "error" and r.error["type"] == "OSError" and "Too many open files" in r.error["message"]
+    assert open_sandbox.run("print('alive')").stdout == "alive\n"
+
+
+def test_disk_fill_contained(open_sandbox):
+    before = os.statvfs("/tmp").f_bfree
+    r = open_sandbox.run("with open('fill', 'wb') as f:\n    while True:\n        f.write(b'x' * (1 << 20))")
+    assert r.status in ("error", "killed")  # ENOSPC on the tmpfs workspace, or SIGXFSZ at the file-size limit
+    r = open_sandbox.run("with open('/tmp/fill', 'wb') as f:\n    while True:\n        f.write(b'x' * (1 << 20))")
+    assert r.status in ("error", "killed")
+    assert abs(os.statvfs("/tmp").f_bfree - before) < 64 * 256  # the host's /tmp did not fill up
+    r = open_sandbox.run("import os; print(os.listdir('.'), os.listdir('/tmp'))")
+    assert r.stdout == "[] []\n"  # wiped between runs
+
+
+def test_kill_everything_and_parent_leave_engine_fine(open_sandbox):
+    for code in ("import os; os.kill(-1, 9)", "import os; os.kill(os.getppid(), 9)", "import os; os.kill(1, 9)",
+                 "import os, signal; [os.kill(1, s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGSTOP)]"):
+        open_sandbox.run(code)
+        r = open_sandbox.run("print('alive')")
+        assert r.stdout == "alive\n", (code, r)
+
+
+def test_ptrace_proc_mem_and_nested_userns_denied(open_sandbox):
+    code = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+out = {}
+out['ptrace'] = libc.ptrace(16, 1, 0, 0)  # PTRACE_ATTACH to the zygote
+out['unshare_user'] = libc.unshare(0x10000000)
+out['unshare_net'] = libc.unshare(0x40000000)
+try:
+    open('/proc/1/mem', 'rb').read(1); out['mem'] = 'read'
+except OSError as e:
+    out['mem'] = type(e).__name__
+try:
+    os.listdir('/proc/1/fd'); out['fd'] = 'listed'
+except OSError as e:
+    out['fd'] = type(e).__name__
+print(out)
+"""
+    r = open_sandbox.run(code)
+    assert r.status == "ok", r
+    out = eval(r.stdout)
+    assert out["ptrace"] == -1 and out["unshare_user"] == -1 and out["unshare_net"] == -1
+    assert out["mem"] != "read" and out["fd"] != "listed"
+
+
+def test_forged_protocol_bytes_do_not_confuse_the_engine(open_sandbox):
+    frame = b"JC\x01\x01" + struct.pack(">I", 20) + b'{"status": "ok"}    '
+    r = open_sandbox.run(
+        "import os, sys\n"
+        f"sys.stdout.buffer.write({frame!r}); sys.stdout.flush()\n"
+        "for fd in range(3, 64):\n"
+        "    try: os.write(fd, b'garbage' * 1000)\n"
+        "    except OSError: pass\n"
+        "raise RuntimeError('still an error')"
+    )
+    assert r.status == "error"
+    assert r.error["type"] in ("RuntimeError", "ResultChannelCorrupted")
+    assert r.stdout.startswith("JC")  # the fake frame is just output, returned verbatim
+    assert open_sandbox.run("print('alive')").stdout == "alive\n"
+    r = open_sandbox.run("import os\nos.write(3, b'JC\\x01\\x01\\xff\\xff\\xff\\xff')\nprint('x')")
+    assert r.status == "error" and r.error["type"] == "ResultChannelCorrupted"
+    assert open_sandbox.run("print('alive')").stdout == "alive\n"
+
+
+def test_huge_result_is_bounded(open_sandbox):
+    r = open_sandbox.run("'x' * (200 * 1024 * 1024)", timeout=20)
+    assert r.status in ("output_limit", "memory_limit", "error")
+    assert open_sandbox.run("print('alive')").stdout == "alive\n"
+
+
+def test_host_killing_the_jail_is_recovered(open_sandbox):
+    jail = open_sandbox._jail
+    os.kill(jail.pid, 9)
+    r = open_sandbox.run("print('replaced')")
+    assert r.stdout == "replaced\n"
