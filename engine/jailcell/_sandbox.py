@@ -141,7 +141,6 @@ class _Engine:
     def execute(self, jail: Jail, req: dict[str, Any], host_timeout: float) -> tuple[Result, bool]:
         """Run ``req`` in ``jail``.  Returns the Result and whether the jail is still usable."""
         t0 = time.monotonic()
-        oom_before = jail.oom_kills()
         try:
             reply = jail.call(req, host_timeout)
         except JailTimeout:
@@ -153,16 +152,16 @@ class _Engine:
             return self._host_failure("killed", "JailDied", f"the jail stopped during the run ({exc})", t0), False
         if reply.get("op") == "error":
             raise_reply_error(reply)
-        return self.to_result(reply, jail, oom_before), True
+        return self.to_result(reply, jail), True
 
     def _host_failure(self, status: str, etype: str, message: str, t0: float) -> Result:
         return Result(status=status, error={"type": etype, "message": message, "traceback": ""},
                       duration_s=time.monotonic() - t0, isolation=self.isolation())
 
-    def to_result(self, reply: dict[str, Any], jail: Jail, oom_before: int) -> Result:
+    def to_result(self, reply: dict[str, Any], jail: Jail) -> Result:
         status = reply.get("status", "error")
         error = reply.get("error")
-        if status == "killed" and reply.get("signal") == "SIGKILL" and jail.oom_kills() > oom_before:
+        if status == "killed" and reply.get("signal") == "SIGKILL" and jail.new_oom_kill():
             status = "memory_limit"
             error = {"type": "MemoryLimit", "message": f"memory limit of {self.policy.limits.memory_mib} MiB reached; "
                      "the program was killed", "traceback": ""}

@@ -175,7 +175,6 @@ class NsjailBackend(Backend):
         baseline = self.cgroups.usage(dirs)
         spawned.cleanup["baseline"] = baseline
         self.cgroups.set_memory(dirs, baseline + policy.limits.memory_mib * MIB)
-        spawned.cleanup["oom_seen"] = self.cgroups.oom_kills(dirs)
 
     def oom_kills(self, spawned: Spawned) -> int:
         dirs = spawned.cleanup.get("cgroups")

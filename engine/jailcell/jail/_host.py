@@ -40,6 +40,7 @@ class Jail:
         self._stderr = tempfile.TemporaryFile(prefix="jailcell-log-")
         self._buf = bytearray()
         self.ready: dict[str, Any] = {}
+        self._oom_seen = 0
         self.closed = False
         self._start()
         _live.add(self)
@@ -55,6 +56,7 @@ class Jail:
             if self.ready.get("op") != "ready":
                 raise JailError(f"zygote answered {self.ready!r} instead of ready")
             self.backend.after_ready(spawned, self.policy)
+            self._oom_seen = self.backend.oom_kills(spawned)
         except (JailTimeout, EOFError, OSError, proto.ProtocolError) as exc:
             log = self.log()
             self.close()
@@ -157,8 +159,13 @@ class Jail:
                 raise EOFError("the jail exited")
             self._buf += chunk
 
-    def oom_kills(self) -> int:
-        return self.backend.oom_kills(self._spawned) if self._spawned else 0
+    def new_oom_kill(self) -> bool:
+        """Did the OOM killer strike in this jail since the last time we asked?  (read only on SIGKILL)"""
+        if self._spawned is None:
+            return False
+        count = self.backend.oom_kills(self._spawned)
+        seen, self._oom_seen = self._oom_seen, count
+        return count > seen
 
 
 def _killpg(pid: int) -> None:

@@ -22,8 +22,11 @@ class ProtocolError(Exception):
     """The peer sent something that is not a valid frame."""
 
 
+_dumps = json.dumps  # bound at import: code that later replaces json.dumps does not reach the framing
+
+
 def encode(obj: object) -> bytes:
-    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
+    body = _dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
     return HEADER.pack(MAGIC, VERSION, KIND_JSON, len(body)) + body
 
 

@@ -20,7 +20,9 @@ from __future__ import annotations
 import ast
 import base64
 import builtins
+import fcntl
 import fnmatch
+import gc
 import io
 import linecache
 import os
@@ -83,9 +85,9 @@ def _close_fds(keep: set[int]) -> None:
                 pass
 
 
-def _descendants(root: int) -> list[int]:
-    """Pids of every process below ``root`` (via /proc ppid links)."""
-    children: dict[int, list[int]] = {}
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (ppid, state) for every process this /proc shows (the jail's own in a pid namespace)."""
+    table = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -94,13 +96,22 @@ def _descendants(root: int) -> list[int]:
                 data = f.read()
         except OSError:
             continue
-        ppid = int(data[data.rindex(b")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(name))
+        rest = data[data.rindex(b")") + 2 :].split()
+        table[int(name)] = (int(rest[1]), chr(rest[0][0]))
+    return table
+
+
+def _descendants(root: int, table: dict[int, tuple[int, str]]) -> list[int]:
+    """Live (non-zombie) processes below ``root``."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _state) in table.items():
+        children.setdefault(ppid, []).append(pid)
     out, todo = [], [root]
     while todo:
         for child in children.get(todo.pop(), []):
-            out.append(child)
             todo.append(child)
+            if table[child][1] not in ("Z", "X"):
+                out.append(child)
     return out
 
 
@@ -114,12 +125,13 @@ def _reap_nohang() -> None:
             return
 
 
-def kill_strays(protected: set[int]) -> int:
-    """Kill every process of this jail except the zygote and ``protected``; returns the count."""
+def kill_strays(keep) -> int:
+    """Kill every process of this jail below the zygote for which ``keep(pid, ppid)`` is false."""
     me = os.getpid()
     killed = 0
     for _ in range(200):
-        strays = [p for p in _descendants(me) if p not in protected]
+        table = _process_table()
+        strays = [p for p in _descendants(me, table) if not keep(p, table[p][0])]
         if not strays:
             break
         for pid in strays:
@@ -442,16 +454,31 @@ def _cell_prepare() -> None:
         os.setpgid(0, 0)
 
 
+PRISTINE_BUILTINS = dict(builtins.__dict__)  # as they were before any user code
+
+
 def _finish_cell(res_fd: int, report: dict) -> None:
+    """Flush and write the report with pristine builtins (user code may have replaced ``len``).
+
+    The user's builtins are put back afterwards (a session keeps them, like a notebook).  If
+    the report cannot be written, the cell exits so the zygote judges it by its exit status.
+    """
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:
             pass
+    current = builtins.__dict__
+    users = dict(current)
+    current.clear()
+    current.update(PRISTINE_BUILTINS)
     try:
         proto.write_frame(res_fd, report)
     except Exception:
-        pass
+        os._exit(REPORT_FAILED)
+    finally:
+        current.clear()
+        current.update(users)
 
 
 def _fresh_stdio() -> None:
@@ -471,13 +498,30 @@ def _user_globals() -> dict:
 # cells as seen from the zygote
 # ----------------------------------------------------------------------------------------------
 
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1 << 20
+
+
 class Pipes:
     """Per-run pipes: stdout, stderr, report (cell -> zygote)."""
 
     def __init__(self) -> None:
-        self.out_r, self.out_w = os.pipe()
-        self.err_r, self.err_w = os.pipe()
-        self.res_r, self.res_w = os.pipe()
+        self.out_r, self.out_w = os.pipe2(os.O_NONBLOCK)  # the zygote drains these on a timer
+        self.err_r, self.err_w = os.pipe2(os.O_NONBLOCK)
+        self.res_r, self.res_w = os.pipe2(os.O_NONBLOCK)
+        for fd in (self.out_w, self.err_w, self.res_w):
+            os.set_blocking(fd, True)  # the cell's ends block when full, as a terminal would
+        for fd in (self.out_r, self.err_r):
+            try:
+                fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass
+
+    @classmethod
+    def from_read_ends(cls, out_r: int, err_r: int, res_r: int) -> "Pipes":
+        pipes = cls.__new__(cls)
+        pipes.out_r, pipes.err_r, pipes.res_r = out_r, err_r, res_r
+        return pipes
 
     def close_write_ends(self) -> None:
         for fd in (self.out_w, self.err_w, self.res_w):
@@ -493,8 +537,6 @@ class Pipes:
 
 def _become_cell(pipes: Pipes, keep: set[int]) -> tuple[int, dict[int, int]]:
     """In a freshly forked child: wire stdio to the run's pipes; returns (report fd, moved fds)."""
-    import fcntl
-
     moved = {fd: fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in keep}  # out of the way of 0..3
     devnull = os.open("/dev/null", os.O_RDONLY)
     os.dup2(pipes.out_w, 1)
@@ -506,45 +548,212 @@ def _become_cell(pipes: Pipes, keep: set[int]) -> tuple[int, dict[int, int]]:
     return 3, moved
 
 
-class Spare:
-    """A pre-forked cell waiting for one stateless request."""
+def _spare_main(pipes: Pipes, ctrl_r: int) -> None:
+    """Body of a pre-forked cell: wait for one request, run it, report, park until killed."""
+    try:
+        res_fd, moved = _become_cell(pipes, {ctrl_r})
+        _cell_prepare()
+        # Warm up while idle: the pages the execution path writes to are copied now, not
+        # during the request.
+        execute("None", _user_globals())
+        req = proto.read_frame(moved[ctrl_r], MAX_REPORT)
+        os.close(moved[ctrl_r])
+        _cell_limits(req)
+        report = execute(req["code"], _user_globals())
+        _finish_cell(res_fd, report)
+        # Park: the zygote kills this process after it has replied, so the exit teardown of a
+        # large address space is not on the request's critical path.
+        while True:
+            time.sleep(3600)
+    finally:
+        os._exit(0)
 
-    def __init__(self) -> None:
-        self.pipes = Pipes()
-        ctrl_r, self.ctrl_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # ------------------------------------------------------------- the cell
-            try:
-                res_fd, moved = _become_cell(self.pipes, {ctrl_r})
-                _cell_prepare()
-                req = proto.read_frame(moved[ctrl_r], MAX_REPORT)
-                os.close(moved[ctrl_r])
-                _cell_limits(req)
-                report = execute(req["code"], _user_globals())
-                _finish_cell(res_fd, report)
-            finally:
-                os._exit(0)
-        os.close(ctrl_r)
-        self.pipes.close_write_ends()
+
+def _proc_state(pid: int) -> str:
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        return chr(data[data.rindex(b")") + 2])
+    except (OSError, ValueError, IndexError):
+        return "X"
+
+
+class SpareHandle:
+    """The zygote's side of a pre-forked cell (a child of the nursery)."""
+
+    def __init__(self, pid: int, fds: list[int]) -> None:
         self.pid = pid
-        self.pidfd = os.pidfd_open(pid)
+        self.ctrl_w = fds[0]
+        self.pipes = Pipes.from_read_ends(*fds[1:4])
+
+    def idle(self) -> bool:
+        """Still waiting for work: not stopped, killed or exited (a previous cell may have tried)."""
+        return _proc_state(self.pid) in ("S", "R", "D")
 
     def start(self, req: dict) -> None:
         proto.write_frame(self.ctrl_w, req)
         os.close(self.ctrl_w)
 
     def discard(self) -> None:
+        _kill(self.pid)
         try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
+            os.close(self.ctrl_w)
+        except OSError:
             pass
-        for fd in (self.ctrl_w, self.pidfd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
         self.pipes.close_read_ends()
 
+
+def _nursery_main(sock: socket.socket, pool_size: int) -> None:
+    """The nursery forks spare cells ahead of demand, so the zygote never waits for fork().
+
+    It runs no user code.  It sends each spare's pid and pipe ends to the zygote, gets one
+    credit back per spare taken, and reports how each of its children ended (wait4).
+    """
+    credits = pool_size
+    children: dict[int, int] = {}  # pidfd -> pid
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    while True:
+        while credits > 0:
+            pipes = Pipes()
+            ctrl_r, ctrl_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                _spare_main(pipes, ctrl_r)
+            os.close(ctrl_r)
+            pipes.close_write_ends()
+            ends = (ctrl_w, pipes.out_r, pipes.err_r, pipes.res_r)
+            try:
+                sock_send(sock, {"op": "spare", "pid": pid}, ends)
+            except OSError:
+                os._exit(0)
+            for fd in ends:
+                os.close(fd)
+            pidfd = os.pidfd_open(pid)
+            children[pidfd] = pid
+            poller.register(pidfd, select.POLLIN)
+            credits -= 1
+        for fd, _ev in poller.poll():
+            if fd == sock.fileno():
+                try:
+                    msg, _ = sock_recv(sock)
+                except (EOFError, OSError, proto.ProtocolError):
+                    for pid in children.values():
+                        _kill(pid)
+                    os._exit(0)
+                if msg.get("op") == "credit":
+                    credits += 1
+                continue
+            pid = children.pop(fd)
+            poller.unregister(fd)
+            os.close(fd)
+            _, wstatus, ru = os.wait4(pid, 0)
+            sock_send(sock, {"op": "exit", "pid": pid, "status": wstatus, "utime": ru.ru_utime,
+                             "stime": ru.ru_stime, "maxrss": ru.ru_maxrss})
+
+
+class Nursery:
+    """The zygote's side of the nursery: a queue of ready spares and the exits of used ones."""
+
+    def __init__(self, pool_size: int = 2) -> None:
+        self.pool_size = pool_size
+        self.ready: list[SpareHandle] = []
+        self.exits: dict[int, dict] = {}
+        self.owed = 0
+        self._start()
+
+    def _start(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = os.fork()
+        if pid == 0:
+            parent.close()
+            devnull = os.open("/dev/null", os.O_RDWR)
+            for fd in (0, 1):  # never hold the host channel open
+                os.dup2(devnull, fd)
+            _close_fds({0, 1, 2, child.fileno()})
+            try:
+                _nursery_main(child, self.pool_size)
+            finally:
+                os._exit(0)
+        child.close()
+        self.sock, self.pid = parent, pid
+
+    def _restart(self) -> None:
+        _kill(self.pid)
+        self.sock.close()
+        for h in self.ready:
+            os.close(h.pidfd)
+            h.discard()
+        self.ready = []
+        self.owed = 0
+        self._start()
+
+    def _pump(self, timeout: float | None) -> bool:
+        """Read one message if one arrives within ``timeout``; False on timeout."""
+        if timeout is not None:
+            readable, _, _ = select.select([self.sock], [], [], timeout)
+            if not readable:
+                return False
+        try:
+            msg, fds = sock_recv(self.sock)
+        except (EOFError, OSError, proto.ProtocolError):
+            self._restart()  # a cell killed it: start another
+            return True
+        if msg.get("op") == "spare" and len(fds) == 4:
+            handle = SpareHandle(int(msg["pid"]), fds)
+            try:
+                handle.pidfd = os.pidfd_open(handle.pid)
+                self.ready.append(handle)
+            except ProcessLookupError:
+                handle.discard()
+        elif msg.get("op") == "exit":
+            self.exits[int(msg["pid"])] = msg
+        else:
+            for fd in fds:
+                os.close(fd)
+        return True
+
+    def drain(self) -> None:
+        while self._pump(0):
+            pass
+
+    def take(self) -> tuple[SpareHandle, int]:
+        """A ready spare and a pidfd on it (waits for the nursery if none is ready)."""
+        while True:
+            if not self.ready:
+                self.give_back()
+            while not self.ready:
+                self._pump(None)
+            handle = self.ready.pop(0)
+            self.owed += 1  # credits go back after the reply (see give_back) to keep forks off the hot path
+            return handle, handle.pidfd
+
+    def check(self) -> None:
+        """Drop spares that are no longer idle (a previous cell may have stopped or killed them)."""
+        for handle in list(self.ready):
+            if not handle.idle():
+                self.ready.remove(handle)
+                os.close(handle.pidfd)
+                handle.discard()
+                self.owed += 1
+
+    def give_back(self) -> None:
+        """Let the nursery replace the spares taken since the last call."""
+        for _ in range(self.owed):
+            sock_send(self.sock, {"op": "credit"})
+        self.owed = 0
+
+    def exit_info(self, pid: int, timeout: float = 2.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while pid not in self.exits and time.monotonic() < deadline:
+            self._pump(max(0.0, deadline - time.monotonic()))
+        info = self.exits.pop(pid, {})
+        if len(self.exits) > 1000:  # exits nobody asked for (normal finishes)
+            self.exits.clear()
+        return info
 
 def _kill(pid: int) -> None:
     try:
@@ -564,6 +773,7 @@ def _frame_complete(buf: bytes) -> bool:
 
 
 CORRUPTED = object()
+REPORT_FAILED = 70  # exit status of a cell whose program broke its reporting
 
 
 def _parse_report(raw: bytes):
@@ -652,6 +862,10 @@ def _outcome(req, killed_for, wait_status, rusage, raw_report, out, err, duratio
     elif killed_for == "report":
         status = "output_limit"
         result["error"] = {"type": "OutputLimit", "message": "the result was too large", "traceback": ""}
+    elif result["exit_code"] == REPORT_FAILED:
+        status = "error"
+        result["error"] = {"type": "ResultChannelCorrupted", "traceback": "",
+                           "message": "the program broke jailcell's reporting (it replaced builtins or internals)"}
     elif result["exit_code"] not in (None, 0):
         status = "error"
         result["error"] = {"type": "SystemExit", "message": f"the program exited with code {result['exit_code']}", "traceback": ""}
@@ -667,27 +881,29 @@ def _outcome(req, killed_for, wait_status, rusage, raw_report, out, err, duratio
 
 class Stateless:
     def __init__(self) -> None:
-        self.spare: Spare | None = None
+        self.nursery = Nursery()
         self.workspace = CONFIG["workspace"]
-
-    def ensure_spare(self) -> None:
-        if self.spare is None:
-            self.spare = Spare()
+        self.last_cell = 0
+        while not self.nursery.ready:  # the first run is warm
+            self.nursery._pump(None)
 
     def run(self, req: dict) -> dict:
         t0 = time.monotonic()
         before = self._write_inputs(req.get("files") or {})
-        spare, self.spare = self.spare or Spare(), None
+        spare, pidfd = self.nursery.take()
+        self.last_cell = spare.pid
         spare.start(req)
 
-        def on_exit(_alive):
-            _, wstatus, rusage = os.wait4(spare.pid, 0)
-            return wstatus, rusage
+        def on_exit(alive):
+            if alive:  # reply now; the cell's exit teardown happens off the critical path
+                cpu, hwm = _proc_cpu(spare.pid)
+                return 0, _Usage(cpu, hwm // 1024)
+            return _session_rusage(self.nursery.exit_info(spare.pid))
 
         try:
-            result = supervise(spare.pid, spare.pidfd, spare.pipes, req, t0, on_exit)
+            result = supervise(spare.pid, pidfd, spare.pipes, req, t0, on_exit)
         finally:
-            os.close(spare.pidfd)
+            os.close(pidfd)
         result.pop("_alive", None)
         result["files"] = self._changed_files(before)
         return result
@@ -702,9 +918,15 @@ class Stateless:
         return [{"name": n, "size": v[0]} for n, v in sorted(after.items()) if before.get(n) != v]
 
     def cleanup(self) -> None:
-        kill_strays(set())
+        nursery, used = self.nursery.pid, self.last_cell
+        # Keep the nursery and its children that have not run anything (spares, possibly not yet
+        # announced to us); everything else -- the finished cell and whatever it left -- dies.
+        kill_strays(lambda pid, ppid: pid == nursery or (ppid == nursery and pid != used))
         wipe(self.workspace)
         wipe(CONFIG["tmp"])
+        self.nursery.drain()
+        self.nursery.check()
+        self.nursery.give_back()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -886,7 +1108,7 @@ class Sessions:
                 head.sock.settimeout(None)
             return _session_rusage(info)
 
-        result = supervise(cell_pid, pidfd, pipes, req, t0, on_exit, stays_alive=True)
+        result = supervise(cell_pid, pidfd, pipes, req, t0, on_exit)
         os.close(pidfd)
         if result.pop("_alive", False):
             # The cell finished: it becomes the head; the old head is no longer needed.
@@ -936,7 +1158,8 @@ class Sessions:
         return {"op": "ok", "data": base64.b64encode(data).decode("ascii")}
 
     def cleanup(self) -> None:
-        kill_strays({h.pid for h in self.heads.values()})
+        heads = {h.pid for h in self.heads.values()}
+        kill_strays(lambda pid, ppid: pid in heads)
         wipe(CONFIG["tmp"])
 
 
@@ -969,81 +1192,99 @@ def _proc_cpu(pid: int) -> tuple[float, int]:
         return 0.0, 0
 
 
-def supervise(pid: int, pidfd: int, pipes: Pipes, req: dict, t0: float, on_exit, stays_alive: bool = False) -> dict:
-    """Relay a running cell's output, enforce wall time and output size, collect its report.
+DRAIN_INTERVAL_S = 0.02
 
-    The run ends when the cell exits or, for a session cell (``stays_alive``), when its report
-    is complete: such a cell lives on as the next head.  ``on_exit(alive)`` returns
-    ``(wait_status, rusage)``.
+
+class _Output:
+    """stdout/stderr of a run, capped at the policy's output limit (the head is kept)."""
+
+    def __init__(self, pipes: Pipes) -> None:
+        self.cap = int(CONFIG["limits"]["output_bytes"])
+        self.fds = (pipes.out_r, pipes.err_r)
+        self.bufs = {fd: bytearray() for fd in self.fds}
+        self.total = 0
+
+    def drain(self) -> bool:
+        """Read what is in the (non-blocking) pipes; True when the cap was exceeded."""
+        over = False
+        for fd in self.fds:
+            while True:
+                try:
+                    chunk = os.read(fd, 1 << 20)
+                except (BlockingIOError, OSError):
+                    break
+                if not chunk:
+                    break
+                room = self.cap - self.total
+                if len(chunk) > room:
+                    over = True
+                self.bufs[fd] += chunk[: max(0, room)]
+                self.total += min(len(chunk), max(0, room))
+        return over
+
+
+def supervise(pid: int, pidfd: int, pipes: Pipes, req: dict, t0: float, on_exit) -> dict:
+    """Enforce wall time and output size on a running cell and collect its report.
+
+    The run ends when the cell's report is complete (the cell then parks, or, in a session,
+    lives on as the next head) or when the cell dies.  The zygote wakes only for the report,
+    the exit and a slow timer that drains stdout/stderr (their pipes are large and
+    non-blocking), so a short run costs as few context switches as possible.
+    ``on_exit(finished)`` returns ``(wait_status, rusage)``.
     """
-    finished: dict = {}
-    cap = int(CONFIG["limits"]["output_bytes"])
     deadline = t0 + float(req.get("timeout", 30))
-    bufs = {pipes.out_r: bytearray(), pipes.err_r: bytearray()}
+    output = _Output(pipes)
     res = bytearray()
-    total = 0
     killed_for = None
+    finished = False
     poller = select.poll()
-    for fd in (pipes.out_r, pipes.err_r, pipes.res_r, pidfd):
-        poller.register(fd, select.POLLIN)
+    poller.register(pipes.res_r, select.POLLIN)
+    poller.register(pidfd, select.POLLIN)
     done = False
     while not done:
         remaining = deadline - time.monotonic()
         if remaining <= 0 and killed_for is None:
             killed_for = "timeout"
             _kill(pid)
-        for fd, _ev in poller.poll(max(0, remaining) * 1000 if killed_for is None else 1000):
+        wait = min(max(0.0, remaining), DRAIN_INTERVAL_S) if killed_for is None else 1.0
+        events = poller.poll(wait * 1000)
+        if output.drain() and killed_for is None:
+            killed_for = "output"
+            _kill(pid)
+        for fd, _ev in events:
             if fd == pidfd:
                 done = True
                 continue
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                poller.unregister(fd)
-                continue
-            if fd == pipes.res_r:
-                res += chunk
-                if len(res) > MAX_REPORT:
-                    killed_for = killed_for or "report"
-                    _kill(pid)
-                elif stays_alive and killed_for is None and _frame_complete(res):
-                    finished["alive"] = True
-                    done = True
-                continue
-            room = cap - total
-            if len(chunk) > room:
-                bufs[fd] += chunk[: max(0, room)]
-                total = cap
-                if killed_for is None:
-                    killed_for = "output"
-                    _kill(pid)
-            else:
-                bufs[fd] += chunk
-                total += len(chunk)
-    # Drain what is left without blocking: output written before the report or the exit is
-    # already in the pipes, and strays may still hold the write ends.
-    for fd in (pipes.out_r, pipes.err_r, pipes.res_r):
-        os.set_blocking(fd, False)
-        while True:
             try:
                 chunk = os.read(fd, 1 << 16)
             except BlockingIOError:
-                break
-            if not chunk:
-                break
-            if fd == pipes.res_r:
-                res += chunk[: max(0, MAX_REPORT - len(res))]
                 continue
-            room = cap - total
-            if len(chunk) > room and killed_for is None:
-                killed_for = "output"
-            bufs[fd] += chunk[: max(0, room)]
-            total += min(len(chunk), max(0, room))
+            if not chunk:
+                poller.unregister(fd)
+                continue
+            res += chunk
+            if len(res) > MAX_REPORT:
+                killed_for = killed_for or "report"
+                _kill(pid)
+            elif killed_for is None and _frame_complete(res):
+                finished = done = True
+    # Output written before the report or the exit is already in the pipes.
+    if output.drain() and killed_for is None:
+        killed_for = "output"
+    while len(res) <= MAX_REPORT:
+        try:
+            chunk = os.read(pipes.res_r, 1 << 16)
+        except (BlockingIOError, OSError):
+            break
+        if not chunk:
+            break
+        res += chunk
     duration = time.monotonic() - t0
-    alive = finished.get("alive", False)
-    wait_status, rusage = on_exit(alive)
+    wait_status, rusage = on_exit(finished)
     pipes.close_read_ends()
-    result = _outcome(req, killed_for, wait_status, rusage, bytes(res), bufs[pipes.out_r], bufs[pipes.err_r], duration)
-    result["_alive"] = alive
+    result = _outcome(req, killed_for, wait_status, rusage, bytes(res), output.bufs[pipes.out_r],
+                      output.bufs[pipes.err_r], duration)
+    result["_alive"] = finished
     return result
 
 
@@ -1084,14 +1325,14 @@ def main() -> None:
     if CONFIG.get("code_mode") == "restricted":
         import _restricted  # noqa: F401 - compile RestrictedPython once, not per cell
     install_import_guard()
+    gc.collect()
+    gc.freeze()  # preloaded objects: never scanned by a cell's GC, so never copied on write
     engine = Sessions() if CONFIG.get("session") else Stateless()
     proto.write_frame(HOST_OUT, {
         "op": "ready", "version": proto.VERSION, "pid": os.getpid(),
         "preload": preload, "preload_s": round(time.monotonic() - t0, 4),
         "python": sys.version.split()[0],
     })
-    if isinstance(engine, Stateless):
-        engine.ensure_spare()
     while True:
         try:
             req = proto.read_frame(HOST_IN)
@@ -1115,8 +1356,6 @@ def main() -> None:
         proto.write_frame(HOST_OUT, reply)
         if op == "run":
             engine.cleanup()
-            if isinstance(engine, Stateless):
-                engine.ensure_spare()
 
 
 if __name__ == "__main__":
