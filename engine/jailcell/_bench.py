@@ -1,0 +1,81 @@
+"""``jailcell bench``: load the suite (shipped in the wheel, or benchmarks/ in a checkout) and render it."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ._errors import BackendUnavailable
+
+WORKLOADS = ["warm_print", "b2b_print", "numpy", "session_cell", "cold_start", "memory_heavy", "humaneval", "leak_soak"]
+
+
+def load_suite() -> ModuleType:
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "benchmarks" / "suite.py", here.parent.parent / "benchmarks" / "suite.py"):
+        if candidate.is_file():
+            spec = importlib.util.spec_from_file_location("jailcell_benchmarks_suite", candidate)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+            return module
+    raise BackendUnavailable("jailcell's benchmark suite is missing; reinstall jailcell")
+
+
+def run_bench(quick: bool, only: list[str] | None, json_path: str | None, plot_path: str | None) -> int:
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.table import Table
+    except ImportError:
+        raise BackendUnavailable('jailcell bench needs the bench extra: pip install "jailcell[bench]"') from None
+    suite_mod = load_suite()
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description:40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        def make_tick(label: str, total: int):
+            task = progress.add_task(label, total=total)
+            return lambda: progress.advance(task)
+
+        suite = suite_mod.Suite(quick=quick, only=only, progress=make_tick)
+        report = suite.run()
+    out = Console() if sys.stdout.isatty() else Console(width=200)  # files and pipes get whole rows
+    out.print(_results_table(report, Table))
+    out.print(_ratios_table(report, Table))
+    if json_path:
+        suite_mod.write_json(report, json_path)
+        out.print(f"wrote {json_path}")
+    if plot_path:
+        suite_mod.plot(report, plot_path)
+        out.print(f"wrote {plot_path}")
+    return 0
+
+
+def _ms(v: Any) -> str:
+    return "-" if v is None else f"{v * 1000:.2f}"
+
+
+def _results_table(report: dict[str, Any], Table: Any) -> Any:
+    t = Table(title=f"jailcell bench ({report['mode']}; {report['machine']['cpus']} CPUs, Python {report['machine']['python']})")
+    for col in ("workload", "system", "isolated", "n", "p50 ms", "p99 ms", "throughput/s", "peak RSS MiB", "status / note"):
+        t.add_column(col, justify="right" if col[0] in "pnt" and col not in ("status / note",) else "left")
+    for s in report["summary"]:
+        note = s["note"] if s["status"] == "ok" else f"{s['status'].upper()}: {s['reason']}"
+        t.add_row(s["workload"], s["system"], "yes" if s["isolated"] else "NO", str(s["n"]), _ms(s["p50_s"]),
+                  _ms(s["p99_s"]), "-" if s["throughput_per_s"] is None else f"{s['throughput_per_s']:.1f}",
+                  "-" if not s["peak_rss_bytes"] else f"{s['peak_rss_bytes'] / 2**20:.0f}", note)
+    return t
+
+
+def _ratios_table(report: dict[str, Any], Table: Any) -> Any:
+    t = Table(title="ratios (measured in this run)")
+    for col in ("ratio", "value", "target", "met"):
+        t.add_column(col)
+    for r in report["ratios"]:
+        met = {True: "[green]yes[/green]", False: "[red]no[/red]", None: "-"}[r["met"]]
+        t.add_row(r["ratio"], "-" if r["value"] is None else f"{r['value']:.2f}",
+                  "-" if r["target"] is None else str(r["target"]), met if r["value"] is not None else r.get("reason", "-"))
+    return t
