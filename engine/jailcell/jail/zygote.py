@@ -938,10 +938,42 @@ class HeadLost(Exception):
 
 
 class Head:
-    """Zygote-side handle of a session head (a process holding a session's globals)."""
+    """Zygote-side handle of a session branch: its holder process, its spare and its channel."""
 
     def __init__(self, hid: str, pid: int, sock: socket.socket, workspace: str) -> None:
         self.hid, self.pid, self.sock, self.workspace = hid, pid, sock, workspace
+        self.spare: int | None = None
+        self.needs_spawn = False
+        self.exits: dict[int, dict] = {}
+
+    def expect(self, op: str, timeout: float, pid: int | None = None) -> dict:
+        """Read messages until one with ``op`` (and ``pid``) arrives; spares and exits are recorded."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if op == "cell_exit" and pid in self.exits:
+                return self.exits.pop(pid)
+            if op == "spare" and self.spare is not None:
+                return {"op": "spare", "pid": self.spare}
+            remaining = deadline - time.monotonic()
+            readable, _, _ = select.select([self.sock], [], [], max(0.0, remaining))
+            if not readable:
+                raise HeadLost(f"the session did not answer ({op})")
+            try:
+                msg, fds = sock_recv(self.sock)
+            except (OSError, EOFError, proto.ProtocolError):
+                raise HeadLost("the session's state was lost: its head process is gone") from None
+            for fd in fds:
+                os.close(fd)
+            kind = msg.get("op")
+            if kind == "spare":
+                self.spare = int(msg["pid"])
+            elif kind == "cell_exit":
+                self.exits[int(msg.get("pid", 0))] = msg
+            elif kind == op:
+                return msg
+
+    def pids(self) -> set[int]:
+        return {self.pid} | ({self.spare} if self.spare else set())
 
 
 def sock_send(sock: socket.socket, obj: dict, fds: tuple[int, ...] = ()) -> None:
@@ -972,60 +1004,74 @@ def sock_recv(sock: socket.socket, limit: int = MAX_REPORT) -> tuple[dict, list[
     return proto.decode(_sock_exact(sock, length)), fds
 
 
-def _head_loop(sock: socket.socket, glb: dict, workspace: str) -> None:
-    """Runs in a head process forever: fork one cell per request."""
+def _head_main(sock: socket.socket, glb: dict, workspace: str) -> None:
+    """A session branch, forever.  Two roles, one loop (no recursion however many runs):
+
+    holder: keeps the state; forks a spare (an identical copy), announces it, and waits for it.
+            If the spare dies (its cell was killed), reports how, and forks a fresh spare from
+            the unchanged state.
+    spare:  reads the zygote's requests.  A run executes in the spare itself; when it finishes
+            (ok or exception) the spare becomes the holder of the new state and the zygote
+            kills the old holder.  A fork request makes a child that holds a new branch.
+    """
+    role, await_spawn = "hold", False
     while True:
+        if role == "hold":
+            while await_spawn:  # after a run, fork only when the zygote says (after its reply)
+                try:
+                    msg, fds = sock_recv(sock)
+                except (OSError, EOFError, proto.ProtocolError):
+                    os._exit(0)
+                for fd in fds:
+                    os.close(fd)
+                await_spawn = msg.get("op") != "spawn"
+            pid = os.fork()
+            if pid == 0:
+                role = "serve"
+                _fresh_stdio()  # bound to fds 1 and 2, which a run points at its pipes
+                execute("None", {"__builtins__": builtins})  # warm up the execution path
+                continue
+            sock_send(sock, {"op": "spare", "pid": pid})
+            _, wstatus, ru = os.wait4(pid, 0)
+            sock_send(sock, {"op": "cell_exit", "pid": pid, "status": wstatus, "utime": ru.ru_utime,
+                             "stime": ru.ru_stime, "maxrss": ru.ru_maxrss})
+            continue
         try:
             req, fds = sock_recv(sock)
         except (OSError, EOFError, proto.ProtocolError):
             os._exit(0)
         op = req.get("op")
-        if op == "run":
-            out_w, err_w, res_w = fds
-            pid = os.fork()
-            if pid == 0:  # --------------------------------------------------- the new cell
-                os.dup2(out_w, 1)
-                os.dup2(err_w, 2)
-                os.dup2(res_w, 3)
-                for fd in fds:
-                    if fd > 3:
-                        os.close(fd)
-                _fresh_stdio()
-                _cell_limits(req)
-                report = execute(req["code"], glb)
-                _finish_cell(3, report)
-                # Detach from this run's pipes, then serve as the next head.
-                devnull = os.open("/dev/null", os.O_WRONLY)
-                for fd in (1, 2, 3):
-                    os.dup2(devnull, fd)
-                os.close(devnull)
-                try:
-                    resource.setrlimit(resource.RLIMIT_CPU, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-                except (ValueError, OSError):
-                    pass
-                continue
+        if op == "run" and len(fds) == 3:
+            sock_send(sock, {"op": "started", "pid": os.getpid()})
+            for target, fd in zip((1, 2, 3), fds):
+                os.dup2(fd, target)
             for fd in fds:
-                os.close(fd)
-            sock_send(sock, {"op": "forked", "pid": pid})
-            _, wstatus, rusage = os.wait4(pid, 0)
-            # Only reached when the cell died before becoming the head.
-            sock_send(sock, {
-                "op": "cell_exit", "status": wstatus,
-                "utime": rusage.ru_utime, "stime": rusage.ru_stime, "maxrss": rusage.ru_maxrss,
-            })
-        elif op == "fork":
-            (child_sock_fd,) = fds
-            new_ws = req["workspace"]
+                if fd > 3:
+                    os.close(fd)
+            _cell_limits(req)
+            report = execute(req["code"], glb)
+            _finish_cell(3, report)
+            devnull = os.open("/dev/null", os.O_WRONLY)  # detach from this run's pipes
+            for fd in (1, 2, 3):
+                os.dup2(devnull, fd)
+            os.close(devnull)
+            try:
+                resource.setrlimit(resource.RLIMIT_CPU, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+            except (ValueError, OSError):
+                pass
+            role, await_spawn = "hold", True
+        elif op == "fork" and len(fds) == 1:
             pid = os.fork()
             if pid == 0:
                 sock.close()
-                sock = socket.socket(fileno=child_sock_fd)
-                _copy_tree(workspace, new_ws)
-                workspace = new_ws
+                sock = socket.socket(fileno=fds[0])
+                workspace = req["workspace"]
+                _copy_tree(os.getcwd(), workspace)
                 os.chdir(workspace)
                 sock_send(sock, {"op": "forked", "pid": os.getpid()})
+                role = "hold"
                 continue
-            os.close(child_sock_fd)
+            os.close(fds[0])
         else:
             os._exit(0)
 
@@ -1063,11 +1109,13 @@ class Sessions:
             _cell_prepare()
             os.chdir(ws)
             try:
-                _head_loop(child, _user_globals(), ws)
+                _head_main(child, _user_globals(), ws)
             finally:
                 os._exit(0)
         child.close()
-        self.heads[hid] = Head(hid, pid, parent, ws)
+        head = Head(hid, pid, parent, ws)
+        head.expect("spare", 30)
+        self.heads[hid] = head
         return {"op": "ok", "head": hid}
 
     def _head(self, req: dict) -> Head:
@@ -1080,40 +1128,38 @@ class Sessions:
         head = self._head(req)
         t0 = time.monotonic()
         before = list_files(head.workspace)
+        head.expect("spare", 30)  # the spare that will run this cell is ready
         pipes = Pipes()
         try:
             sock_send(head.sock, req, (pipes.out_w, pipes.err_w, pipes.res_w))
+        except OSError:
             pipes.close_write_ends()
-            head.sock.settimeout(10)
-            msg, _ = sock_recv(head.sock)
-        except (OSError, EOFError, proto.ProtocolError):
             pipes.close_read_ends()
             raise HeadLost("the session's state was lost: its head process is gone") from None
-        finally:
-            head.sock.settimeout(None)
-        cell_pid = int(msg["pid"])
-        pidfd = os.pidfd_open(cell_pid)
+        pipes.close_write_ends()
+        try:
+            cell_pid = int(head.expect("started", 10)["pid"])
+            pidfd = os.pidfd_open(cell_pid)
+        except (HeadLost, ProcessLookupError):
+            pipes.close_read_ends()
+            raise HeadLost("the session's state was lost: its head process is gone") from None
+        head.spare = None
 
-        def on_exit(alive):
-            if alive:  # a finished cell does not exit; measure it through /proc
+        def on_exit(finished):
+            if finished:  # the cell lives on as the holder of the new state; measure it via /proc
                 cpu, hwm = _proc_cpu(cell_pid)
                 return 0, _Usage(cpu, hwm // 1024)
-            # The cell is the old head's child; the old head reports how it ended.
-            head.sock.settimeout(2.0)
-            try:
-                info, _ = sock_recv(head.sock)
-            except (OSError, EOFError, proto.ProtocolError):
-                info = {}
-            finally:
-                head.sock.settimeout(None)
-            return _session_rusage(info)
+            try:  # the holder reports how its spare (this cell) ended
+                return _session_rusage(head.expect("cell_exit", 2, pid=cell_pid))
+            except HeadLost:
+                return None, _Usage(0.0, 0)
 
         result = supervise(cell_pid, pidfd, pipes, req, t0, on_exit)
         os.close(pidfd)
         if result.pop("_alive", False):
-            # The cell finished: it becomes the head; the old head is no longer needed.
-            _kill(head.pid)
+            _kill(head.pid)  # the old state's holder is no longer needed
             head.pid = cell_pid
+            head.needs_spawn = True
         result["files"] = [
             {"name": n, "size": v[0]} for n, v in sorted(list_files(head.workspace).items()) if before.get(n) != v
         ]
@@ -1121,24 +1167,31 @@ class Sessions:
 
     def fork(self, req: dict) -> dict:
         head = self._head(req)
+        head.expect("spare", 30)  # the spare reads requests: it makes the branch
         hid, ws = self._new_workspace()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock_send(head.sock, {"op": "fork", "workspace": ws}, (child.fileno(),))
-            child.close()
-            parent.settimeout(30)
-            msg, _ = sock_recv(parent)
-        except (OSError, EOFError, proto.ProtocolError):
+        except OSError:
             parent.close()
             raise HeadLost("the session's state was lost: its head process is gone") from None
-        parent.settimeout(None)
-        self.heads[hid] = Head(hid, int(msg["pid"]), parent, ws)
+        finally:
+            child.close()
+        branch = Head(hid, 0, parent, ws)
+        try:
+            branch.pid = int(branch.expect("forked", 30)["pid"])
+            branch.expect("spare", 30)
+        except HeadLost:
+            parent.close()
+            raise
+        self.heads[hid] = branch
         return {"op": "ok", "head": hid}
 
     def close(self, req: dict) -> dict:
         head = self.heads.pop(req.get("head"), None)
         if head is not None:
-            _kill(head.pid)
+            for pid in head.pids():
+                _kill(pid)
             head.sock.close()
             wipe(head.workspace)
             try:
@@ -1157,9 +1210,24 @@ class Sessions:
         data = read_file(head.workspace, req["name"], int(req.get("limit", 64 * 1024 * 1024)))
         return {"op": "ok", "data": base64.b64encode(data).decode("ascii")}
 
+    SPAWN_DELAY_S = 0.004
+
     def cleanup(self) -> None:
-        heads = {h.pid for h in self.heads.values()}
-        kill_strays(lambda pid, ppid: pid in heads)
+        keep: set[int] = set()
+        if any(h.needs_spawn for h in self.heads.values()):
+            # Forking a large holder keeps a CPU busy for milliseconds; on small machines that
+            # delays the host picking up the reply just sent.  Let it do so first.
+            time.sleep(self.SPAWN_DELAY_S)
+        for head in list(self.heads.values()):
+            try:
+                if head.needs_spawn:
+                    head.needs_spawn = False
+                    sock_send(head.sock, {"op": "spawn"})
+                head.expect("spare", 30)  # the holder forks the next spare after each run
+            except (HeadLost, OSError):
+                pass
+            keep |= head.pids()
+        kill_strays(lambda pid, ppid: pid in keep)
         wipe(CONFIG["tmp"])
 
 
