@@ -15,6 +15,9 @@ from .._policy import MIB, Policy
 JAIL_SRC = Path(__file__).resolve().parent.parent / "jail"
 
 # Thread pools must be single-threaded before fork; matplotlib must not look for a display.
+# glibc malloc with transparent huge pages keeps the warm interpreter's page tables small, which
+# makes every fork (one per run) and every exit cheaper (measured: back-to-back runs ~20% faster,
+# compute ~3% slower).  A policy's [env] can override any of these.
 BASE_ENV = {
     "LANG": "C.UTF-8",
     "LC_ALL": "C.UTF-8",
@@ -26,6 +29,8 @@ BASE_ENV = {
     "NUMEXPR_NUM_THREADS": "1",
     "VECLIB_MAXIMUM_THREADS": "1",
     "MPLBACKEND": "Agg",
+    "PYTHONMALLOC": "malloc",
+    "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
 }
 
 

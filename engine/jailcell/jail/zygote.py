@@ -284,9 +284,10 @@ def _blocked_message(module: str) -> str:
 
 
 def _trusted_frame(frame) -> bool:
-    """True when ``frame`` runs library code (a file under the interpreter's install)."""
+    """True when ``frame`` runs library code: a file under the interpreter's install, or a
+    stdlib module frozen into the interpreter (``<frozen os>``)."""
     filename = frame.f_code.co_filename
-    return filename.startswith(STATE["trusted_prefixes"]) and not filename.startswith("<")
+    return filename.startswith(STATE["trusted_prefixes"]) or filename.startswith("<frozen ")
 
 
 def install_import_guard() -> None:
@@ -481,6 +482,15 @@ def _finish_cell(res_fd: int, report: dict) -> None:
         current.update(users)
 
 
+def _warm_up() -> None:
+    """Run the execution and reporting paths once while idle, so the memory pages they write
+    are copied (copy-on-write after fork) before a request arrives, not while it waits."""
+    report = execute("print(end='')\n(1, 'warm')", _user_globals())
+    proto.encode(report)
+    saved = dict(builtins.__dict__)
+    builtins.__dict__.update(saved)
+
+
 def _fresh_stdio() -> None:
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
                                   errors="backslashreplace", line_buffering=True)
@@ -553,9 +563,7 @@ def _spare_main(pipes: Pipes, ctrl_r: int) -> None:
     try:
         res_fd, moved = _become_cell(pipes, {ctrl_r})
         _cell_prepare()
-        # Warm up while idle: the pages the execution path writes to are copied now, not
-        # during the request.
-        execute("None", _user_globals())
+        _warm_up()
         req = proto.read_frame(moved[ctrl_r], MAX_REPORT)
         os.close(moved[ctrl_r])
         _cell_limits(req)
@@ -1029,7 +1037,7 @@ def _head_main(sock: socket.socket, glb: dict, workspace: str) -> None:
             if pid == 0:
                 role = "serve"
                 _fresh_stdio()  # bound to fds 1 and 2, which a run points at its pipes
-                execute("None", {"__builtins__": builtins})  # warm up the execution path
+                _warm_up()
                 continue
             sock_send(sock, {"op": "spare", "pid": pid})
             _, wstatus, ru = os.wait4(pid, 0)
