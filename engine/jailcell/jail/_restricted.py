@@ -15,7 +15,7 @@ import ast
 import builtins
 import sys
 
-from RestrictedPython import compile_restricted_exec, compile_restricted_eval, safe_builtins
+from RestrictedPython import compile_restricted_exec, safe_builtins
 from RestrictedPython.Eval import default_guarded_getitem, default_guarded_getiter
 from RestrictedPython.Guards import (
     full_write_guard,
@@ -31,7 +31,10 @@ _FORBIDDEN_ATTRS = frozenset({
     "__traceback__", "__context__", "__cause__", "obj", "format", "format_map", "mro", "__subclasses__",
     "__globals__", "__builtins__", "__code__", "__closure__", "__self__", "__func__", "__class__",
     "__bases__", "__base__", "__mro__", "__dict__", "__getattribute__", "__reduce__", "__reduce_ex__",
+    # string.Formatter walks attributes with the real getattr (CVE-2023-41039)
+    "Formatter", "vformat", "get_field", "get_value", "convert_field", "format_field",
 })
+RESULT_NAME = "jailcell_result_value"
 
 
 class RestrictedViolation(Exception):
@@ -46,6 +49,14 @@ def _getattr(obj, name, default=None, getattr=getattr):
     if name.startswith("_") or name in _FORBIDDEN_ATTRS:
         raise RestrictedViolation(f"access to attribute {name!r} is not allowed in restricted mode")
     return safer_getattr(obj, name, default) if default is not None else safer_getattr(obj, name)
+
+
+def _write(obj):
+    """Allow attribute writes on instances of classes the restricted code defined itself."""
+    kind = type(obj)
+    if kind.__module__ == "__main__" and not isinstance(obj, type) and type(kind) is type:
+        return obj
+    return full_write_guard(obj)
 
 
 def _safe_hasattr(obj, name):
@@ -100,12 +111,14 @@ def run_restricted(code: str, glb: dict, filename: str, import_allowed):
 
     _check_syntax(code, filename)
     tree = ast.parse(code, filename, "exec")
-    last_src = None
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = tree.body.pop()
-        last_src = ast.get_source_segment(code, last) or ast.unparse(last)
-    body_src = ast.unparse(tree) if last_src is not None else code
-    compiled = compile_restricted_exec(body_src, filename)
+    has_value = bool(tree.body) and isinstance(tree.body[-1], ast.Expr)
+    if has_value:  # `expr` -> `jailcell_result_value = expr`, compiled with the rest (print works there)
+        last = tree.body[-1]
+        tree.body[-1] = ast.copy_location(
+            ast.Assign(targets=[ast.Name(id=RESULT_NAME, ctx=ast.Store())], value=last.value), last)
+        ast.fix_missing_locations(tree)
+        code = ast.unparse(tree)
+    compiled = compile_restricted_exec(code, filename)
     if compiled.errors:
         raise RestrictedViolation("; ".join(compiled.errors))
     if not glb.get("__jailcell_restricted__"):
@@ -118,24 +131,21 @@ def run_restricted(code: str, glb: dict, filename: str, import_allowed):
         rbuiltins["getattr"] = _getattr
         glb.update({
             "__builtins__": rbuiltins,
+            "__metaclass__": type,
             "__jailcell_restricted__": True,
             "_getattr_": _getattr,
             "_getitem_": default_guarded_getitem,
             "_getiter_": default_guarded_getiter,
             "_iter_unpack_sequence_": guarded_iter_unpack_sequence,
             "_unpack_sequence_": guarded_unpack_sequence,
-            "_write_": full_write_guard,
+            "_write_": _write,
             "_print_": _Print,
             "_inplacevar_": _inplacevar,
             "_apply_": lambda f, *a, **k: f(*a, **k),
         })
+    glb.pop(RESULT_NAME, None)
     exec(compiled.code, glb)
-    if last_src is not None:
-        compiled_eval = compile_restricted_eval(last_src, filename)
-        if compiled_eval.errors:
-            raise RestrictedViolation("; ".join(compiled_eval.errors))
-        return eval(compiled_eval.code, glb)
-    return None
+    return glb.pop(RESULT_NAME, None) if has_value else None
 
 
 def _inplacevar(op, x, y):
