@@ -17,7 +17,7 @@ from typing import Any
 
 from .._errors import BackendUnavailable
 from .._policy import MIB, Policy
-from ._base import JAIL_SRC, Backend, Spawned, outermost, interpreter_paths, preload_allowance
+from ._base import JAIL_SRC, Backend, Spawned, interpreter_paths, outermost, preload_allowance, zygote_argv
 from ._cgroups import CgroupDirs, Cgroups
 
 JAIL_UID = 65534  # "nobody" on the host when jailcell runs as root
@@ -129,7 +129,7 @@ class NsjailCommand:
         args += ["--seccomp_string", SECCOMP_POLICY]
         for key, value in Backend.env(self.policy, tmp=TMP, home=WORKSPACE).items():
             args += ["--env", f"{key}={value}"]
-        args += ["--", self.python, "-I", "-B", "/jailcell/jail/zygote.py"]
+        args += ["--", *zygote_argv(self.python, "/jailcell/jail/zygote.py")]
         return args
 
 

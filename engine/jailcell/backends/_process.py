@@ -17,7 +17,7 @@ import tempfile
 from typing import Any
 
 from .._policy import MIB, Policy
-from ._base import JAIL_SRC, Backend, Spawned
+from ._base import JAIL_SRC, Backend, Spawned, zygote_argv
 
 
 def _count_user_processes() -> int:
@@ -57,7 +57,7 @@ class ProcessBackend(Backend):
                                     pid_namespace=False, rlimit_as=True)
         env = self.env(policy, tmp=tmp, home=workspace)
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", str(JAIL_SRC / "zygote.py")],
+            zygote_argv(sys.executable, str(JAIL_SRC / "zygote.py")),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=workspace,
             close_fds=True, start_new_session=True, preexec_fn=limits, bufsize=0,
         )

@@ -1390,9 +1390,40 @@ def _harden() -> None:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _add_site_dirs(dirs: list[str]) -> None:
+    """What site.main() would add, minus the executable `import` lines of .pth files."""
+    for d in dirs:
+        if d not in sys.path:
+            sys.path.append(d)
+        try:
+            names = sorted(n for n in os.listdir(d) if n.endswith(".pth"))
+        except OSError:
+            continue
+        for name in names:
+            try:
+                with open(os.path.join(d, name), encoding="utf-8") as f:
+                    lines = f.read().splitlines()
+            except (OSError, UnicodeDecodeError):
+                continue
+            for line in lines:
+                line = line.strip()
+                if not line or line.startswith("#") or line.startswith(("import ", "import\t")):
+                    continue
+                path = os.path.join(d, line)
+                if os.path.isdir(path) and path not in sys.path:
+                    sys.path.append(path)
+    import site  # with -S, importing site does not run it; it still provides exit/quit/help
+
+    site.setquit()
+    site.setcopyright()
+    site.sethelper()
+
+
 def main() -> None:
     global CONFIG
     CONFIG = proto.read_frame(HOST_IN)
+    _add_site_dirs(CONFIG.get("site_dirs", []))
+    PRISTINE_BUILTINS.update(builtins.__dict__)
     STATE["trusted_prefixes"] = tuple(p.rstrip("/") + "/" for p in CONFIG.get("trusted_paths", [])) or ("/nonexistent/",)
     _harden()
     os.chdir(CONFIG["workspace"])
