@@ -111,9 +111,17 @@ def nsjail_argv(code: str) -> list[str]:
 
 class Jupyter:
     def __init__(self) -> None:
-        from jupyter_client.manager import start_new_kernel
+        import tempfile
 
-        self.km, self.kc = start_new_kernel(kernel_name="python3")
+        from jupyter_client import KernelManager
+
+        # IPC transport (unix sockets in a private temp dir): no TCP port is opened
+        self.tmp = tempfile.TemporaryDirectory(prefix="jailcell-bench-jupyter-")
+        self.km = KernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(self.tmp.name, "kernel"))
+        self.km.start_kernel()
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=60)
 
     def run(self, code: str) -> None:
         reply = self.kc.execute_interactive(code, timeout=60, output_hook=lambda msg: None)
@@ -126,6 +134,7 @@ class Jupyter:
     def close(self) -> None:
         self.kc.stop_channels()
         self.km.shutdown_kernel(now=True)
+        self.tmp.cleanup()
 
 
 class Smolagents:
