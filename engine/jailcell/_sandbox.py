@@ -69,26 +69,27 @@ def check_file_name(name: Any) -> str:
 
 
 def _check_files(files: Mapping[str, Any] | None, policy: Policy) -> dict[str, str]:
+    """Validate names and sizes before anything is encoded; returns {name: base64}."""
     if not files:
         return {}
     if not isinstance(files, Mapping):
         raise InputError("files must be a mapping of {name: bytes or str}")
-    out, total = {}, 0
+    per_file = min(policy.limits.workspace_mib, policy.limits.file_size_mib) * MIB
+    raw: dict[str, bytes] = {}
     for name, data in files.items():
         check_file_name(name)
         if isinstance(data, str):
             data = data.encode("utf-8")
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InputError(f"file {name!r}: content must be bytes or str, got {type(data).__name__}")
-        total += len(data)
-        out[name] = base64.b64encode(bytes(data)).decode("ascii")
-    limit = min(policy.limits.workspace_mib, policy.limits.file_size_mib) * MIB
-    if total > policy.limits.workspace_mib * MIB or any(len(base64.b64decode(v)) > limit for v in out.values()):
+        raw[name] = bytes(data)
+    total = sum(len(d) for d in raw.values())
+    if total > policy.limits.workspace_mib * MIB or any(len(d) > per_file for d in raw.values()):
         raise InputError(
-            f"files are too large: {total} bytes in all; each file may be at most {limit} bytes and all together "
+            f"files are too large: {total} bytes in all; each file may be at most {per_file} bytes and all together "
             f"{policy.limits.workspace_mib} MiB (policy {policy.name!r})"
         )
-    return out
+    return {name: base64.b64encode(d).decode("ascii") for name, d in raw.items()}
 
 
 def raise_reply_error(reply: dict[str, Any]) -> None:
@@ -125,8 +126,8 @@ class _Engine:
     def new_jail(self, session: bool) -> Jail:
         return Jail(self.backend, self.policy, session=session)
 
-    def run_request(self, code: Any, timeout: float | None, files: Mapping[str, Any] | None,
-                    **extra: Any) -> tuple[dict[str, Any], float]:
+    def run_request(self, code: Any, timeout: float | None,
+                    files: Mapping[str, Any] | None) -> tuple[dict[str, Any], float]:
         code = _check_code(code, self.policy)
         lim = self.policy.limits
         wall = float(timeout) if timeout is not None else lim.wall_s
@@ -135,7 +136,6 @@ class _Engine:
         # Without an explicit cpu_s the CPU limit follows the wall-clock limit.
         cpu = lim.cpu_s if lim.cpu_s is not None else wall
         req = {"op": "run", "code": code, "timeout": wall, "cpu_s": cpu, "files": _check_files(files, self.policy)}
-        req.update(extra)
         return req, wall + HOST_GRACE_S
 
     def execute(self, jail: Jail, req: dict[str, Any], host_timeout: float) -> tuple[Result, bool]:
@@ -156,7 +156,7 @@ class _Engine:
 
     def _host_failure(self, status: str, etype: str, message: str, t0: float) -> Result:
         return Result(status=status, error={"type": etype, "message": message, "traceback": ""},
-                      duration_s=time.monotonic() - t0, isolation=self.isolation())
+                      duration_s=time.monotonic() - t0, isolation=dict(self.isolation()))
 
     def to_result(self, reply: dict[str, Any], jail: Jail) -> Result:
         status = reply.get("status", "error")
@@ -172,7 +172,7 @@ class _Engine:
             status=status, stdout=reply.get("stdout", ""), stderr=reply.get("stderr", ""), result=reply.get("result"),
             error=error, outputs=reply.get("outputs") or [], files=reply.get("files") or [],
             duration_s=float(reply.get("duration_s", 0.0)), cpu_s=float(reply.get("cpu_s", 0.0)),
-            peak_memory_bytes=int(reply.get("peak_memory_bytes", 0)), isolation=self.isolation(),
+            peak_memory_bytes=int(reply.get("peak_memory_bytes", 0)), isolation=dict(self.isolation()),
         )
 
 
