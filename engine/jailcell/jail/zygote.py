@@ -324,6 +324,27 @@ def install_import_guard() -> None:
 
     builtins.__import__ = guarded_import
     importlib.import_module = guarded_import_module
+    sys.meta_path.insert(0, _PolicyFinder(os.path.dirname(importlib.__file__) + "/", check))
+
+
+class _PolicyFinder:
+    """A meta-path finder that refuses blocked modules not yet loaded, whatever route was taken
+    (``importlib.util.find_spec``, a restored ``__import__``, loaders): it looks at the first frame
+    outside the import machinery.  The ``__import__`` wrapper covers modules already loaded."""
+
+    def __init__(self, importlib_dir: str, check) -> None:
+        self.importlib_dir = importlib_dir
+        self.check = check
+
+    def find_spec(self, name, path=None, target=None):
+        frame = sys._getframe(1)
+        while frame is not None:
+            filename = frame.f_code.co_filename
+            if not (filename.startswith("<frozen importlib") or filename.startswith(self.importlib_dir)):
+                break
+            frame = frame.f_back
+        self.check(name, frame)
+        return None
 
 
 def _split_last_expression(tree: ast.Module):
