@@ -185,6 +185,19 @@ def test_kill_everything_and_parent_leave_engine_fine(open_sandbox):
         assert r.stdout == "alive\n", (code, r)
 
 
+def test_stopping_or_killing_the_cells_parent_is_recovered_at_once(open_sandbox):
+    # A stateless cell's parent is the nursery that forks spare cells; stopping it must not
+    # starve (or time out) the next run.
+    import time as _time
+
+    for code in ("import os, signal; os.kill(os.getppid(), signal.SIGSTOP)",
+                 "import os, signal; os.kill(os.getppid(), signal.SIGKILL)"):
+        open_sandbox.run(code)
+        t0 = _time.monotonic()
+        r = open_sandbox.run("print('alive')")
+        assert r.stdout == "alive\n" and _time.monotonic() - t0 < 3, (code, r)
+
+
 def test_ptrace_proc_mem_and_nested_userns_denied(open_sandbox):
     code = """
 import ctypes, os

@@ -684,6 +684,9 @@ def _nursery_main(sock: socket.socket, pool_size: int) -> None:
                              "stime": ru.ru_stime, "maxrss": ru.ru_maxrss})
 
 
+NURSERY_PATIENCE_S = 5.0
+
+
 class Nursery:
     """The zygote's side of the nursery: a queue of ready spares and the exits of used ones."""
 
@@ -755,13 +758,18 @@ class Nursery:
             if not self.ready:
                 self.give_back()
             while not self.ready:
-                self._pump(None)
+                if not self._pump(NURSERY_PATIENCE_S):  # stopped or wedged by a previous cell
+                    self._restart()
             handle = self.ready.pop(0)
             self.owed += 1  # credits go back after the reply (see give_back) to keep forks off the hot path
             return handle, handle.pidfd
 
     def check(self) -> None:
-        """Drop spares that are no longer idle (a previous cell may have stopped or killed them)."""
+        """Drop spares that are no longer idle, and replace the nursery if it was stopped or
+        killed (a previous cell may have signalled them: same uid)."""
+        if _proc_state(self.pid) not in ("S", "R", "D"):
+            self._restart()
+            return
         for handle in list(self.ready):
             if not handle.idle():
                 self.ready.remove(handle)
