@@ -748,6 +748,13 @@ class Nursery:
                 os.close(fd)
         return True
 
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Until the first spare exists (restarting a nursery that produced nothing in time)."""
+        deadline = time.monotonic() + timeout
+        while not self.ready and time.monotonic() < deadline:
+            if not self._pump(NURSERY_PATIENCE_S * 4):
+                self._restart()
+
     def drain(self) -> None:
         while self._pump(0):
             pass
@@ -921,8 +928,7 @@ class Stateless:
         self.nursery = Nursery()
         self.workspace = CONFIG["workspace"]
         self.last_cell = 0
-        while not self.nursery.ready:  # the first run is warm
-            self.nursery._pump(None)
+        self.nursery.wait_ready()  # the first run is warm
 
     def run(self, req: dict) -> dict:
         t0 = time.monotonic()
@@ -935,7 +941,7 @@ class Stateless:
             if alive:  # reply now; the cell's exit teardown happens off the critical path
                 cpu, hwm = _proc_cpu(spare.pid)
                 return 0, _Usage(cpu, hwm // 1024)
-            return _session_rusage(self.nursery.exit_info(spare.pid))
+            return _exit_usage(self.nursery.exit_info(spare.pid))
 
         try:
             result = supervise(spare.pid, pidfd, spare.pipes, req, t0, on_exit)
@@ -1187,7 +1193,7 @@ class Sessions:
                 cpu, hwm = _proc_cpu(cell_pid)
                 return 0, _Usage(cpu, hwm // 1024)
             try:  # the holder reports how its spare (this cell) ended
-                return _session_rusage(head.expect("cell_exit", 2, pid=cell_pid))
+                return _exit_usage(head.expect("cell_exit", 2, pid=cell_pid))
             except HeadLost:
                 return None, _Usage(0.0, 0)
 
@@ -1269,13 +1275,13 @@ class Sessions:
 
 
 class _Usage:
-    """The two rusage fields jailcell reports, for cells that are not the zygote's children."""
+    """The rusage fields jailcell reports, for cells that are not the zygote's own children."""
 
     def __init__(self, cpu: float, maxrss_kib: int) -> None:
         self.ru_utime, self.ru_stime, self.ru_maxrss = cpu, 0.0, maxrss_kib
 
 
-def _session_rusage(info: dict):
+def _exit_usage(info: dict):
     status = info.get("status")
     usage = _Usage(float(info.get("utime", 0.0)) + float(info.get("stime", 0.0)), int(info.get("maxrss", 0)))
     return (int(status) if isinstance(status, int) else None), usage
