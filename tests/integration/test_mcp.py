@@ -1,0 +1,101 @@
+"""The MCP server with the real `mcp` client, over stdio and over streamable HTTP."""
+
+import asyncio
+import base64
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from mcp.client.client import Client
+from mcp.client.stdio import StdioServerParameters
+
+PLOT = "import matplotlib.pyplot as plt\nplt.plot([1, 4, 9])\nplt.show()\n'plotted'"
+
+
+def stdio_params(*extra):
+    return StdioServerParameters(command=sys.executable, args=["-m", "jailcell", "mcp", *extra])
+
+
+def text(result):
+    return "\n".join(c.text for c in result.content if c.type == "text")
+
+
+async def exercise(client):
+    tools = {t.name for t in (await client.list_tools()).tools}
+    assert tools == {"run_python", "create_session", "close_session", "upload_file", "download_file"}
+
+    r = await client.call_tool("run_python", {"code": "print(6 * 7)\n'done'"})
+    assert not r.is_error and "42" in text(r) and "'done'" in text(r)
+
+    r = await client.call_tool("run_python", {"code": PLOT})
+    images = [c for c in r.content if c.type == "image"]
+    assert len(images) == 1 and images[0].mime_type == "image/png"
+    assert base64.b64decode(images[0].data).startswith(b"\x89PNG")
+    assert "[image 1: image/png" in text(r)
+
+    r = await client.call_tool("run_python", {"code": "1/0"})
+    assert "ZeroDivisionError" in text(r) and "[status: error" in text(r)
+    r = await client.call_tool("run_python", {"code": "while True: pass", "timeout": 1})
+    assert "[status: timeout" in text(r)
+
+    sid = text(await client.call_tool("create_session", {}))
+    await client.call_tool("run_python", {"code": "x = 20", "session_id": sid})
+    r = await client.call_tool("run_python", {"code": "x + 22", "session_id": sid})
+    assert "42" in text(r)
+    r = await client.call_tool("upload_file", {"session_id": sid, "name": "in.txt",
+                                               "content_base64": base64.b64encode(b"hello").decode()})
+    assert not r.is_error
+    await client.call_tool("run_python", {"code": "open('out.txt', 'w').write(open('in.txt').read().upper())",
+                                          "session_id": sid})
+    r = await client.call_tool("download_file", {"session_id": sid, "name": "out.txt"})
+    assert base64.b64decode(text(r)) == b"HELLO"
+    r = await client.call_tool("download_file", {"session_id": sid, "name": "../../etc/passwd"})
+    assert r.is_error and "relative" in text(r)
+    await client.call_tool("close_session", {"session_id": sid})
+    r = await client.call_tool("run_python", {"code": "x", "session_id": sid})
+    assert r.is_error and "no open session" in text(r)
+
+
+def test_mcp_over_stdio():
+    async def main():
+        async with Client(stdio_params("--policy", "standard")) as client:
+            await exercise(client)
+
+    asyncio.run(main())
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mcp_over_streamable_http():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "jailcell", "mcp", "--transport", "http", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+
+        async def main():
+            async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+                await exercise(client)
+
+        asyncio.run(main())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_mcp_bad_policy_is_a_usage_error():
+    r = subprocess.run([sys.executable, "-m", "jailcell", "mcp", "--policy", "nope"], capture_output=True,
+                       stdin=subprocess.DEVNULL, timeout=60)
+    assert r.returncode == 2 and b"unknown policy" in r.stderr
