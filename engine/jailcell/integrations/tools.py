@@ -101,6 +101,13 @@ def _as_dict(obj: Any) -> dict[str, Any]:
     return obj.model_dump(exclude_none=True) if hasattr(obj, "model_dump") else dict(obj)
 
 
+def _completion_parts(completion: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(first choice's message, usage) of an SDK object or of the raw JSON dict."""
+    if isinstance(completion, dict):
+        return dict(completion["choices"][0]["message"]), dict(completion.get("usage") or {})
+    return _as_dict(completion.choices[0].message), _as_dict(getattr(completion, "usage", None) or {})
+
+
 def _loop(model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, max_steps: int,
           max_chars: int, create_kwargs: dict[str, Any]) -> Generator[tuple[str, Any], Any, ToolLoopResult]:
     """The loop's logic, shared by the sync and async drivers: it yields ("model", kwargs) and
@@ -111,10 +118,10 @@ def _loop(model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]
     calls: list[ExecutedCall] = []
     for _ in range(max_steps):
         completion = yield "model", {"model": model, "messages": msgs, "tools": all_tools, **create_kwargs}
-        for key, value in (_as_dict(getattr(completion, "usage", None) or {})).items():
+        message, used = _completion_parts(completion)
+        for key, value in used.items():
             if isinstance(value, int):
                 usage[key] = usage.get(key, 0) + value
-        message = _as_dict(completion.choices[0].message)
         message = {k: v for k, v in message.items() if k in ("role", "content", "tool_calls", "reasoning_content")}
         message.setdefault("role", "assistant")
         msgs.append(message)
