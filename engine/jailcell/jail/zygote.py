@@ -512,6 +512,18 @@ def _warm_up() -> None:
     builtins.__dict__.update(saved)
 
 
+def _hide_blocked_modules() -> None:
+    """Take modules the policy blocks out of sys.modules before user code runs, so `sys.modules[...]`
+    does not hand them over.  Libraries keep their own references; a later import by library
+    code loads them again through the import guard (which lets library code through)."""
+    builtin = set(sys.builtin_module_names)
+    for name in [n for n in sys.modules if import_blocked(n)]:
+        module = sys.modules.get(name)
+        # interpreter built-ins (sys, posix, _signal...) cannot be loaded twice: they stay
+        if name not in builtin and getattr(module, "__file__", None):
+            sys.modules.pop(name, None)
+
+
 def _fresh_stdio() -> None:
     sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
                                   errors="backslashreplace", line_buffering=True)
@@ -585,6 +597,7 @@ def _spare_main(pipes: Pipes, ctrl_r: int) -> None:
         res_fd, moved = _become_cell(pipes, {ctrl_r})
         _cell_prepare()
         _warm_up()
+        _hide_blocked_modules()
         req = proto.read_frame(moved[ctrl_r], MAX_REPORT)
         os.close(moved[ctrl_r])
         _cell_limits(req)
@@ -1073,6 +1086,7 @@ def _head_main(sock: socket.socket, glb: dict, workspace: str) -> None:
                 role = "serve"
                 _fresh_stdio()  # bound to fds 1 and 2, which a run points at its pipes
                 _warm_up()
+                _hide_blocked_modules()
                 continue
             sock_send(sock, {"op": "spare", "pid": pid})
             _, wstatus, ru = os.wait4(pid, 0)
