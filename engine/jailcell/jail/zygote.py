@@ -47,7 +47,7 @@ MAX_LISTED_FILES = 1000
 SIGNAMES = {s.value: s.name for s in signal.Signals}
 
 CONFIG: dict = {}
-STATE: dict = {"ctypes": None}
+STATE: dict = {"ctypes": None, "hide": []}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,16 +512,20 @@ def _warm_up() -> None:
     builtins.__dict__.update(saved)
 
 
+def blocked_loaded_modules() -> list[str]:
+    """Loaded modules the policy blocks that can safely be dropped from sys.modules (computed once,
+    in the zygote; interpreter built-ins such as sys, posix or _signal cannot be loaded twice)."""
+    builtin = set(sys.builtin_module_names)
+    return [n for n, m in list(sys.modules.items())
+            if n not in builtin and getattr(m, "__file__", None) and import_blocked(n)]
+
+
 def _hide_blocked_modules() -> None:
     """Take modules the policy blocks out of sys.modules before user code runs, so `sys.modules[...]`
     does not hand them over.  Libraries keep their own references; a later import by library
     code loads them again through the import guard (which lets library code through)."""
-    builtin = set(sys.builtin_module_names)
-    for name in [n for n in sys.modules if import_blocked(n)]:
-        module = sys.modules.get(name)
-        # interpreter built-ins (sys, posix, _signal...) cannot be loaded twice: they stay
-        if name not in builtin and getattr(module, "__file__", None):
-            sys.modules.pop(name, None)
+    for name in STATE["hide"]:
+        sys.modules.pop(name, None)
 
 
 def _fresh_stdio() -> None:
@@ -1481,6 +1485,7 @@ def main() -> None:
     if CONFIG.get("code_mode") == "restricted":
         import _restricted  # noqa: F401 - compile RestrictedPython once, not per cell
     install_import_guard()
+    STATE["hide"] = blocked_loaded_modules()
     gc.collect()
     gc.freeze()  # preloaded objects: never scanned by a cell's GC, so never copied on write
     engine = Sessions() if CONFIG.get("session") else Stateless()
