@@ -131,3 +131,34 @@ def test_step_limit_reported():
     finally:
         g.close()
         looping.close()
+
+
+def conversational(body):
+    """Stateless script: set x from the question, then square it, then answer with the tool output."""
+    tools = [m for m in body["messages"] if m["role"] == "tool"]
+    n = int(body["messages"][0]["content"].split()[-1])
+    if not tools:
+        return {"role": "assistant", "content": None, "tool_calls": [code_call("c1", f"x = {n}")]}
+    if len(tools) == 1:
+        return {"role": "assistant", "content": None, "tool_calls": [code_call("c2", "x ** 2")]}
+    return {"role": "assistant", "content": f"square: {tools[-1]['content'].split()[-1]}"}
+
+
+def test_twenty_concurrent_conversations_do_not_share_sessions():
+    from concurrent.futures import ThreadPoolExecutor
+
+    upstream = FakeUpstream([conversational] * 60)
+    g = Running(upstream.url)
+    try:
+        client = openai.OpenAI(api_key="x", base_url=g.url, max_retries=0, timeout=120)
+
+        def ask(n):
+            r = client.responses.create(model="m", input=f"square of {n}", tools=[{"type": "code_interpreter"}])
+            return n, r.output_text
+
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            answers = list(pool.map(ask, range(100, 120)))
+        assert all(text == f"square: {n * n}" for n, text in answers), answers
+    finally:
+        g.close()
+        upstream.close()
