@@ -236,19 +236,15 @@ class Suite:
         from jailcell import Sandbox
 
         n = self.n
-        with Sandbox("standard", warm=True) as sb:
-            def jc(m: Measurement) -> None:
-                _timed(lambda: sb.run(PRINT), 10)
-                m.samples_s = _timed(lambda: _check(sb.run(PRINT)), n, 0, self.progress("b2b_print jailcell", n))
-                m.throughput_per_s = len(m.samples_s) / sum(m.samples_s)
-            self.measure("b2b_print", "jailcell", True, jc)
-        with Sandbox("minimal", warm=True) as sb:
-            def jc_min(m: Measurement) -> None:
-                _timed(lambda: sb.run(PRINT), 10)
-                m.samples_s = _timed(lambda: _check(sb.run(PRINT)), n, 0, self.progress("b2b_print jailcell-minimal", n))
-                m.throughput_per_s = len(m.samples_s) / sum(m.samples_s)
-                m.note = "policy minimal (no preloaded modules)"
-            self.measure("b2b_print", "jailcell_minimal", True, jc_min)
+        for policy, system, note in (("standard", "jailcell", ""),
+                                     ("minimal", "jailcell_minimal", "policy minimal (no preloaded modules)")):
+            with Sandbox(policy, warm=True) as sb:
+                def jc(m: Measurement, sb: Sandbox = sb, system: str = system, note: str = note) -> None:
+                    _timed(lambda: sb.run(PRINT), 10)
+                    m.samples_s = _timed(lambda: _check(sb.run(PRINT)), n, 0, self.progress(f"b2b_print {system}", n))
+                    m.throughput_per_s = len(m.samples_s) / sum(m.samples_s)
+                    m.note = note
+                self.measure("b2b_print", system, True, jc)
 
     def numpy(self) -> None:
         from jailcell import Sandbox

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 from ._errors import JailcellError
 from ._policy import Policy, builtin_policy_names
@@ -59,13 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     src = run.add_mutually_exclusive_group(required=True)
     src.add_argument("file", nargs="?", metavar="FILE", help="a Python file to run, or - to read the program from stdin")
     src.add_argument("-c", dest="code", metavar="CODE", help="the program as a string")
-    run.add_argument("--policy", default="standard", metavar="NAME|FILE",
-                     help=f"built-in policy ({', '.join(_safe_names())}) or a .toml file (default: standard)")
+    _add_sandbox_options(run)
     run.add_argument("--timeout", type=float, metavar="S", help="wall-clock limit in seconds (default: the policy's)")
     run.add_argument("--memory", type=int, metavar="MIB", help="memory limit in MiB (default: the policy's)")
     run.add_argument("--json", action="store_true", help="print the Result as one JSON object on stdout")
-    run.add_argument("--backend", default="auto", choices=["auto", "nsjail", "process"],
-                     help="isolation backend (default: auto = nsjail, else the reported process fallback)")
     run.add_argument("--file", dest="files", action="append", default=[], metavar="NAME=PATH",
                      help="copy a host file into the workspace as NAME before running (repeatable)")
 
@@ -87,8 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", help="require this key from clients (Authorization: Bearer KEY)")
     srv.add_argument("--upstream-api-key", help="key sent to the upstream")
     srv.add_argument("--max-steps", type=int, default=8, help="model calls per request at most (default: 8)")
-    srv.add_argument("--policy", default="standard", metavar="NAME|FILE", help="policy for code runs (default: standard)")
-    srv.add_argument("--backend", default="auto", choices=["auto", "nsjail", "process"])
+    _add_sandbox_options(srv)
 
     mcp = sub.add_parser(
         "mcp", help="serve the sandbox over MCP",
@@ -98,8 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     mcp.add_argument("--transport", choices=["stdio", "http"], default="stdio")
     mcp.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: 127.0.0.1)")
     mcp.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
-    mcp.add_argument("--policy", default="standard", metavar="NAME|FILE", help="policy for every run (default: standard)")
-    mcp.add_argument("--backend", default="auto", choices=["auto", "nsjail", "process"])
+    _add_sandbox_options(mcp)
 
     bench = sub.add_parser(
         "bench", help="benchmark jailcell against the alternatives",
@@ -117,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     show = pol_sub.add_parser("show", help="print a policy's effective settings (after extends) as TOML")
     show.add_argument("policy", metavar="NAME|FILE")
     return parser
+
+
+def _add_sandbox_options(parser: argparse.ArgumentParser) -> None:
+    """--policy and --backend, the same for every command that runs code."""
+    parser.add_argument("--policy", default="standard", metavar="NAME|FILE",
+                        help=f"built-in policy ({', '.join(_safe_names())}) or a .toml file (default: standard)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "nsjail", "process"],
+                        help="isolation backend (default: auto = nsjail, else the reported process fallback)")
 
 
 def _workloads() -> list[str]:

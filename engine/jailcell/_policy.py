@@ -49,7 +49,7 @@ import fnmatch
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -351,7 +351,3 @@ def _build(chain: list[tuple[Path, dict[str, Any]]], source: str) -> Policy:
         code_mode=mode,
         env=tuple(sorted(env.items())),
     )
-
-
-def limit_fields() -> list[str]:
-    return [f.name for f in fields(Limits)]

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 from mcp.client.client import Client
 from mcp.client.stdio import StdioServerParameters
 

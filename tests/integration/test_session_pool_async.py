@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from jailcell import AsyncSandbox, InputError, JailError, Pool, SandboxClosed, Sandbox
+from jailcell import AsyncSandbox, InputError, Pool, SandboxClosed, Sandbox
 
 from ..conftest import jail_processes, open_fds, wait_for
 

@@ -4,7 +4,6 @@ under a policy with no import rules (``open_sandbox``) unless a test says otherw
 import os
 import socket
 import struct
-import threading
 import time
 import uuid
 from pathlib import Path
