@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from ._errors import JailcellError
 from ._policy import Policy, builtin_policy_names
@@ -73,17 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser(
         "serve", help="OpenAI-compatible code-interpreter gateway",
-        description="Serve POST /v1/responses and /v1/chat/completions (non-streaming) in front of any "
-                    "OpenAI-compatible chat-completions server (vLLM, Ollama, llama.cpp, a hosted API). "
-                    "Requests with tools=[{\"type\": \"code_interpreter\"}] get code runs in jailcell, looped "
-                    "until the model answers.")
+        description="Serve an OpenAI-compatible code interpreter in front of any OpenAI-compatible "
+                    "chat-completions server (vLLM, Ollama, llama.cpp, a hosted API): POST /v1/responses, "
+                    "POST /v1/chat/completions (streaming and not) and the DashScope-native "
+                    "POST /api/v1/services/aigc/text-generation/generation. Requests with "
+                    "tools=[{\"type\": \"code_interpreter\"}] (or enable_code_interpreter) get the model's code "
+                    "run in jailcell containers (sessions that keep state across the requests of a conversation: "
+                    "previous_response_id or container), looped until the model answers.")
     srv.add_argument("--upstream", required=True, metavar="URL", help="upstream base URL, e.g. http://127.0.0.1:8001/v1")
     srv.add_argument("--model", help="model name sent upstream (default: the client's)")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     srv.add_argument("--api-key", help="require this key from clients (Authorization: Bearer KEY)")
     srv.add_argument("--upstream-api-key", help="key sent to the upstream")
-    srv.add_argument("--max-steps", type=int, default=8, help="model calls per request at most (default: 8)")
+    srv.add_argument("--max-steps", type=_positive_int, default=8, help="model calls per request at most (default: 8)")
+    srv.add_argument("--max-containers", type=_positive_int, default=32,
+                     help="live containers (one jail each) at most; the least recently used idle one is closed "
+                          "to make room (default: 32)")
+    srv.add_argument("--container-idle", type=_positive(float), default=1200.0, metavar="SECONDS",
+                     help="close a container after this long unused (default: 1200, as hosted containers)")
     _add_sandbox_options(srv)
 
     mcp = sub.add_parser(
@@ -112,6 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     show = pol_sub.add_parser("show", help="print a policy's effective settings (after extends) as TOML")
     show.add_argument("policy", metavar="NAME|FILE")
     return parser
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {'integer' if kind is int else 'number'}, got {text!r}")
+        return value
+    return parse
+
+
+_positive_int = _positive(int)
 
 
 def _add_sandbox_options(parser: argparse.ArgumentParser) -> None:
@@ -164,7 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _usage(f"--upstream must be an http(s) URL, got {args.upstream!r}")
             serve_gateway(args.upstream, host=args.host, port=args.port, model=args.model, api_key=args.api_key,
                           upstream_api_key=args.upstream_api_key, policy=args.policy, backend=args.backend,
-                          max_steps=args.max_steps)
+                          max_steps=args.max_steps, max_containers=args.max_containers,
+                          container_idle=args.container_idle)
             return EXIT_OK
         if args.command == "mcp":
             from .integrations.mcp import serve

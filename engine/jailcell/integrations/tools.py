@@ -109,15 +109,20 @@ def _completion_parts(completion: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _loop(model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, max_steps: int,
-          max_chars: int, create_kwargs: dict[str, Any]) -> Generator[tuple[str, Any], Any, ToolLoopResult]:
-    """The loop's logic, shared by the sync and async drivers: it yields ("model", kwargs) and
-    ("run", code) and receives the completion or the Result."""
+          max_chars: int, create_kwargs: dict[str, Any], code_tool: bool = True,
+          ) -> Generator[tuple[str, Any], Any, ToolLoopResult]:
+    """The loop's logic, shared by every driver (sync, async, the gateway): it yields
+    ("model", kwargs) and ("run", (call_id, code)) and receives the completion or the Result.
+
+    Calls to the client's own tools end the loop (``stopped="client_tool_calls"``) after the
+    code calls of the same turn have run, so every call in the history has its answer."""
     msgs = [dict(m) for m in messages]
-    all_tools = [*(tools or []), tool_definition("chat")]
+    all_tools = [*(tools or []), *([tool_definition("chat")] if code_tool else [])]
     usage: dict[str, int] = {}
     calls: list[ExecutedCall] = []
     for _ in range(max_steps):
-        completion = yield "model", {"model": model, "messages": msgs, "tools": all_tools, **create_kwargs}
+        completion = yield "model", {"model": model, "messages": msgs, **({"tools": all_tools} if all_tools else {}),
+                                     **create_kwargs}
         message, used = _completion_parts(completion)
         for key, value in used.items():
             if isinstance(value, int):
@@ -128,9 +133,7 @@ def _loop(model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]
         tool_calls = message.get("tool_calls") or []
         if not tool_calls:
             return ToolLoopResult(message, calls, msgs, usage, "answer")
-        ours = [c for c in tool_calls if c["function"]["name"] == TOOL_NAME]
-        if len(ours) < len(tool_calls):  # the client's own functions: hand the turn back
-            return ToolLoopResult(message, calls, msgs, usage, "client_tool_calls")
+        ours = [c for c in tool_calls if code_tool and c["function"]["name"] == TOOL_NAME]
         for call in ours:
             try:
                 code = json.loads(call["function"].get("arguments") or "{}")["code"]
@@ -140,9 +143,11 @@ def _loop(model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]
                 msgs.append({"role": "tool", "tool_call_id": call["id"],
                              "content": 'error: arguments must be JSON like {"code": "print(1)"}'})
                 continue
-            result = yield "run", code
+            result = yield "run", (call["id"], code)
             calls.append(ExecutedCall(call["id"], code, result))
             msgs.append({"role": "tool", "tool_call_id": call["id"], "content": format_result(result, max_chars)})
+        if len(ours) < len(tool_calls):  # the client's own functions: hand the turn back
+            return ToolLoopResult(message, calls, msgs, usage, "client_tool_calls")
     return ToolLoopResult(msgs[-1], calls, msgs, usage, "max_steps")
 
 
@@ -164,7 +169,7 @@ def run_tool_loop(client: Any, model: str, messages: list[dict[str, Any]], *, sa
     try:
         kind, payload = next(steps)
         while True:
-            reply = client.chat.completions.create(**payload) if kind == "model" else session.run(payload)
+            reply = client.chat.completions.create(**payload) if kind == "model" else session.run(payload[1])
             kind, payload = steps.send(reply)
     except StopIteration as stop:
         return stop.value
@@ -190,7 +195,7 @@ async def arun_tool_loop(client: Any, model: str, messages: list[dict[str, Any]]
             if kind == "model":
                 reply = await client.chat.completions.create(**payload)
             else:
-                reply = await asyncio.to_thread(session.run, payload)
+                reply = await asyncio.to_thread(session.run, payload[1])
             kind, payload = steps.send(reply)
     except StopIteration as stop:
         return stop.value
