@@ -15,8 +15,9 @@ import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+from ._bridge import HostFunctions
 from ._errors import InputError, JailError, SandboxClosed
 from ._policy import MIB, Policy
 from ._result import Result
@@ -103,9 +104,11 @@ def raise_reply_error(reply: dict[str, Any]) -> None:
 class _Engine:
     """Everything the sync and async classes share: policy, backend, requests, results."""
 
-    def __init__(self, policy: str | os.PathLike[str] | Policy | None, backend: str, overrides: dict[str, Any]) -> None:
+    def __init__(self, policy: str | os.PathLike[str] | Policy | None, backend: str, overrides: dict[str, Any],
+                 functions: Mapping[str, Callable[..., Any]] | None = None) -> None:
         self.policy = Policy.load(policy).with_overrides(**overrides)
         self.backend = get_backend(backend)
+        self.functions = HostFunctions(functions)
         self._isolation: dict[str, Any] | None = None
 
     def isolation(self) -> dict[str, Any]:
@@ -136,13 +139,15 @@ class _Engine:
         # Without an explicit cpu_s the CPU limit follows the wall-clock limit.
         cpu = lim.cpu_s if lim.cpu_s is not None else wall
         req = {"op": "run", "code": code, "timeout": wall, "cpu_s": cpu, "files": _check_files(files, self.policy)}
+        if self.functions:
+            req["functions"] = self.functions.names
         return req, wall + HOST_GRACE_S
 
     def execute(self, jail: Jail, req: dict[str, Any], host_timeout: float) -> tuple[Result, bool]:
         """Run ``req`` in ``jail``.  Returns the Result and whether the jail is still usable."""
         t0 = time.monotonic()
         try:
-            reply = jail.call(req, host_timeout)
+            reply = jail.call(req, host_timeout, on_call=self.functions)
         except JailTimeout:
             jail.kill()
             return self._host_failure("timeout", "Timeout", f"wall-clock limit of {req['timeout']:g} s reached "
@@ -187,11 +192,17 @@ class Sandbox:
     file or a :class:`Policy`; ``overrides`` change limits (``timeout=5``, ``memory=256``, any
     ``limits`` key).  ``backend`` is ``auto`` (nsjail, else the reported process fallback),
     ``nsjail`` or ``process``.  ``warm=True`` starts the jail now instead of at the first run.
+
+    ``functions={"search": search}`` makes host callables available to the code as plain
+    functions: arguments and results travel as JSON, exceptions come back with their type name
+    and message, and the time they take counts against the run's wall-clock limit.  They run in
+    the thread that called ``run`` (async functions are awaited).
     """
 
     def __init__(self, policy: str | os.PathLike[str] | Policy | None = "standard", *, backend: str = "auto",
-                 warm: bool = False, **overrides: Any) -> None:
-        self._engine = _Engine(policy, backend, overrides)
+                 warm: bool = False, functions: Mapping[str, Callable[..., Any]] | None = None,
+                 **overrides: Any) -> None:
+        self._engine = _Engine(policy, backend, overrides, functions)
         self._lock = threading.Lock()
         self._jail: Jail | None = None
         self._closed = False
@@ -333,6 +344,13 @@ class Session:
             self._closed = True
         return result
 
+    def interrupt(self) -> None:
+        """Stop the run in progress (from another thread or task): its cell is killed and
+        discarded, the run returns status ``killed`` (error type ``Interrupted``), and the
+        session's state is what it was before that run.  Does nothing when no run is going on."""
+        if not self._closed:
+            self._shared.jail.interrupt()
+
     def upload(self, name: str, data: bytes | str) -> None:
         check_file_name(name)
         payload = _check_files({name: data}, self._engine.policy)[name]
@@ -423,7 +441,8 @@ class Pool:
     """
 
     def __init__(self, size: int | None = None, policy: str | os.PathLike[str] | Policy | None = "standard", *,
-                 backend: str = "auto", warm: bool = True, **overrides: Any) -> None:
+                 backend: str = "auto", warm: bool = True, functions: Mapping[str, Callable[..., Any]] | None = None,
+                 **overrides: Any) -> None:
         size = size if size is not None else (os.cpu_count() or 1)
         if not isinstance(size, int) or size < 1:
             raise InputError(f"Pool size must be a positive integer, got {size!r}")
@@ -432,7 +451,7 @@ class Pool:
         self._all: list[Sandbox] = []
         self._closed = False
         engine_policy = Policy.load(policy).with_overrides(**overrides)
-        starters = [lambda: Sandbox(engine_policy, backend=backend, warm=warm) for _ in range(size)]
+        starters = [lambda: Sandbox(engine_policy, backend=backend, warm=warm, functions=functions) for _ in range(size)]
         with ThreadPoolExecutor(max_workers=size) as ex:
             for sb in ex.map(lambda f: f(), starters):
                 self._all.append(sb)
@@ -488,8 +507,9 @@ class AsyncSandbox:
     """The asyncio twin of :class:`Sandbox`: same arguments, coroutine methods."""
 
     def __init__(self, policy: str | os.PathLike[str] | Policy | None = "standard", *, backend: str = "auto",
-                 warm: bool = False, **overrides: Any) -> None:
-        self._sync = Sandbox(policy, backend=backend, warm=warm, **overrides)
+                 warm: bool = False, functions: Mapping[str, Callable[..., Any]] | None = None,
+                 **overrides: Any) -> None:
+        self._sync = Sandbox(policy, backend=backend, warm=warm, functions=functions, **overrides)
 
     @property
     def policy(self) -> Policy:
@@ -519,6 +539,9 @@ class AsyncSession:
 
     async def run(self, code: str, *, timeout: float | None = None, files: Mapping[str, Any] | None = None) -> Result:
         return await asyncio.to_thread(self._sync.run, code, timeout=timeout, files=files)
+
+    def interrupt(self) -> None:
+        self._sync.interrupt()
 
     async def upload(self, name: str, data: bytes | str) -> None:
         await asyncio.to_thread(self._sync.upload, name, data)

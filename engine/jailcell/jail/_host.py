@@ -11,9 +11,10 @@ import os
 import select
 import signal
 import tempfile
+import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 from .._errors import JailError
 from .._policy import Policy
@@ -39,6 +40,7 @@ class Jail:
         self._spawned: Spawned | None = None
         self._stderr = tempfile.TemporaryFile(prefix="jailcell-log-")
         self._buf = bytearray()
+        self._send_lock = threading.Lock()  # interrupt() writes while another thread waits in call()
         self.ready: dict[str, Any] = {}
         self._oom_seen = 0
         self.closed = False
@@ -123,16 +125,37 @@ class Jail:
 
     # -- frames ---------------------------------------------------------------------------------
 
-    def call(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """Send one request and wait for its reply; on ``timeout`` raise :class:`JailTimeout`."""
+    def call(self, request: dict[str, Any], timeout: float,
+             on_call: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Send one request and wait for its reply; on ``timeout`` raise :class:`JailTimeout`.
+
+        While a run waits, the zygote may forward host-function calls (``{"op": "call"}``):
+        ``on_call`` answers each, and the time it takes counts against ``timeout``."""
         if self.closed or self._spawned is None:
             raise JailError("the jail is closed")
+        deadline = time.monotonic() + timeout
         self._send(request)
-        return self._recv(time.monotonic() + timeout)
+        while True:
+            reply = self._recv(deadline)
+            if reply.get("op") != "call":
+                return reply
+            answer = on_call(reply) if on_call is not None else {
+                "error": {"type": "NameError", "message": "this sandbox has no host functions"}}
+            self._send({"op": "call_result", **answer})
 
     def _send(self, obj: dict[str, Any]) -> None:
         assert self._spawned is not None
-        proto.write_frame(self._spawned.proc.stdin.fileno(), obj)
+        with self._send_lock:
+            proto.write_frame(self._spawned.proc.stdin.fileno(), obj)
+
+    def interrupt(self) -> None:
+        """Ask the zygote to kill the cell that is running now (ignored if none is)."""
+        spawned = self._spawned
+        if spawned is not None and not self.closed:
+            try:
+                self._send({"op": "interrupt"})
+            except OSError:
+                pass
 
     def _recv(self, deadline: float) -> dict[str, Any]:
         assert self._spawned is not None

@@ -42,6 +42,9 @@ import _protocol as proto  # noqa: E402  (stdlib-only framing shared with the ho
 HOST_IN, HOST_OUT = 0, 1
 CELL_FILENAME = "<cell>"
 MAX_REPORT = 48 * 1024 * 1024
+MAX_CALL = 8 * 1024 * 1024        # a host-function call's arguments, and its result, at most
+MAX_CALLS_PER_RUN = 10_000        # host-function calls one run may make
+CALL_PREFIX = b'{"call":'         # how a call frame starts (a report never does)
 MAX_IMAGES_BYTES = 16 * 1024 * 1024
 MAX_LISTED_FILES = 1000
 SIGNAMES = {s.value: s.name for s in signal.Signals}
@@ -441,6 +444,51 @@ def execute(code: str, glb: dict) -> dict:
     return report
 
 
+def install_host_functions(glb: dict, names: list, fd: int) -> None:
+    """Define the host's functions in the cell's globals: each call is a frame up the result
+    channel, answered by the host (through the zygote) with a value or an exception."""
+    import threading
+
+    lock = threading.Lock()  # one call at a time on the channel, whatever the program's threads do
+
+    def make(name: str):
+        def call(*args, **kwargs):
+            try:
+                frame = proto.encode({"call": name, "args": args, "kwargs": kwargs})
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"{name}(): arguments must be JSON values (str, int, float, bool, None, "
+                                f"lists, dicts with str keys): {exc}") from None
+            if len(frame) > MAX_CALL:
+                raise ValueError(f"{name}(): arguments are {len(frame)} bytes encoded; the limit is {MAX_CALL}")
+            with lock:
+                data = memoryview(frame)
+                while data:
+                    data = data[os.write(fd, data):]
+                reply = proto.read_frame(fd, MAX_CALL + 4096)
+            if "error" in reply:
+                err = reply["error"] if isinstance(reply["error"], dict) else {}
+                raise _host_exception(str(err.get("type", "RuntimeError")), str(err.get("message", "")))
+            return reply.get("value")
+
+        call.__name__ = call.__qualname__ = name
+        call.__doc__ = f"{name}(...) runs on the host; arguments and result are JSON values."
+        return call
+
+    for name in names:
+        glb[name] = make(name)
+
+
+def _host_exception(kind: str, message: str) -> BaseException:
+    """The host's exception as the same type (a built-in one) or a same-named Exception subclass."""
+    cls = getattr(builtins, kind, None)
+    if not (isinstance(cls, type) and issubclass(cls, Exception)):
+        cls = type(kind if kind.isidentifier() else "HostError", (Exception,), {"__module__": "host"})
+    try:
+        return cls(message)
+    except Exception:
+        return RuntimeError(f"{kind}: {message}")
+
+
 def _safe_str(exc: BaseException) -> str:
     try:
         return str(exc)
@@ -550,13 +598,16 @@ PIPE_SIZE = 1 << 20
 
 
 class Pipes:
-    """Per-run pipes: stdout, stderr, report (cell -> zygote)."""
+    """Per-run channels: stdout and stderr pipes; the result channel, a socket pair: the cell's
+    report and host-function calls go up, call results come back down."""
 
     def __init__(self) -> None:
         self.out_r, self.out_w = os.pipe2(os.O_NONBLOCK)  # the zygote drains these on a timer
         self.err_r, self.err_w = os.pipe2(os.O_NONBLOCK)
-        self.res_r, self.res_w = os.pipe2(os.O_NONBLOCK)
-        for fd in (self.out_w, self.err_w, self.res_w):
+        ours, cells = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.res_r, self.res_w = ours.detach(), cells.detach()
+        os.set_blocking(self.res_r, False)
+        for fd in (self.out_w, self.err_w):
             os.set_blocking(fd, True)  # the cell's ends block when full, as a terminal would
         for fd in (self.out_r, self.err_r):
             try:
@@ -605,7 +656,9 @@ def _spare_main(pipes: Pipes, ctrl_r: int) -> None:
         req = proto.read_frame(moved[ctrl_r], MAX_REPORT)
         os.close(moved[ctrl_r])
         _cell_limits(req)
-        report = execute(req["code"], _user_globals())
+        glb = _user_globals()
+        install_host_functions(glb, req.get("functions") or [], res_fd)
+        report = execute(req["code"], glb)
         _finish_cell(res_fd, report)
         # Park: the zygote kills this process after it has replied, so the exit teardown of a
         # large address space is not on the request's critical path.
@@ -896,9 +949,19 @@ def _outcome(req, killed_for, wait_status, rusage, raw_report, out, err, duratio
         elif os.WIFEXITED(wait_status):
             result["exit_code"] = os.WEXITSTATUS(wait_status)
     cpu_limit = float(req.get("cpu_s", 30))
-    if killed_for == "timeout":
+    if killed_for == "interrupted":
+        status = "killed"
+        result["error"] = {"type": "Interrupted", "message": "the run was interrupted by the host", "traceback": ""}
+    elif killed_for == "timeout":
         status = "timeout"
         result["error"] = {"type": "Timeout", "message": f"wall-clock limit of {float(req.get('timeout', 0)):g} s reached", "traceback": ""}
+    elif killed_for == "bridge":
+        status = "error"
+        result["error"] = {"type": "HostFunctionMisuse", "traceback": "", "message": "the program was killed: "}
+    elif killed_for == "report":
+        status = "output_limit"
+        result["error"] = {"type": "OutputLimit", "traceback": "",
+                           "message": f"the program wrote over {MAX_REPORT} bytes into jailcell's result channel"}
     elif killed_for == "output":
         status = "output_limit"
         cap = CONFIG["limits"]["output_bytes"]
@@ -920,9 +983,6 @@ def _outcome(req, killed_for, wait_status, rusage, raw_report, out, err, duratio
     elif report is not None:
         status = report["status"]
         result.update(result=report["result"], error=report["error"], outputs=report["outputs"])
-    elif killed_for == "report":
-        status = "output_limit"
-        result["error"] = {"type": "OutputLimit", "message": "the result was too large", "traceback": ""}
     elif result["exit_code"] == REPORT_FAILED:
         status = "error"
         result["error"] = {"type": "ResultChannelCorrupted", "traceback": "",
@@ -1110,6 +1170,7 @@ def _head_main(sock: socket.socket, glb: dict, workspace: str) -> None:
                 if fd > 3:
                     os.close(fd)
             _cell_limits(req)
+            install_host_functions(glb, req.get("functions") or [], 3)
             report = execute(req["code"], glb)
             _finish_cell(3, report)
             devnull = os.open("/dev/null", os.O_WRONLY)  # detach from this run's pipes
@@ -1352,6 +1413,74 @@ class _Output:
         return over
 
 
+class _Bridge:
+    """Host-function calls of one run.  The cell's call frames are checked here (known name,
+    JSON shapes, size, count) and forwarded to the host one at a time; the host's answer goes
+    back down the cell's socket without blocking the zygote.  If the run ends while a call is
+    with the host, the main loop discards the late answer."""
+
+    def __init__(self, fd: int, names: list) -> None:
+        self.fd, self.names = fd, set(names)
+        self.pending = False
+        self.count = 0
+        self.out = bytearray()
+        self.misuse = ""
+
+    def forward(self, res: bytearray) -> str | None:
+        """Take the call frame at the head of ``res`` and answer or forward it.  Returns why the
+        cell must be killed (it ignores the call limit or does not read its answers), else None."""
+        length = proto.parse_header(bytes(res[: proto.HEADER.size]), MAX_REPORT)
+        body = bytes(res[proto.HEADER.size : proto.HEADER.size + length])
+        del res[: proto.HEADER.size + length]
+        self.count += 1
+        if self.count > MAX_CALLS_PER_RUN + 1:
+            return f"it made more than {MAX_CALLS_PER_RUN} host function calls after being told the limit"
+        if len(self.out) > MAX_CALL:
+            return "it does not read the answers to its host function calls"
+        try:
+            msg = proto.decode(body)
+        except proto.ProtocolError:
+            msg = {}
+        name, args, kwargs = msg.get("call"), msg.get("args", []), msg.get("kwargs", {})
+        if len(body) > MAX_CALL:
+            self._reply({"error": {"type": "ValueError", "message": f"call arguments over {MAX_CALL} bytes"}})
+        elif self.count > MAX_CALLS_PER_RUN:
+            self._reply({"error": {"type": "RuntimeError", "message":
+                                   f"host function call limit reached ({MAX_CALLS_PER_RUN} per run)"}})
+        elif not isinstance(name, str) or name not in self.names:
+            self._reply({"error": {"type": "NameError", "message": f"host function {name!r} is not defined; "
+                                   f"defined: {', '.join(sorted(self.names)) or 'none'}"}})
+        elif not isinstance(args, list) or not isinstance(kwargs, dict):
+            self._reply({"error": {"type": "TypeError", "message": "malformed call"}})
+        else:
+            proto.write_frame(HOST_OUT, {"op": "call", "name": name, "args": args, "kwargs": kwargs})
+            self.pending = True
+        return None
+
+    def answer(self, msg: dict) -> None:
+        self.pending = False
+        if "error" in msg:
+            err = msg["error"] if isinstance(msg["error"], dict) else {}
+            self._reply({"error": {"type": str(err.get("type", "RuntimeError")), "message": str(err.get("message", ""))}})
+        else:
+            self._reply({"value": msg.get("value")})
+
+    def _reply(self, obj: dict) -> None:
+        self.out += proto.encode(obj)
+        self.flush()
+
+    def flush(self) -> None:
+        while self.out:
+            try:
+                n = os.write(self.fd, self.out)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # the cell is gone
+                self.out.clear()
+                return
+            del self.out[:n]
+
+
 def supervise(pid: int, pidfd: int, pipes: Pipes, req: dict, t0: float, on_exit) -> dict:
     """Enforce wall time and output size on a running cell and collect its report.
 
@@ -1364,11 +1493,13 @@ def supervise(pid: int, pidfd: int, pipes: Pipes, req: dict, t0: float, on_exit)
     deadline = t0 + float(req.get("timeout", 30))
     output = _Output(pipes)
     res = bytearray()
+    bridge = _Bridge(pipes.res_r, req.get("functions") or [])
     killed_for = None
     finished = False
     poller = select.poll()
     poller.register(pipes.res_r, select.POLLIN)
     poller.register(pidfd, select.POLLIN)
+    poller.register(HOST_IN, select.POLLIN)  # during a run the host sends only call results and interrupts
     done = False
     while not done:
         remaining = deadline - time.monotonic()
@@ -1380,23 +1511,52 @@ def supervise(pid: int, pidfd: int, pipes: Pipes, req: dict, t0: float, on_exit)
         if output.drain() and killed_for is None:
             killed_for = "output"
             _kill(pid)
-        for fd, _ev in events:
+        for fd, ev in events:
             if fd == pidfd:
                 done = True
                 continue
+            if fd == HOST_IN:
+                try:
+                    msg = proto.read_frame(HOST_IN, MAX_REPORT)
+                except (EOFError, proto.ProtocolError):
+                    os._exit(0)  # the host is gone
+                if msg.get("op") == "interrupt" and killed_for is None:
+                    killed_for = "interrupted"
+                    _kill(pid)
+                elif msg.get("op") == "call_result" and bridge.pending:
+                    bridge.answer(msg)
+                continue
+            if ev & select.POLLOUT:
+                bridge.flush()
+            if not ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                continue
             try:
                 chunk = os.read(fd, 1 << 16)
-            except BlockingIOError:
+            except (BlockingIOError, ConnectionResetError):
                 continue
             if not chunk:
                 poller.unregister(fd)
                 continue
             res += chunk
-            if len(res) > MAX_REPORT:
-                killed_for = killed_for or "report"
+        if len(res) > MAX_REPORT:
+            killed_for = killed_for or "report"
+            _kill(pid)
+        while killed_for is None and not bridge.pending and _frame_complete(res):
+            if not bytes(res[proto.HEADER.size:proto.HEADER.size + len(CALL_PREFIX)]) == CALL_PREFIX:
+                finished = done = True  # the report
+                break
+            misuse = bridge.forward(res)
+            if misuse:
+                killed_for, bridge.misuse = "bridge", misuse
                 _kill(pid)
-            elif killed_for is None and _frame_complete(res):
-                finished = done = True
+        if bridge.count:
+            # While a call is with the host the cell should be waiting for its answer: stop reading
+            # (a flooding cell then blocks in write); wake for room only while an answer waits to go down.
+            try:
+                poller.modify(pipes.res_r, (0 if bridge.pending else select.POLLIN) |
+                              (select.POLLOUT if bridge.out else 0))
+            except (OSError, KeyError):
+                pass
     # Output written before the report or the exit is already in the pipes.
     if output.drain() and killed_for is None:
         killed_for = "output"
@@ -1413,6 +1573,8 @@ def supervise(pid: int, pidfd: int, pipes: Pipes, req: dict, t0: float, on_exit)
     pipes.close_read_ends()
     result = _outcome(req, killed_for, wait_status, rusage, bytes(res), output.bufs[pipes.out_r],
                       output.bufs[pipes.err_r], duration)
+    if killed_for == "bridge":
+        result["error"]["message"] += bridge.misuse
     result["_alive"] = finished
     return result
 
@@ -1500,6 +1662,8 @@ def main() -> None:
         except (EOFError, proto.ProtocolError):
             os._exit(0)
         op = req.get("op")
+        if op in ("call_result", "interrupt"):  # late: the run they were meant for has ended
+            continue
         try:
             if op == "run":
                 reply = engine.run(req)

@@ -1,0 +1,93 @@
+"""AutoGen: :class:`JailcellCodeExecutor`, an ``autogen_core.code_executor.CodeExecutor`` backed by jailcell.
+
+    from autogen_agentchat.agents import CodeExecutorAgent
+    from jailcell.integrations.autogen import JailcellCodeExecutor
+
+    async with JailcellCodeExecutor("standard") as executor:
+        agent = CodeExecutorAgent("runner", code_executor=executor)
+
+Python blocks run one after another in one Session (state persists across blocks and calls, as
+in a notebook) and stop at the first failure.  Other languages are refused with a non-zero
+CodeResult that says so.  Cancelling the CancellationToken interrupts the running block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, List
+
+from .._errors import BackendUnavailable
+from .._sandbox import Sandbox, Session
+
+try:
+    from autogen_core import CancellationToken
+    from autogen_core.code_executor import CodeBlock, CodeExecutor, CodeResult
+except ImportError:  # pragma: no cover - exercised by the import-error test
+    raise BackendUnavailable('jailcell.integrations.autogen needs autogen-core: pip install "jailcell[adapters]"') \
+        from None
+
+__all__ = ["JailcellCodeExecutor"]
+
+PYTHON = {"python", "py", "python3", ""}
+
+
+class JailcellCodeExecutor(CodeExecutor):
+    """``policy``, ``functions`` and ``**sandbox_options`` are those of :class:`jailcell.Sandbox`."""
+
+    def __init__(self, policy: Any = "standard", **sandbox_options: Any) -> None:
+        self._policy, self._options = policy, sandbox_options
+        self._sandbox: Sandbox | None = None
+        self._session: Session | None = None
+
+    async def start(self) -> None:
+        if self._sandbox is None:
+            self._sandbox = await asyncio.to_thread(Sandbox, self._policy, **self._options)
+        if self._session is None or self._session.closed:
+            self._session = await asyncio.to_thread(self._sandbox.session)
+
+    async def stop(self) -> None:
+        session, sandbox, self._session, self._sandbox = self._session, self._sandbox, None, None
+        if session is not None:
+            await asyncio.to_thread(session.close)
+        if sandbox is not None:
+            await asyncio.to_thread(sandbox.close)
+
+    async def restart(self) -> None:
+        """A fresh session: the state of earlier blocks is gone."""
+        if self._session is not None:
+            await asyncio.to_thread(self._session.close)
+            self._session = None
+        await self.start()
+
+    async def execute_code_blocks(self, code_blocks: List[CodeBlock],
+                                  cancellation_token: CancellationToken) -> CodeResult:
+        await self.start()
+        session = self._session
+        assert session is not None
+        outputs: list[str] = []
+        for block in code_blocks:
+            language = (block.language or "").strip().lower()
+            if language not in PYTHON:
+                outputs.append(f"jailcell runs Python only; a {block.language!r} block cannot run here. "
+                               "Send the code as a ```python block.")
+                return CodeResult(exit_code=1, output="\n".join(outputs))
+            run = asyncio.ensure_future(asyncio.to_thread(session.run, block.code))
+            cancellation_token.add_callback(lambda run=run: run.done() or session.interrupt())
+            try:
+                result = await asyncio.shield(run)
+            except asyncio.CancelledError:
+                session.interrupt()  # the cell dies; the session keeps its earlier state
+                await asyncio.wait([run])
+                raise
+            if cancellation_token.is_cancelled():
+                raise asyncio.CancelledError("the code execution was cancelled")
+            text = result.stdout + result.stderr
+            if result.result is not None:
+                text += result.result + "\n"
+            if not result.ok:
+                err = result.error or {}
+                text += (err.get("traceback") or f"{err.get('type')}: {err.get('message')}\n")
+                outputs.append(text)
+                return CodeResult(exit_code=1, output="".join(outputs))
+            outputs.append(text)
+        return CodeResult(exit_code=0, output="".join(outputs))
