@@ -95,6 +95,9 @@ def test_unknown_and_forged_calls_never_reach_anything_else(sb):
                  "os.write(3, _protocol.encode({'call': 'search', 'args': {'not': 'a list'}, 'kwargs': []}))\n"
                  "print(_protocol.read_frame(3))")
     assert "malformed call" in sb.run(malformed).stdout
+    bad_header = "import os\nos.write(3, b'XXXXXXXX' + b'{\"call\":\"search\"}')\nimport time\ntime.sleep(5)"
+    r = sb.run(bad_header)
+    assert r.error["type"] == "HostFunctionMisuse" and "malformed" in r.error["message"], r
     assert sb.run("print(1)").stdout == "1\n"  # the jail is fine afterwards
 
 

@@ -1429,7 +1429,11 @@ class _Bridge:
     def forward(self, res: bytearray) -> str | None:
         """Take the call frame at the head of ``res`` and answer or forward it.  Returns why the
         cell must be killed (it ignores the call limit or does not read its answers), else None."""
-        length = proto.parse_header(bytes(res[: proto.HEADER.size]), MAX_REPORT)
+        try:
+            length = proto.parse_header(bytes(res[: proto.HEADER.size]), MAX_REPORT)
+        except (proto.ProtocolError, struct.error):
+            res.clear()
+            return "it wrote malformed bytes into its result channel"
         body = bytes(res[proto.HEADER.size : proto.HEADER.size + length])
         del res[: proto.HEADER.size + length]
         self.count += 1
