@@ -428,3 +428,40 @@ def test_twenty_concurrent_conversations_do_not_share_sessions():
     finally:
         g.close()
         upstream.close()
+
+
+def test_wire_objects_validate_strictly_against_the_sdk_types():
+    """Every object the gateway sends validates against the openai SDK's own pydantic models (not just
+    the SDK's lenient construction, which turns an object it cannot validate into a plain dict)."""
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    weather = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+    plot = "import matplotlib.pyplot as plt\nplt.plot([1, 2])\nplt.show()\nprint('drawn')"
+    script = [{"role": "assistant", "content": None, "tool_calls": [code_call("p1", plot)]},
+              {"role": "assistant", "content": "thinking", "tool_calls": [function_call("w1", "get_weather", {})]}]
+    up = FakeUpstream(script * 2 + [{"role": "assistant", "content": None, "tool_calls": [code_call("p2", plot)]},
+                                    lambda body: {"role": "assistant", "content": "done"}] * 2)
+    g = Running(up.url, policy="standard")
+    events = TypeAdapter(ResponseStreamEvent)
+    body = {"model": "m", "input": "plot", "tools": [{"type": "code_interpreter"}, weather],
+            "include": ["code_interpreter_call.outputs"]}
+    try:
+        with httpx.Client(base_url=g.base, timeout=120) as http:
+            Response.model_validate(http.post("/v1/responses", json=body).json())
+            with http.stream("POST", "/v1/responses", json={**body, "stream": True}) as r:
+                data = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+            parsed = [events.validate_python(d) for d in data]
+            assert parsed[-1].type == "response.completed" and parsed[-1].response.output[-1].type == "function_call"
+            assert parsed[-1].response.tools[0].container.startswith("cntr_")
+            chat = {"model": "m", "messages": [{"role": "user", "content": "plot"}], "tools": [{"type": "code_interpreter"}]}
+            ChatCompletion.model_validate(http.post("/v1/chat/completions", json=chat).json())
+            with http.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as r:
+                lines = [line[5:].strip() for line in r.iter_lines() if line.startswith("data:")]
+            assert lines[-1] == "[DONE]"
+            chunks = [ChatCompletionChunk.model_validate(json.loads(x)) for x in lines[:-1]]
+            assert chunks[-1].usage.total_tokens == 30
+    finally:
+        g.close()
+        up.close()

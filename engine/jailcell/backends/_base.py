@@ -99,6 +99,7 @@ class Backend:
             "imports": {"allow": list(policy.imports.allow), "deny": list(policy.imports.deny)},
             "code_mode": policy.code_mode,
             "limits": {"output_bytes": policy.limits.output_bytes},
+            "cpu_s": policy.limits.effective_cpu_s,  # spares set it before they are needed
             "trusted_paths": interpreter_paths() + [str(JAIL_SRC) if not pid_namespace else "/jailcell/jail"],
             "rlimit_as_mib": policy.limits.memory_mib if rlimit_as else None,
             "site_dirs": site_dirs(),

@@ -77,6 +77,9 @@ def symlinks(mounts: list[str]) -> list[str]:
     return out
 
 
+THP_DIR = "/sys/kernel/mm/transparent_hugepage"
+
+
 @dataclass
 class NsjailCommand:
     """Policy -> nsjail argv.  Pure: no side effects, easy to read and to test."""
@@ -104,6 +107,10 @@ class NsjailCommand:
         for link in symlinks(mounts):
             args += ["--symlink", link]
         args += ["--bindmount_ro", f"{JAIL_SRC}:/jailcell/jail"]
+        if os.path.isdir(THP_DIR):
+            # glibc reads the THP mode here before it asks for huge pages (GLIBC_TUNABLES, _base.py):
+            # huge pages cut the page tables that every fork copies and every exit frees.
+            args += ["--bindmount_ro", THP_DIR]
         args += ["--bindmount", "/dev/null"]
         for dev in ("/dev/zero", "/dev/urandom", "/dev/random"):
             args += ["--bindmount_ro", dev]

@@ -568,7 +568,7 @@ class _ResponsesRender:
             "id": _new_id("resp"), "object": "response", "created_at": int(time.time()), "model": model,
             "status": "in_progress", "incomplete_details": None, "error": None,
             "instructions": body.get("instructions"), "metadata": body.get("metadata") or {}, "output": [],
-            "parallel_tool_calls": True, "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
+            "parallel_tool_calls": True, "tool_choice": body.get("tool_choice", "auto"), "tools": _echo_tools(body),
             "temperature": body.get("temperature"), "top_p": body.get("top_p"),
             "previous_response_id": body.get("previous_response_id"), "store": body.get("store", True), "usage": None,
         }
@@ -639,6 +639,9 @@ class _ResponsesRender:
             item, r = slot["item"], call.result
             item.update(container_id=container, status="completed" if r.status == "ok" else "failed",
                         outputs=_ci_outputs(r) if self.include_outputs else None)
+            for tool in self.response["tools"]:  # as the hosted API does: the tool names its container
+                if tool["type"] == "code_interpreter":
+                    tool["container"] = container
             ids = {"item_id": item["id"], "output_index": slot["index"]}
             out += [self._event("response.code_interpreter_call.completed", **ids),
                     self._event("response.output_item.done", output_index=slot["index"], item=item)]
@@ -654,13 +657,11 @@ class _ResponsesRender:
                         self._event("response.output_item.done", output_index=index, item=item)]
             if result.stopped == "max_steps":
                 out += self._write(_stopped_text(result, self.max_steps) or "") + self._close_text()
-            u = result.usage
             self.response.update(
                 model=model, status="incomplete" if result.stopped == "max_steps" else "completed",
-                incomplete_details={"reason": "max_steps"} if result.stopped == "max_steps" else None,
-                usage={"input_tokens": u.get("prompt_tokens", 0), "output_tokens": u.get("completion_tokens", 0),
-                       "total_tokens": u.get("total_tokens", 0), "input_tokens_details": {"cached_tokens": 0},
-                       "output_tokens_details": {"reasoning_tokens": 0}})
+                # the step limit bounds the model turns: the Responses API's "max_messages"
+                incomplete_details={"reason": "max_messages"} if result.stopped == "max_steps" else None,
+                usage=_responses_usage(result.usage))
             self.store(self.response["id"], result, container)
             final = "response.incomplete" if result.stopped == "max_steps" else "response.completed"
             out.append(self._event(final, response=self.response))
@@ -670,6 +671,31 @@ class _ResponsesRender:
         self.response.update(status="failed", error={"code": exc.code or "server_error", "message": exc.message})
         return [self._event("error", code=exc.code, message=exc.message, param=exc.param),
                 self._event("response.failed", response=self.response)]
+
+
+def _echo_tools(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The request's tools as a Response lists them (the code interpreter always with a container)."""
+    tools = []
+    for tool in body.get("tools") or []:
+        if tool.get("type") == "code_interpreter":
+            container = tool.get("container")
+            tools.append({"type": "code_interpreter",
+                          "container": container if isinstance(container, (str, dict)) else {"type": "auto"}})
+        elif tool.get("type") == "function" and "name" in tool:
+            tools.append({"parameters": None, "strict": None, **tool})
+        else:  # a chat-style function tool given to the Responses API: flatten it
+            tools.append({"type": "function", "parameters": None, "strict": None, **tool.get("function", {})})
+    return tools
+
+
+def _responses_usage(u: dict[str, Any]) -> dict[str, Any]:
+    """Chat-completions usage (summed over the loop) in the Responses API's shape."""
+    return {"input_tokens": u.get("prompt_tokens", 0), "output_tokens": u.get("completion_tokens", 0),
+            "total_tokens": u.get("total_tokens", 0),
+            "input_tokens_details": {"cached_tokens": (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
+                                     "cache_write_tokens": 0},
+            "output_tokens_details": {
+                "reasoning_tokens": (u.get("completion_tokens_details") or {}).get("reasoning_tokens", 0)}}
 
 
 def _ci_outputs(r: Result) -> list[dict[str, Any]]:

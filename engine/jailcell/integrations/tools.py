@@ -91,7 +91,7 @@ class ToolLoopResult:
     message: dict[str, Any]
     calls: list[ExecutedCall] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)
-    usage: dict[str, int] = field(default_factory=dict)
+    usage: dict[str, Any] = field(default_factory=dict)
     stopped: str = "answer"  # answer | client_tool_calls | max_steps
 
 
@@ -108,6 +108,17 @@ def _completion_parts(completion: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return _as_dict(completion.choices[0].message), _as_dict(getattr(completion, "usage", None) or {})
 
 
+def _add_usage(total: dict[str, Any], used: dict[str, Any]) -> None:
+    """Sum token counts, nested details included (``prompt_tokens_details.cached_tokens``...)."""
+    for key, value in used.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            total[key] = total.get(key, 0) + value
+        elif isinstance(value, dict):
+            _add_usage(total.setdefault(key, {}), value)
+
+
 def _loop(model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, max_steps: int,
           max_chars: int, create_kwargs: dict[str, Any], code_tool: bool = True,
           ) -> Generator[tuple[str, Any], Any, ToolLoopResult]:
@@ -118,15 +129,13 @@ def _loop(model: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]
     code calls of the same turn have run, so every call in the history has its answer."""
     msgs = [dict(m) for m in messages]
     all_tools = [*(tools or []), *([tool_definition("chat")] if code_tool else [])]
-    usage: dict[str, int] = {}
+    usage: dict[str, Any] = {}
     calls: list[ExecutedCall] = []
     for _ in range(max_steps):
         completion = yield "model", {"model": model, "messages": msgs, **({"tools": all_tools} if all_tools else {}),
                                      **create_kwargs}
         message, used = _completion_parts(completion)
-        for key, value in used.items():
-            if isinstance(value, int):
-                usage[key] = usage.get(key, 0) + value
+        _add_usage(usage, used)
         message = {k: v for k, v in message.items() if k in ("role", "content", "tool_calls", "reasoning_content")}
         message.setdefault("role", "assistant")
         msgs.append(message)

@@ -88,6 +88,20 @@ def _close_fds(keep: set[int]) -> None:
                 pass
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _read_proc(path: str, size: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, size)
+    finally:
+        os.close(fd)
+
+
+PF_EXITING = 0x4  # task->flags: the task is in do_exit and will never run user code again
+
+
 def _process_table() -> dict[int, tuple[int, str]]:
     """pid -> (ppid, state) for every process this /proc shows (the jail's own in a pid namespace)."""
     table = {}
@@ -95,13 +109,29 @@ def _process_table() -> dict[int, tuple[int, str]]:
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read()
+            data = _read_proc(f"/proc/{name}/stat", 4096)
         except OSError:
             continue
         rest = data[data.rindex(b")") + 2 :].split()
         table[int(name)] = (int(rest[1]), chr(rest[0][0]))
     return table
+
+
+def _exiting(pid: int) -> bool:
+    """Every thread of ``pid`` is gone or in do_exit: it can no longer make a system call, so
+    nothing it does can reach the next run.  (Its address space may still be being torn down.)"""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    for tid in tids:
+        try:
+            data = _read_proc(f"/proc/{pid}/task/{tid}/stat", 4096)
+            if not int(data[data.rindex(b")") + 2 :].split()[6]) & PF_EXITING:
+                return False
+        except (OSError, ValueError, IndexError):
+            continue
+    return True
 
 
 def _descendants(root: int, table: dict[int, tuple[int, str]]) -> list[int]:
@@ -129,24 +159,29 @@ def _reap_nohang() -> None:
 
 
 def kill_strays(keep) -> int:
-    """Kill every process of this jail below the zygote for which ``keep(pid, ppid)`` is false."""
+    """Kill every process of this jail below the zygote for which ``keep(pid, ppid)`` is false,
+    and wait until each is exiting (not until its teardown is over: that happens off the
+    request path, while the next run may already be going)."""
     me = os.getpid()
-    killed = 0
-    for _ in range(200):
+    killed: set[int] = set()
+    for attempt in range(5000):
         table = _process_table()
         strays = [p for p in _descendants(me, table) if not keep(p, table[p][0])]
-        if not strays:
+        alive = [p for p in strays if p not in killed or not _exiting(p)]
+        if not alive:
             break
-        for pid in strays:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-            except ProcessLookupError:
-                pass
+        for pid in alive:
+            if pid not in killed:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                killed.add(pid)
         _reap_nohang()
-        time.sleep(0.001)
+        if attempt:
+            time.sleep(0.0002)
     _reap_nohang()
-    return killed
+    return len(killed)
 
 
 def wipe(path: str) -> None:
@@ -496,12 +531,19 @@ def _safe_str(exc: BaseException) -> str:
         return f"<unprintable {type(exc).__name__}>"
 
 
-def _cell_limits(req: dict) -> None:
-    cpu = max(1, int(-(-float(req.get("cpu_s", 30)) // 1)))
-    try:
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    except (ValueError, OSError):
-        pass
+def _cpu_limit(seconds: float, already: int | None = None) -> int:
+    cpu = max(1, int(-(-float(seconds) // 1)))
+    if cpu != already:
+        try:
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        except (ValueError, OSError):
+            pass
+    return cpu
+
+
+def _cell_limits(req: dict, cpu_preset: int | None = None) -> None:
+    """Limits of one run; a spare has already set the policy's CPU limit while it waited."""
+    _cpu_limit(req.get("cpu_s", 30), cpu_preset)
     if CONFIG.get("rlimit_as_mib"):
         # No cgroup: cap the address space at what the cell has now plus its memory budget.
         with open("/proc/self/statm") as f:
@@ -653,11 +695,13 @@ def _spare_main(pipes: Pipes, ctrl_r: int) -> None:
         _cell_prepare()
         _warm_up()
         _hide_blocked_modules()
+        cpu_preset = _cpu_limit(CONFIG.get("cpu_s", 30))  # off the request's path
         req = proto.read_frame(moved[ctrl_r], MAX_REPORT)
         os.close(moved[ctrl_r])
-        _cell_limits(req)
+        _cell_limits(req, cpu_preset)
         glb = _user_globals()
-        install_host_functions(glb, req.get("functions") or [], res_fd)
+        if req.get("functions"):
+            install_host_functions(glb, req["functions"], res_fd)
         report = execute(req["code"], glb)
         _finish_cell(res_fd, report)
         # Park: the zygote kills this process after it has replied, so the exit teardown of a
@@ -1170,7 +1214,8 @@ def _head_main(sock: socket.socket, glb: dict, workspace: str) -> None:
                 if fd > 3:
                     os.close(fd)
             _cell_limits(req)
-            install_host_functions(glb, req.get("functions") or [], 3)
+            if req.get("functions"):
+                install_host_functions(glb, req["functions"], 3)
             report = execute(req["code"], glb)
             _finish_cell(3, report)
             devnull = os.open("/dev/null", os.O_WRONLY)  # detach from this run's pipes
@@ -1367,17 +1412,15 @@ def _exit_usage(info: dict):
 
 
 def _proc_cpu(pid: int) -> tuple[float, int]:
+    """CPU seconds and peak RSS (bytes) of a live process, from /proc (it is not our child)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        data = _read_proc(f"/proc/{pid}/stat", 4096)
         fields = data[data.rindex(b")") + 2 :].split()
-        tick = os.sysconf("SC_CLK_TCK")
-        cpu = (int(fields[11]) + int(fields[12])) / tick
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmHWM:"):
-                    return cpu, int(line.split()[1]) * 1024
-        return cpu, 0
+        cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
+        status = _read_proc(f"/proc/{pid}/status", 16384)
+        at = status.find(b"VmHWM:")
+        hwm = int(status[at + 6 : status.index(b"k", at)]) * 1024 if at >= 0 else 0
+        return cpu, hwm
     except (OSError, ValueError, IndexError):
         return 0.0, 0
 
