@@ -22,11 +22,11 @@ from ._errors import InputError, JailError, SandboxClosed
 from ._policy import MIB, Policy
 from ._result import Result
 from .backends import get_backend
-from .jail._host import Jail, JailTimeout, close_all
+from .jail._host import HeadLost, Jail, JailTimeout, close_all
+from .jail._protocol import ProtocolError
 
 __all__ = ["Sandbox", "AsyncSandbox", "Session", "AsyncSession", "Pool"]
 
-HOST_GRACE_S = 2.0  # the host kills a jail that has not answered timeout + this
 MAX_NAME = 1024
 atexit.register(close_all)
 
@@ -129,8 +129,7 @@ class _Engine:
     def new_jail(self, session: bool) -> Jail:
         return Jail(self.backend, self.policy, session=session)
 
-    def run_request(self, code: Any, timeout: float | None,
-                    files: Mapping[str, Any] | None) -> tuple[dict[str, Any], float]:
+    def run_request(self, code: Any, timeout: float | None, files: Mapping[str, Any] | None) -> dict[str, Any]:
         code = _check_code(code, self.policy)
         lim = self.policy.limits
         wall = float(timeout) if timeout is not None else lim.wall_s
@@ -138,25 +137,24 @@ class _Engine:
             raise InputError(f"timeout must be between 0 and 86400 seconds, got {timeout!r}")
         # Without an explicit cpu_s the CPU limit follows the wall-clock limit.
         cpu = lim.cpu_s if lim.cpu_s is not None else wall
-        req = {"op": "run", "code": code, "timeout": wall, "cpu_s": cpu, "files": _check_files(files, self.policy)}
+        req = {"code": code, "timeout": wall, "cpu_s": cpu, "files": _check_files(files, self.policy)}
         if self.functions:
             req["functions"] = self.functions.names
-        return req, wall + HOST_GRACE_S
+        return req
 
-    def execute(self, jail: Jail, req: dict[str, Any], host_timeout: float) -> tuple[Result, bool]:
+    def execute(self, jail: Jail, req: dict[str, Any], head: str | None = None) -> tuple[Result, bool]:
         """Run ``req`` in ``jail``.  Returns the Result and whether the jail is still usable."""
         t0 = time.monotonic()
         try:
-            reply = jail.call(req, host_timeout, on_call=self.functions)
-        except JailTimeout:
+            reply = jail.run(req, head=head, on_call=self.functions)
+        except HeadLost:
+            raise
+        except (JailTimeout, EOFError, OSError, JailError, ProtocolError) as exc:
             jail.kill()
-            return self._host_failure("timeout", "Timeout", f"wall-clock limit of {req['timeout']:g} s reached "
-                                      "(enforced by the host)", t0), False
-        except (EOFError, OSError, JailError) as exc:
-            jail.kill()
-            return self._host_failure("killed", "JailDied", f"the jail stopped during the run ({exc})", t0), False
-        if reply.get("op") == "error":
-            raise_reply_error(reply)
+            why = "it stopped answering" if isinstance(exc, JailTimeout) else f"{type(exc).__name__}: {exc}"
+            return self._host_failure("killed", "JailDied", f"the jail broke during the run ({why})", t0), False
+        if "input_error" in reply:
+            raise InputError(reply["input_error"])
         return self.to_result(reply, jail), True
 
     def _host_failure(self, status: str, etype: str, message: str, t0: float) -> Result:
@@ -229,18 +227,16 @@ class Sandbox:
 
     def run(self, code: str, *, timeout: float | None = None, files: Mapping[str, Any] | None = None) -> Result:
         """Run ``code`` in a fresh cell; errors in the code come back in the Result."""
-        req, host_timeout = self._engine.run_request(code, timeout, files)
+        req = self._engine.run_request(code, timeout, files)
         with self._lock:
             for attempt in (1, 2):
                 jail = self._ensure_jail()
-                result, usable = self._engine.execute(jail, req, host_timeout)
+                result, usable = self._engine.execute(jail, req)
                 if usable:
                     break
                 self._jail = None
                 # A cell cannot kill its zygote, so a dead jail is an infrastructure failure:
-                # run once more on a fresh jail.  A timeout is the program's doing: no retry.
-                if result.status == "timeout" or (result.error or {}).get("type") != "JailDied":
-                    break
+                # run once more on a fresh jail.
         return result
 
     def session(self, *, idle_timeout: float | None = None) -> "Session":
@@ -300,7 +296,9 @@ class Session:
     def _create(cls, engine: _Engine, idle_timeout: float | None) -> "Session":
         shared = _SessionJail(engine.new_jail(session=True))
         try:
-            reply = shared.jail.call({"op": "new"}, 30)
+            reply = shared.jail.request({"op": "new"})
+            if reply.get("op") != "ok":
+                raise_reply_error(reply)
         except Exception:
             shared.jail.close()
             raise
@@ -315,11 +313,13 @@ class Session:
         req = dict(req, head=self._head)
         with self._shared.lock:
             try:
-                reply = self._shared.jail.call(req, timeout)
-            except (JailTimeout, EOFError, OSError) as exc:
+                reply = self._shared.jail.request(req, timeout)
+            except (JailTimeout, EOFError, OSError, ProtocolError) as exc:
                 self._shared.jail.kill()
                 raise JailError(f"the session's jail stopped answering ({type(exc).__name__}); the session is lost") from None
         if reply.get("op") == "error":
+            if reply.get("type") == "HeadLost":
+                self._closed = True
             raise_reply_error(reply)
         return reply
 
@@ -332,14 +332,17 @@ class Session:
 
     def run(self, code: str, *, timeout: float | None = None, files: Mapping[str, Any] | None = None) -> Result:
         self._check_open()
-        req, host_timeout = self._engine.run_request(code, timeout, files)
+        req = self._engine.run_request(code, timeout, files)
         # Files of a session run are uploaded into the session's workspace first.
         for name, b64 in req.pop("files").items():
             self._call({"op": "upload", "name": name, "data": b64})
         req["files"] = {}
-        req["head"] = self._head
         with self._shared.lock:
-            result, usable = self._engine.execute(self._shared.jail, req, host_timeout)
+            try:
+                result, usable = self._engine.execute(self._shared.jail, req, head=self._head)
+            except HeadLost as exc:
+                self._closed = True
+                raise JailError(f"{exc}; create a new session") from None
         if not usable:
             self._closed = True
         return result
@@ -377,7 +380,7 @@ class Session:
             shared.refs -= 1
             if shared.jail.alive():
                 try:
-                    shared.jail.call({"op": "close", "head": self._head}, 10)
+                    shared.jail.request({"op": "close", "head": self._head}, 10)
                 except Exception:
                     shared.jail.kill()
             if shared.refs <= 0:

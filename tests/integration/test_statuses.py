@@ -174,6 +174,11 @@ def test_stateless_runs_share_nothing(standard):
         "import json, os\n"
         "print(json.dumps([1]), len([1, 2]), os.environ.get('LEAK'), os.path.exists('/tmp/leak'),\n"
         "      os.path.exists('leak.txt'), 'secret_global' in globals())\n"
+        "import time\n"
+        "for _ in range(400):  # killed before this run started; its teardown may take a moment\n"
+        f"    if not os.path.exists('/proc/{child}'):\n"
+        "        break\n"
+        "    time.sleep(0.005)\n"
         f"print(os.path.exists('/proc/{child}'))"
     )
     lines = second.stdout.splitlines()

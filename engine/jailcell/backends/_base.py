@@ -71,7 +71,8 @@ class Backend:
 
     name = "base"
 
-    def spawn(self, policy: Policy, *, session: bool, stderr: Any) -> Spawned:
+    def spawn(self, policy: Policy, *, session: bool, stderr: Any, channel: int) -> Spawned:
+        """Start a zygote whose fds 0 and 1 are ``channel`` (the control socket)."""
         raise NotImplementedError
 
     def after_ready(self, spawned: Spawned, policy: Policy) -> None:
@@ -98,8 +99,7 @@ class Backend:
             "preload": list(policy.preload),
             "imports": {"allow": list(policy.imports.allow), "deny": list(policy.imports.deny)},
             "code_mode": policy.code_mode,
-            "limits": {"output_bytes": policy.limits.output_bytes},
-            "cpu_s": policy.limits.effective_cpu_s,  # spares set it before they are needed
+            "cpu_s": policy.limits.effective_cpu_s,
             "trusted_paths": interpreter_paths() + [str(JAIL_SRC) if not pid_namespace else "/jailcell/jail"],
             "rlimit_as_mib": policy.limits.memory_mib if rlimit_as else None,
             "site_dirs": site_dirs(),

@@ -149,7 +149,7 @@ class NsjailBackend(Backend):
         self.as_root = os.geteuid() == 0
         self.cgroups = Cgroups.detect()
 
-    def spawn(self, policy: Policy, *, session: bool, stderr: Any) -> Spawned:
+    def spawn(self, policy: Policy, *, session: bool, stderr: Any, channel: int) -> Spawned:
         lim = policy.limits
         allowance = preload_allowance(policy)
         pids = lim.pids + 3  # zygote + spare (or head) + the cell's own main thread
@@ -162,8 +162,8 @@ class NsjailBackend(Backend):
         config = self.zygote_config(policy, session=session, workspace=WORKSPACE, tmp=TMP,
                                     pid_namespace=True, rlimit_as=dirs is None)
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-                                    env={}, close_fds=True, start_new_session=True, bufsize=0)
+            proc = subprocess.Popen(argv, stdin=channel, stdout=channel, stderr=stderr,
+                                    env={}, close_fds=True, start_new_session=True)
         except OSError as exc:
             if dirs is not None:
                 self.cgroups.remove(dirs)

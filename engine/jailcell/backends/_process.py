@@ -36,7 +36,7 @@ def _count_user_processes() -> int:
 class ProcessBackend(Backend):
     name = "process"
 
-    def spawn(self, policy: Policy, *, session: bool, stderr: Any) -> Spawned:
+    def spawn(self, policy: Policy, *, session: bool, stderr: Any, channel: int) -> Spawned:
         lim = policy.limits
         root = tempfile.mkdtemp(prefix="jailcell-")
         workspace, tmp = os.path.join(root, "work"), os.path.join(root, "tmp")
@@ -58,8 +58,8 @@ class ProcessBackend(Backend):
         env = self.env(policy, tmp=tmp, home=workspace)
         proc = subprocess.Popen(
             zygote_argv(sys.executable, str(JAIL_SRC / "zygote.py")),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=workspace,
-            close_fds=True, start_new_session=True, preexec_fn=limits, bufsize=0,
+            stdin=channel, stdout=channel, stderr=stderr, env=env, cwd=workspace,
+            close_fds=True, start_new_session=True, preexec_fn=limits,
         )
         return Spawned(proc, config, {"root": root})
 

@@ -1,4 +1,10 @@
-"""Host side of one jail: start the zygote under a backend, exchange frames, tear down.
+"""Host side of one jail: start the zygote under a backend, hold its spare cells, run requests.
+
+The control channel to the zygote is a unix socket (the zygote's fd 0).  The zygote announces
+each spare cell with its channels (file descriptors over SCM_RIGHTS); a run then goes straight
+to the cell (see ``_supervisor.py``) and the zygote only hears ``done`` afterwards, when it
+sweeps the jail.  Messages the zygote sends on its own -- ``spare``, ``drop``, ``exit``,
+``clean``, ``lost`` -- are read whenever the host waits for something on the channel.
 
 A :class:`Jail` is not thread-safe by itself; the public API serialises access to it.
 Teardown follows trio's rule -- close the channel, wait briefly, kill -- and then removes
@@ -7,9 +13,11 @@ whatever the backend created (cgroups, temp dirs), so nothing is left on the hos
 
 from __future__ import annotations
 
+import collections
 import os
 import select
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -21,15 +29,79 @@ from .._policy import Policy
 from ..backends import Backend
 from ..backends._base import Spawned
 from . import _protocol as proto
+from ._supervisor import Spare, outcome, supervise
 
 START_TIMEOUT_S = 120.0  # preloading pandas+matplotlib on a cold disk can take a while
+SPARE_TIMEOUT_S = 60.0   # a spare cell must be ready within this (a nursery restart included)
+REPLY_TIMEOUT_S = 30.0   # the zygote answers control requests and sweeps within this
 REPLY_LIMIT = 512 * 1024 * 1024
 
 _live: "weakref.WeakSet[Jail]" = weakref.WeakSet()
 
 
 class JailTimeout(Exception):
-    """The jail did not answer in time (the host-side wall-clock limit)."""
+    """The jail did not answer in time."""
+
+
+class HeadLost(JailError):
+    """A session's state is gone (a program killed the process that held it)."""
+
+
+class _ControlLoop:
+    """One daemon thread that reads every jail's control channel as messages arrive, so what the
+    zygote sends after a run (its sweep, the next spare) is taken in while the caller is busy
+    elsewhere, not at the start of the next run."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jails: dict[int, weakref.ref[Jail]] = {}  # ctl fd -> jail
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def add(self, jail: "Jail") -> None:
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid():  # not started yet, or a forked child
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._loop, name="jailcell-control", daemon=True)
+                self._thread.start()
+            self._jails[jail.ctl.fileno()] = weakref.ref(jail)
+        self._wake()
+
+    def remove(self, fd: int) -> None:
+        with self._lock:
+            self._jails.pop(fd, None)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                fds = list(self._jails)
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
+            for fd in fds:
+                poller.register(fd, select.POLLIN)
+            for fd, _ev in poller.poll():
+                if fd == self._wake_r:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except OSError:
+                        pass
+                    continue
+                with self._lock:
+                    ref = self._jails.get(fd)
+                jail = ref() if ref is not None else None
+                if jail is None or not jail.on_readable():
+                    self.remove(fd)
+
+
+_control = _ControlLoop()
 
 
 class Jail:
@@ -37,31 +109,51 @@ class Jail:
         self.backend = backend
         self.policy = policy
         self.session = session
+        self.ctl: socket.socket | None = None
         self._spawned: Spawned | None = None
         self._stderr = tempfile.TemporaryFile(prefix="jailcell-log-")
-        self._buf = bytearray()
-        self._send_lock = threading.Lock()  # interrupt() writes while another thread waits in call()
+        self._cv = threading.Condition()  # guards everything below; the control thread writes it
+        self._spares: collections.deque[Spare] = collections.deque()  # stateless jails
+        self._heads: dict[str, Spare | None] = {}                     # session jails: head -> its spare
+        self._lost: set[str] = set()
+        self._exits: dict[int, dict[str, Any]] = {}
+        self._replies: collections.deque[dict[str, Any]] = collections.deque()
+        self._used: dict[int, Spare] = {}  # cells whose sweep the zygote has not confirmed yet
+        self._broken: str | None = None
+        self._interrupt_r, self._interrupt_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.ready: dict[str, Any] = {}
         self._oom_seen = 0
         self.closed = False
-        self._start()
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
         _live.add(self)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def _start(self) -> None:
-        spawned = self.backend.spawn(self.policy, session=self.session, stderr=self._stderr)
+        host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.ctl = host
+        try:
+            spawned = self.backend.spawn(self.policy, session=self.session, stderr=self._stderr, channel=child.fileno())
+        finally:
+            child.close()
         self._spawned = spawned
         try:
-            self._send(spawned.config)
-            self.ready = self._recv(time.monotonic() + START_TIMEOUT_S)
+            proto.send(host, spawned.config)
+            _control.add(self)
+            deadline = time.monotonic() + START_TIMEOUT_S
+            self.ready = self._reply(deadline)
             if self.ready.get("op") != "ready":
                 raise JailError(f"zygote answered {self.ready!r} instead of ready")
+            if not self.session:
+                self._wait(lambda: bool(self._spares), deadline)  # the first run is warm
             self.backend.after_ready(spawned, self.policy)
             self._oom_seen = self.backend.oom_kills(spawned)
         except (JailTimeout, EOFError, OSError, proto.ProtocolError) as exc:
             log = self.log()
-            self.close()
             raise JailError(
                 f"the {self.backend.name} jail failed to start ({type(exc).__name__}: {exc}).\n{log}\n"
                 "Run `jailcell check` to see what isolation works on this machine."
@@ -72,7 +164,8 @@ class Jail:
         return self._spawned.proc.pid if self._spawned else None
 
     def alive(self) -> bool:
-        return not self.closed and self._spawned is not None and self._spawned.proc.poll() is None
+        """The control thread notices at once when the zygote (and so the jail) is gone."""
+        return not self.closed and self._broken is None and self._spawned is not None
 
     def log(self) -> str:
         try:
@@ -82,16 +175,26 @@ class Jail:
             return ""
 
     def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
+        with self._cv:
+            if self.closed:
+                return
+            self.closed = True
+            spares = [*self._spares, *(s for s in self._heads.values() if s is not None), *self._used.values()]
+            self._spares.clear()
+            self._heads.clear()
+            self._used.clear()
+            self._cv.notify_all()
+        for spare in spares:
+            spare.close()
+        if self.ctl is not None:
+            _control.remove(self.ctl.fileno())
+            try:
+                self.ctl.shutdown(socket.SHUT_RDWR)  # the zygote exits on EOF; pid 1 exiting ends the jail
+            except OSError:
+                pass
         spawned, self._spawned = self._spawned, None
         if spawned is not None:
             proc = spawned.proc
-            try:
-                proc.stdin.close()  # the zygote exits on EOF; pid 1 exiting ends the jail
-            except OSError:
-                pass
             try:
                 proc.wait(timeout=0.5)
             except Exception:
@@ -100,11 +203,16 @@ class Jail:
                     proc.wait(timeout=5)
                 except Exception:
                     pass
-            if proc.stdout:
-                proc.stdout.close()
             if self.backend.name == "process":
                 _killpg(proc.pid)  # anything the zygote's session left
             self.backend.teardown(spawned)
+        if self.ctl is not None:
+            self.ctl.close()
+        for fd in (self._interrupt_r, self._interrupt_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         try:
             self._stderr.close()
         except OSError:
@@ -123,64 +231,108 @@ class Jail:
         except Exception:
             pass
 
-    # -- frames ---------------------------------------------------------------------------------
+    # -- the control channel ---------------------------------------------------------------------
 
-    def call(self, request: dict[str, Any], timeout: float,
-             on_call: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:
-        """Send one request and wait for its reply; on ``timeout`` raise :class:`JailTimeout`.
+    def on_readable(self) -> bool:
+        """Called by the control thread: take in one message.  False once the channel is done."""
+        if self.closed or self.ctl is None:
+            return False
+        try:
+            msg, fds = proto.recv(self.ctl, REPLY_LIMIT)
+        except (EOFError, OSError, proto.ProtocolError) as exc:
+            with self._cv:
+                self._broken = f"{type(exc).__name__}: {exc}"
+                self._cv.notify_all()
+            return False
+        with self._cv:
+            if self.closed:
+                for fd in fds:
+                    os.close(fd)
+                return False
+            if not self._dispatch(msg, fds):
+                self._replies.append(msg)
+            self._cv.notify_all()
+        return True
 
-        While a run waits, the zygote may forward host-function calls (``{"op": "call"}``):
-        ``on_call`` answers each, and the time it takes counts against ``timeout``."""
-        if self.closed or self._spawned is None:
+    def _dispatch(self, msg: dict[str, Any], fds: list[int]) -> bool:
+        """Take in a message the zygote sent on its own; False for a reply to a request."""
+        op = msg.get("op")
+        if op == "spare" and len(fds) == 5:
+            spare = Spare(int(msg["pid"]), msg.get("head"), fds)
+            if spare.head is None:
+                self._spares.append(spare)
+            elif spare.head in self._heads and spare.head not in self._lost:
+                old = self._heads[spare.head]
+                if old is not None:
+                    old.close()
+                self._heads[spare.head] = spare
+            else:  # a session closed meanwhile
+                spare.close()
+            return True
+        for fd in fds:
+            os.close(fd)
+        if op == "drop":
+            for spare in [s for s in self._spares if s.pid == msg.get("pid")]:
+                self._spares.remove(spare)
+                spare.close()
+        elif op == "exit":
+            self._exits[int(msg.get("cell", 0))] = msg
+        elif op == "clean":
+            spare = self._used.pop(msg.get("cell"), None)
+            if spare is not None:
+                spare.close()
+        elif op == "broken":  # the zygote could not sweep the jail after a run: replace it
+            self._broken = str(msg.get("message", "the zygote reported a failure"))
+        elif op == "lost":
+            head = str(msg.get("head"))
+            self._lost.add(head)
+            spare = self._heads.get(head)
+            if spare is not None:
+                spare.close()
+                self._heads[head] = None
+        else:
+            return False
+        return True
+
+    def _wait(self, until: Callable[[], bool], deadline: float) -> None:
+        """Until ``until()`` holds (checked under the lock) -- or raise why it cannot."""
+        with self._cv:
+            while not until():
+                if self.closed:
+                    raise JailError("the jail is closed")
+                if self._broken is not None:
+                    raise EOFError(f"the jail's control channel broke ({self._broken})")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise JailTimeout()
+                self._cv.wait(remaining)
+
+    def _reply(self, deadline: float) -> dict[str, Any]:
+        self._wait(lambda: bool(self._replies), deadline)
+        with self._cv:
+            return self._replies.popleft()
+
+    def request(self, obj: dict[str, Any], timeout: float = REPLY_TIMEOUT_S) -> dict[str, Any]:
+        """A control request (session operations, ping) and the zygote's reply."""
+        if self.closed or self.ctl is None:
             raise JailError("the jail is closed")
-        deadline = time.monotonic() + timeout
-        self._send(request)
-        while True:
-            reply = self._recv(deadline)
-            if reply.get("op") != "call":
-                return reply
-            answer = on_call(reply) if on_call is not None else {
-                "error": {"type": "NameError", "message": "this sandbox has no host functions"}}
-            self._send({"op": "call_result", **answer})
-
-    def _send(self, obj: dict[str, Any]) -> None:
-        assert self._spawned is not None
-        with self._send_lock:
-            proto.write_frame(self._spawned.proc.stdin.fileno(), obj)
+        proto.send(self.ctl, obj)
+        reply = self._reply(time.monotonic() + timeout)
+        with self._cv:
+            if reply.get("op") == "ok" and obj.get("op") in ("new", "fork"):
+                self._heads[str(reply["head"])] = None
+            if obj.get("op") == "close":
+                spare = self._heads.pop(str(obj.get("head")), None)
+                if spare is not None:
+                    spare.close()
+        return reply
 
     def interrupt(self) -> None:
-        """Ask the zygote to kill the cell that is running now (ignored if none is)."""
-        spawned = self._spawned
-        if spawned is not None and not self.closed:
-            try:
-                self._send({"op": "interrupt"})
-            except OSError:
-                pass
-
-    def _recv(self, deadline: float) -> dict[str, Any]:
-        assert self._spawned is not None
-        fd = self._spawned.proc.stdout.fileno()
-        need = proto.HEADER.size
-        length = None
-        while True:
-            if len(self._buf) >= need:
-                if length is None:
-                    length = proto.parse_header(bytes(self._buf[: proto.HEADER.size]), REPLY_LIMIT)
-                    need = proto.HEADER.size + length
-                    continue
-                body = bytes(self._buf[proto.HEADER.size : need])
-                del self._buf[:need]
-                return proto.decode(body)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise JailTimeout()
-            ready, _, _ = select.select([fd], [], [], remaining)
-            if not ready:
-                raise JailTimeout()
-            chunk = os.read(fd, max(need - len(self._buf), 1 << 16))
-            if not chunk:
-                raise EOFError("the jail exited")
-            self._buf += chunk
+        """Kill the cell that is running now (ignored if none is); safe from any thread."""
+        try:
+            os.write(self._interrupt_w, b"!")
+        except OSError:
+            pass
 
     def new_oom_kill(self) -> bool:
         """Did the OOM killer strike in this jail since the last time we asked?  (read only on SIGKILL)"""
@@ -189,6 +341,62 @@ class Jail:
         count = self.backend.oom_kills(self._spawned)
         seen, self._oom_seen = self._oom_seen, count
         return count > seen
+
+    # -- runs ------------------------------------------------------------------------------------
+
+    def _take_spare(self, head: str | None) -> Spare:
+        deadline = time.monotonic() + SPARE_TIMEOUT_S
+        if head is None:
+            self._wait(lambda: not self._used and bool(self._spares), deadline)
+            with self._cv:
+                return self._spares.popleft()
+
+        def ready() -> bool:
+            if head in self._lost:
+                raise HeadLost("the session's state was lost: a program killed the process that held it")
+            if head not in self._heads:
+                raise JailError(f"no such session {head!r}")
+            return not self._used and self._heads[head] is not None
+
+        self._wait(ready, deadline)
+        with self._cv:
+            spare, self._heads[head] = self._heads[head], None
+        assert spare is not None
+        return spare
+
+    def _done(self, spare: Spare, finished: bool) -> None:
+        """Hand the used cell back: the zygote sweeps the jail (``clean`` closes our ends)."""
+        with self._cv:
+            self._used[spare.pid] = spare
+        proto.send(self.ctl, {"op": "done", "cell": spare.pid, "head": spare.head, "finished": finished})
+
+    def run(self, req: dict[str, Any], *, head: str | None = None,
+            on_call: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Run ``req`` in a spare cell (of session ``head``, or a fresh one) and return the
+        result's fields.  Raises JailTimeout / EOFError / OSError when the jail is broken."""
+        if self.closed or self.ctl is None:
+            raise JailError("the jail is closed")
+        cap = self.policy.limits.output_bytes
+        for _attempt in range(3):
+            spare = self._take_spare(head)
+            while True:  # interrupts sent while no run was going on do not count
+                try:
+                    os.read(self._interrupt_r, 4096)
+                except BlockingIOError:
+                    break
+            seen = supervise(spare, req, output_cap=cap, interrupt_fd=self._interrupt_r, on_call=on_call)
+            if seen.finished:
+                result = outcome(seen, req, None, spare.usage(), cap)
+                self._done(spare, True)  # the zygote sweeps while the caller gets its result
+                return result
+            self._done(spare, False)
+            self._wait(lambda: spare.pid in self._exits, time.monotonic() + REPLY_TIMEOUT_S)
+            with self._cv:
+                info = self._exits.pop(spare.pid)
+            usage = (float(info.get("utime") or 0) + float(info.get("stime") or 0), int(info.get("maxrss") or 0) * 1024)
+            if seen.started or head is not None:
+                return outcome(seen, req, info, usage, cap)
+        raise JailError("no spare cell of this jail could take the run (they kept dying)")
 
 
 def _killpg(pid: int) -> None:

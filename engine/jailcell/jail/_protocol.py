@@ -1,21 +1,36 @@
-"""Framing shared by the host and the in-jail zygote (stdlib only: it is imported inside the jail).
+"""Framing shared by the host, the in-jail zygote and the cells (stdlib only: it is imported inside the jail).
 
 A frame is an 8-byte header -- magic ``b"JC"``, protocol version, kind, payload length
 (big-endian u32) -- followed by a UTF-8 JSON payload.  Readers bound the length before
 allocating, so a peer cannot make the other side allocate more than it agreed to.
+
+Channels (see ``zygote.py`` for the processes):
+
+- host <-> zygote: a unix stream socket (the zygote's fd 0); control frames, and file
+  descriptors (SCM_RIGHTS) travelling with the header of a frame;
+- host -> cell: a pipe carrying exactly one request frame;
+- cell -> host: a unix stream socket (the cell's fd 3) carrying the cell's report, and
+  host-function calls and their answers.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 
 MAGIC = b"JC"
-VERSION = 1
+VERSION = 2
 KIND_JSON = 1
 HEADER = struct.Struct(">2sBBI")
 DEFAULT_LIMIT = 64 * 1024 * 1024
+
+MAX_REPORT = 48 * 1024 * 1024     # a cell's report (stdout/stderr travel separately, in pipes)
+MAX_CALL = 8 * 1024 * 1024        # a host-function call's arguments, and its answer, at most
+MAX_CALLS_PER_RUN = 10_000        # host-function calls one run may make
+CALL_PREFIX = b'{"call":'         # how a call frame's payload starts (a report's never does)
+MAX_FDS = 8                       # file descriptors one control frame may carry
 
 
 class ProtocolError(Exception):
@@ -30,11 +45,14 @@ def encode(obj: object) -> bytes:
     return HEADER.pack(MAGIC, VERSION, KIND_JSON, len(body)) + body
 
 
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def write_frame(fd: int, obj: object) -> None:
-    data = memoryview(encode(obj))
-    while data:
-        n = os.write(fd, data)
-        data = data[n:]
+    write_all(fd, encode(obj))
 
 
 def read_exact(fd: int, n: int) -> bytes:
@@ -72,3 +90,45 @@ def decode(body: bytes) -> dict:
 def read_frame(fd: int, limit: int = DEFAULT_LIMIT) -> dict:
     length = parse_header(read_exact(fd, HEADER.size), limit)
     return decode(read_exact(fd, length))
+
+
+def frame_length(buf: bytes | bytearray, limit: int) -> int | None:
+    """Total size of the frame at the start of ``buf`` once its header is there, else None."""
+    if len(buf) < HEADER.size:
+        return None
+    return HEADER.size + parse_header(bytes(buf[: HEADER.size]), limit)
+
+
+# -- sockets: frames with file descriptors ------------------------------------------------------
+
+def send(sock: socket.socket, obj: object, fds: tuple[int, ...] | list[int] = ()) -> None:
+    """One frame over a stream socket; ``fds`` travel with it (SCM_RIGHTS).  A small frame goes
+    in one system call, so a sender that is stopped or killed midway never leaves half of one."""
+    frame = encode(obj)
+    sent = socket.send_fds(sock, [frame], list(fds)) if fds else sock.send(frame)
+    if sent < len(frame):
+        sock.sendall(frame[sent:])
+
+
+def _sock_exact(sock: socket.socket, n: int, first: bytes = b"") -> bytes:
+    buf = bytearray(first)
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise EOFError("peer closed the socket")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv(sock: socket.socket, limit: int = DEFAULT_LIMIT) -> tuple[dict, list[int]]:
+    """One frame and the file descriptors that came with it (the caller owns them)."""
+    head, fds, _flags, _addr = socket.recv_fds(sock, HEADER.size, MAX_FDS)
+    try:
+        if not head:
+            raise EOFError("peer closed the socket")
+        length = parse_header(_sock_exact(sock, HEADER.size, head), limit)
+        return decode(_sock_exact(sock, length)), fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise

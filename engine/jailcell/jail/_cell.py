@@ -1,0 +1,545 @@
+"""What runs inside a cell, before, during and after the user's code.  Stdlib only; runs in the jail.
+
+A cell is a forked copy of a warm interpreter (the nursery's for stateless runs, a session
+holder's for sessions).  While it waits for work it has already warmed its code paths and
+hidden the modules the policy blocks.  Then it reads exactly one request from the host, writes
+the request's input files, sets the run's limits, executes the code in its globals and writes
+one report frame up its result channel (fd 3)::
+
+    {"status", "result", "error", "outputs", "files"}
+
+Everything the user's code can reach lives in this process, so nothing here is trusted by the
+host beyond "this is what the program said": the host decides the status of a run from what it
+observed itself (exit status, signals, its own timers and byte counts) and validates the report.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import builtins
+import fnmatch
+import io
+import linecache
+import os
+import resource
+import stat
+import sys
+import traceback
+
+import _protocol as proto
+
+CELL_FILENAME = "<cell>"
+RES_FD = 3                        # the cell's result channel (a socket to the host)
+MAX_REQUEST = 64 * 1024 * 1024    # code + base64 input files
+MAX_IMAGES_BYTES = 16 * 1024 * 1024
+MAX_LISTED_FILES = 1000
+REPORT_FAILED = 70                # exit status of a cell whose program broke its reporting
+
+CONFIG: dict = {}                 # the jail's config frame (set by the zygote)
+STATE: dict = {"hide": [], "trusted_prefixes": ("/nonexistent/",)}
+
+
+# ----------------------------------------------------------------------------------------------
+# the import policy
+# ----------------------------------------------------------------------------------------------
+
+class PolicyViolation(ImportError):
+    """An import refused by the jail's policy (an ImportError, so `except ImportError` works)."""
+
+
+def _module_matches(module: str, pattern: str) -> bool:
+    if fnmatch.fnmatchcase(module, pattern):
+        return True
+    return "*" not in pattern and module.startswith(pattern + ".")
+
+
+def import_blocked(module: str) -> bool:
+    imports = CONFIG.get("imports", {})
+    if any(_module_matches(module, p) for p in imports.get("deny", ())):
+        return True
+    allow = imports.get("allow", ())
+    return bool(allow) and not any(_module_matches(module, p) for p in allow)
+
+
+def _blocked_message(module: str) -> str:
+    imports = CONFIG.get("imports", {})
+    policy = CONFIG.get("policy_name", "?")
+    if imports.get("allow"):
+        allowed = ", ".join(imports["allow"][:30]) + (", ..." if len(imports["allow"]) > 30 else "")
+    else:
+        allowed = "everything except " + ", ".join(imports.get("deny", [])[:30])
+    return (
+        f"import of {module!r} is blocked by policy {policy!r}; allowed: {allowed} "
+        f"(to allow it, use a policy that extends {policy!r} with imports.allow_add/deny_remove)"
+    )
+
+
+def _trusted_frame(frame) -> bool:
+    """True when ``frame`` runs library code: a file under the interpreter's install, or a
+    stdlib module frozen into the interpreter (``<frozen os>``)."""
+    filename = frame.f_code.co_filename
+    return filename.startswith(STATE["trusted_prefixes"]) or filename.startswith("<frozen ")
+
+
+def install_import_guard() -> None:
+    """Refuse imports made *by user code* that the policy blocks.
+
+    Imports made by library code (numpy importing ctypes) are not blocked.  This is defence in
+    depth and a clear message for the model; the OS jail is the boundary, not this hook.
+    """
+    if not CONFIG.get("imports", {}).get("deny") and not CONFIG.get("imports", {}).get("allow"):
+        return
+    import importlib
+
+    real_import = builtins.__import__
+    real_import_module = importlib.import_module
+    getframe = sys._getframe
+
+    def check(name: str, frame) -> None:
+        if frame is not None and not _trusted_frame(frame) and name and import_blocked(name):
+            raise PolicyViolation(_blocked_message(name), name=name)
+
+    def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
+        if level == 0:
+            check(name, getframe(1))
+            if fromlist and not _trusted_frame(getframe(1)):
+                for sub in fromlist:
+                    if isinstance(sub, str) and sub != "*" and import_blocked(f"{name}.{sub}"):
+                        check(f"{name}.{sub}", getframe(1))
+        return real_import(name, globals, locals, fromlist, level)
+
+    def guarded_import_module(name, package=None):
+        if not name.startswith("."):
+            check(name, getframe(1))
+        return real_import_module(name, package)
+
+    builtins.__import__ = guarded_import
+    importlib.import_module = guarded_import_module
+    sys.meta_path.insert(0, _PolicyFinder(os.path.dirname(importlib.__file__) + "/", check))
+
+
+class _PolicyFinder:
+    """A meta-path finder that refuses blocked modules not yet loaded, whatever route was taken
+    (``importlib.util.find_spec``, a restored ``__import__``, loaders): it looks at the first frame
+    outside the import machinery.  The ``__import__`` wrapper covers modules already loaded."""
+
+    def __init__(self, importlib_dir: str, check) -> None:
+        self.importlib_dir = importlib_dir
+        self.check = check
+
+    def find_spec(self, name, path=None, target=None):
+        frame = sys._getframe(1)
+        while frame is not None:
+            filename = frame.f_code.co_filename
+            if not (filename.startswith("<frozen importlib") or filename.startswith(self.importlib_dir)):
+                break
+            frame = frame.f_back
+        self.check(name, frame)
+        return None
+
+
+def blocked_loaded_modules() -> list[str]:
+    """Loaded modules the policy blocks that can safely be dropped from sys.modules (computed once,
+    in the zygote; interpreter built-ins such as sys, posix or _signal cannot be loaded twice)."""
+    builtin = set(sys.builtin_module_names)
+    return [n for n, m in list(sys.modules.items())
+            if n not in builtin and getattr(m, "__file__", None) and import_blocked(n)]
+
+
+def _hide_blocked_modules() -> None:
+    """Take modules the policy blocks out of sys.modules before user code runs, so `sys.modules[...]`
+    does not hand them over.  Libraries keep their own references; a later import by library
+    code loads them again through the import guard (which lets library code through)."""
+    for name in STATE["hide"]:
+        sys.modules.pop(name, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# executing the user's code
+# ----------------------------------------------------------------------------------------------
+
+def _split_last_expression(tree: ast.Module):
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = tree.body.pop()
+        return tree, ast.Expression(body=last.value)
+    return tree, None
+
+
+def _trim_traceback(exc: BaseException) -> str:
+    """The traceback from the user's first frame on, without jailcell's own frames at the end."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != CELL_FILENAME:
+        tb = tb.tb_next
+    if tb is None:  # e.g. a SyntaxError: no frame of the user's code
+        return "".join(traceback.format_exception_only(type(exc), exc))
+    summary = traceback.extract_tb(tb)
+    own = os.path.dirname(os.path.abspath(__file__))
+    while summary and summary[-1].filename.startswith(own + "/"):
+        summary.pop()
+    lines = ["Traceback (most recent call last):\n", *traceback.format_list(summary)]
+    return "".join(lines + traceback.format_exception_only(type(exc), exc))
+
+
+def _figures() -> list[dict]:
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is None:
+        return []
+    out, total = [], 0
+    for num in list(plt.get_fignums()):
+        fig = plt.figure(num)
+        buf = io.BytesIO()
+        try:
+            fig.savefig(buf, format="png")
+        except Exception:
+            continue
+        finally:
+            plt.close(fig)
+        data = buf.getvalue()
+        total += len(data)
+        if total > MAX_IMAGES_BYTES:
+            break
+        out.append({"mime_type": "image/png", "data": base64.b64encode(data).decode("ascii")})
+    return out
+
+
+def _patch_show(collected: list) -> None:
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is not None:
+        plt.show = lambda *a, **k: collected.extend(_figures())
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return f"<unprintable {type(exc).__name__}>"
+
+
+def execute(code: str, glb: dict) -> dict:
+    """Run ``code`` in ``glb``; return the cell's report (status, result, error, outputs)."""
+    report: dict = {"status": "ok", "result": None, "error": None, "outputs": []}
+    collected: list = []
+    _patch_show(collected)
+    linecache.cache[CELL_FILENAME] = (len(code), None, code.splitlines(True), CELL_FILENAME)
+    try:
+        if CONFIG.get("code_mode") == "restricted":
+            from _restricted import run_restricted
+
+            value = run_restricted(code, glb, CELL_FILENAME, lambda m: not import_blocked(m))
+        else:
+            tree = ast.parse(code, CELL_FILENAME, "exec")
+            body, last = _split_last_expression(tree)
+            exec(compile(body, CELL_FILENAME, "exec"), glb)
+            value = eval(compile(last, CELL_FILENAME, "eval"), glb) if last is not None else None
+        if value is not None:
+            try:
+                report["result"] = repr(value)
+            except Exception as exc:  # a broken __repr__ is the user's error, not ours
+                report["result"] = f"<repr failed: {type(exc).__name__}: {exc}>"
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            report["status"] = "error"
+            report["error"] = {"type": "SystemExit", "message": str(exc.code), "traceback": ""}
+    except BaseException as exc:  # noqa: BLE001 - everything the user's code raises is data
+        status = "error"
+        if isinstance(exc, MemoryError):
+            status = "memory_limit"
+        elif isinstance(exc, PolicyViolation) or getattr(exc, "jailcell_policy", False):
+            status = "policy_violation"
+        report["status"] = status
+        report["error"] = {"type": type(exc).__name__, "message": _safe_str(exc), "traceback": _trim_traceback(exc)}
+    try:
+        report["outputs"] = collected + _figures()
+    except Exception:
+        pass
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# host functions: stubs that call the host over the result channel
+# ----------------------------------------------------------------------------------------------
+
+def install_host_functions(glb: dict, names: list, fd: int) -> None:
+    """Define the host's functions in the cell's globals: each call is a frame up the result
+    channel, answered by the host with a value or an exception."""
+    import threading
+
+    lock = threading.Lock()  # one call at a time on the channel, whatever the program's threads do
+
+    def make(name: str):
+        def call(*args, **kwargs):
+            try:
+                frame = proto.encode({"call": name, "args": args, "kwargs": kwargs})
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"{name}(): arguments must be JSON values (str, int, float, bool, None, "
+                                f"lists, dicts with str keys): {exc}") from None
+            if len(frame) > proto.MAX_CALL:
+                raise ValueError(f"{name}(): arguments are {len(frame)} bytes encoded; the limit is {proto.MAX_CALL}")
+            with lock:
+                proto.write_all(fd, frame)
+                reply = proto.read_frame(fd, proto.MAX_CALL + 4096)
+            if "error" in reply:
+                err = reply["error"] if isinstance(reply["error"], dict) else {}
+                raise _host_exception(str(err.get("type", "RuntimeError")), str(err.get("message", "")))
+            return reply.get("value")
+
+        call.__name__ = call.__qualname__ = name
+        call.__doc__ = f"{name}(...) runs on the host; arguments and result are JSON values."
+        return call
+
+    for name in names:
+        glb[name] = make(name)
+
+
+def _host_exception(kind: str, message: str) -> BaseException:
+    """The host's exception as the same type (a built-in one) or a same-named Exception subclass."""
+    cls = getattr(builtins, kind, None)
+    if not (isinstance(cls, type) and issubclass(cls, Exception)):
+        cls = type(kind if kind.isidentifier() else "HostError", (Exception,), {"__module__": "host"})
+    try:
+        return cls(message)
+    except Exception:
+        return RuntimeError(f"{kind}: {message}")
+
+
+# ----------------------------------------------------------------------------------------------
+# workspace files
+# ----------------------------------------------------------------------------------------------
+
+def list_files(root: str) -> dict[str, tuple[int, int]]:
+    """Regular files below ``root``: relative name -> (size, mtime_ns)."""
+    out: dict[str, tuple[int, int]] = {}
+    stack = [root]
+    while stack and len(out) < MAX_LISTED_FILES:
+        d = stack.pop()
+        try:
+            it = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in it:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(e.path)
+            elif stat.S_ISREG(st.st_mode):
+                out[os.path.relpath(e.path, root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def safe_join(root: str, name: str) -> str:
+    """``root/name`` after checking ``name`` stays inside ``root`` (the host checked it too)."""
+    if not name or "\0" in name or name.startswith("/") or len(name) > 1024:
+        raise ValueError(f"invalid file name {name!r}")
+    parts = name.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"invalid file name {name!r}")
+    return os.path.join(root, *parts)
+
+
+def write_file(root: str, name: str, data: bytes) -> None:
+    path = safe_join(root, name)
+    cur = root
+    for part in name.split("/")[:-1]:
+        cur = os.path.join(cur, part)
+        try:
+            os.mkdir(cur, 0o755)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(cur).st_mode):
+                raise ValueError(f"{name!r}: {part!r} is not a directory") from None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{name!r} is not a regular file")
+        proto.write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
+def read_file(root: str, name: str, limit: int) -> bytes:
+    path = safe_join(root, name)
+    # Refuse symlinks anywhere on the path: a cell may have planted one.
+    cur = root
+    for part in name.split("/"):
+        cur = os.path.join(cur, part)
+        if stat.S_ISLNK(os.lstat(cur).st_mode):
+            raise ValueError(f"{name!r} is a symbolic link")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{name!r} is not a regular file")
+        if st.st_size > limit:
+            raise ValueError(f"{name!r} is {st.st_size} bytes, over the limit of {limit}")
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > limit:
+                raise ValueError(f"{name!r} is over the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------
+# the life of a cell
+# ----------------------------------------------------------------------------------------------
+
+def set_cpu_limit(seconds: float, session: bool) -> None:
+    """RLIMIT_CPU for this run: soft = the limit (SIGXCPU), hard one second later (SIGKILL).
+
+    A session cell may become the holder of the session's state, whose later cells must be able
+    to get a larger limit; there the hard limit stays where it was and the host enforces the
+    CPU limit too (it reads the cell's CPU time while the run goes on)."""
+    cpu = max(1, int(-(-float(seconds) // 1)))
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    if session:
+        want = (cpu if hard == resource.RLIM_INFINITY else min(cpu, hard), hard)
+    else:
+        want = (cpu, cpu + 1)
+    if resource.getrlimit(resource.RLIMIT_CPU) != want:
+        try:
+            resource.setrlimit(resource.RLIMIT_CPU, want)
+        except (ValueError, OSError):
+            pass
+
+
+def _set_memory_limit(session: bool) -> None:
+    """Without a cgroup (process fallback): cap the address space at what the cell has now plus
+    its memory budget (soft only in sessions, for the same reason as the CPU limit)."""
+    if not CONFIG.get("rlimit_as_mib"):
+        return
+    with open("/proc/self/statm") as f:
+        size = int(f.read().split()[0]) * resource.getpagesize()
+    limit = size + int(CONFIG["rlimit_as_mib"]) * 1024 * 1024
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1] if session else limit
+    try:
+        resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+    except (ValueError, OSError):
+        pass
+
+
+def prepare() -> None:
+    """First thing in a new cell (before it waits for work)."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")  # under memory pressure the cell dies, never the zygote or a holder
+    except OSError:
+        pass
+    if not CONFIG.get("pid_namespace"):
+        os.setpgid(0, 0)
+
+
+PRISTINE_BUILTINS = dict(builtins.__dict__)  # as they were before any user code
+
+
+def finish(report: dict, res_fd: int = RES_FD) -> None:
+    """Flush and write the report with pristine builtins (user code may have replaced ``len``).
+
+    The user's builtins are put back afterwards (a session keeps them, like a notebook).  If
+    the report cannot be written, the cell exits so the host judges it by its exit status.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    current = builtins.__dict__
+    users = dict(current)
+    current.clear()
+    current.update(PRISTINE_BUILTINS)
+    try:
+        proto.write_frame(res_fd, report)
+    except Exception:
+        os._exit(REPORT_FAILED)
+    finally:
+        current.clear()
+        current.update(users)
+
+
+def warm_up(session: bool) -> None:
+    """Serve one dummy request while idle -- through a pipe, into /dev/null -- so the memory pages
+    the request path writes are copied (copy-on-write after fork) now, not while a run waits."""
+    r, w = os.pipe()
+    proto.write_frame(w, {"code": "print(end='')\n(1, 'warm')", "timeout": 30, "cpu_s": CONFIG.get("cpu_s", 30),
+                          "files": {}})
+    os.close(w)
+    devnull = os.open("/dev/null", os.O_WRONLY)
+    try:
+        serve(r, user_globals(), session, res_fd=devnull)
+    finally:
+        os.close(devnull)
+    _hide_blocked_modules()
+
+
+def fresh_stdio() -> None:
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
+                                  errors="backslashreplace", line_buffering=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
+                                  errors="backslashreplace", line_buffering=True)
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+    sys.__stdout__, sys.__stderr__, sys.__stdin__ = sys.stdout, sys.stderr, sys.stdin
+
+
+def user_globals() -> dict:
+    return {"__name__": "__main__", "__builtins__": builtins, "__doc__": None, "__spec__": None}
+
+
+def become(req_r: int, out_w: int, err_w: int, res: int, keep: tuple[int, ...] = ()) -> list[int]:
+    """In a freshly forked cell: stdio onto the run's channels (0: /dev/null, 1/2: the output
+    pipes, 3: the result socket); everything else is closed but ``req_r`` and ``keep``, which
+    move to fds >= 10.  Returns their new numbers (``req_r``'s first)."""
+    import fcntl
+
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (req_r, *keep)]
+    devnull = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    os.dup2(res, RES_FD)
+    os.dup2(devnull, 0)
+    close_fds({0, 1, 2, RES_FD, *moved})
+    fresh_stdio()
+    return moved
+
+
+def close_fds(keep: set[int]) -> None:
+    try:
+        fds = [int(x) for x in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = list(range(3, 1024))
+    for fd in fds:
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def serve(req_fd: int, glb: dict, session: bool, res_fd: int = RES_FD) -> None:
+    """Wait for the one request of this cell, run it and report.
+
+    The request is ``{"code", "timeout", "cpu_s", "files": {name: base64}, "functions": [names]}``.
+    """
+    req = proto.read_frame(req_fd, MAX_REQUEST)
+    os.close(req_fd)
+    try:
+        for name, b64 in (req.get("files") or {}).items():
+            write_file(".", name, base64.b64decode(b64))
+    except (OSError, ValueError) as exc:
+        finish({"input_error": f"cannot write input file: {exc}"}, res_fd)
+        return
+    before = list_files(".")
+    set_cpu_limit(req.get("cpu_s", 30), session)
+    _set_memory_limit(session)
+    if req.get("functions"):
+        install_host_functions(glb, req["functions"], res_fd)
+    report = execute(req["code"], glb)
+    after = list_files(".")
+    report["files"] = [{"name": n, "size": v[0]} for n, v in sorted(after.items()) if before.get(n) != v]
+    finish(report, res_fd)

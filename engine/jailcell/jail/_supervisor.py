@@ -1,0 +1,467 @@
+"""Host side of one run: hand the request to a spare cell, watch it, decide what happened.
+
+The host talks to the cell directly -- the request down a pipe, the report (and host-function
+calls) up a socket, stdout/stderr through large pipes it drains on a timer -- and enforces the
+wall clock, the output cap, the CPU limit and interrupts itself, killing the cell through a
+pidfd.  Nothing the cell sends is trusted: the report is bounded, validated JSON, host-function
+calls are checked before any function is looked up, and the status of a run comes from what the
+host observed (deadline, byte counts, exit status, signals), the report only filling in details.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import _protocol as proto
+
+DRAIN_INTERVAL_S = 0.02
+PIPE_SIZE = 1 << 20
+F_SETPIPE_SZ = 1031
+SIGNAMES = {s.value: s.name for s in signal.Signals}
+REPORT_FAILED = 70  # exit status of a cell whose program broke its reporting (see _cell.py)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class Spare:
+    """A pre-forked cell as the host holds it: its pid (inside the jail) and its channels.
+
+    The pipes and the socket arrive non-blocking on the host's side (the zygote set them up);
+    /proc/<pid>/stat and status are opened now, off the request's path, and read after a run."""
+
+    def __init__(self, pid: int, head: str | None, fds: list[int]) -> None:
+        self.pid, self.head = pid, head
+        self.req_w, self.out_r, self.err_r, res, self.pidfd = fds
+        self.res = socket.socket(fileno=res)
+        self.proc_fds: tuple[int, int] | None = None
+        host_pid = _host_pid(self.pidfd)
+        if host_pid is not None:
+            try:
+                stat_fd = os.open(f"/proc/{host_pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    self.proc_fds = (stat_fd, os.open(f"/proc/{host_pid}/status", os.O_RDONLY | os.O_CLOEXEC))
+                except OSError:
+                    os.close(stat_fd)
+            except OSError:
+                pass
+
+    def kill(self) -> None:
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def stat(self) -> tuple[str, float]:
+        """Scheduler state and CPU seconds used so far (utime + stime of the whole process)."""
+        if self.proc_fds is None:
+            return "?", 0.0
+        try:
+            data = os.pread(self.proc_fds[0], 4096, 0)
+            fields = data[data.rindex(b")") + 2 :].split()
+            return chr(fields[0][0]), (int(fields[11]) + int(fields[12])) / CLK_TCK
+        except (OSError, ValueError, IndexError):
+            return "?", 0.0
+
+    def resume(self) -> None:
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+    def usage(self) -> tuple[float, int]:
+        """CPU seconds and peak RSS (bytes) of the cell, which is still alive (parked or holding)."""
+        if self.proc_fds is None:
+            return 0.0, 0
+        try:
+            status = os.pread(self.proc_fds[1], 16384, 0)
+            at = status.find(b"VmHWM:")
+            hwm = int(status[at + 6 : status.index(b"k", at)]) * 1024 if at >= 0 else 0
+        except (OSError, ValueError):
+            hwm = 0
+        return self.stat()[1], hwm
+
+    def close(self) -> None:
+        for fd in (self.req_w, self.out_r, self.err_r, self.pidfd, *(self.proc_fds or ())):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.req_w = self.out_r = self.err_r = self.pidfd = -1
+        self.proc_fds = None
+        self.res.close()
+
+
+def _host_pid(pidfd: int) -> int | None:
+    """The cell's pid as the host sees it (for /proc), from the pidfd's fdinfo."""
+    try:
+        fd = os.open(f"/proc/self/fdinfo/{pidfd}", os.O_RDONLY)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+        at = data.index(b"\nPid:")
+        pid = int(data[at + 5 : data.index(b"\n", at + 1)])
+        return pid if pid > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# host-function calls
+# ------------------------------------------------------------------------------------------------
+
+class _Bridge:
+    """Host-function calls of one run.  A call frame is checked here (known name, JSON shapes,
+    size, count) before the host looks anything up; the answer goes back down the cell's socket
+    without blocking the host on a cell that does not read."""
+
+    def __init__(self, sock: socket.socket, names: list[str], on_call: Callable[[dict], dict] | None) -> None:
+        self.sock, self.names, self.on_call = sock, set(names), on_call
+        self.count = 0
+        self.out = bytearray()
+
+    def handle(self, frame: bytes) -> str | None:
+        """Answer one call frame.  Returns why the cell must be killed, else None."""
+        self.count += 1
+        if self.count > proto.MAX_CALLS_PER_RUN + 1:
+            return f"it made more than {proto.MAX_CALLS_PER_RUN} host function calls after being told the limit"
+        if len(self.out) > proto.MAX_CALL:
+            return "it does not read the answers to its host function calls"
+        body = frame[proto.HEADER.size :]
+        try:
+            msg = proto.decode(body)
+        except proto.ProtocolError:
+            msg = {}
+        name, args, kwargs = msg.get("call"), msg.get("args", []), msg.get("kwargs", {})
+        if len(body) > proto.MAX_CALL:
+            answer = _error("ValueError", f"call arguments over {proto.MAX_CALL} bytes")
+        elif self.count > proto.MAX_CALLS_PER_RUN:
+            answer = _error("RuntimeError", f"host function call limit reached ({proto.MAX_CALLS_PER_RUN} per run)")
+        elif not isinstance(name, str) or name not in self.names or self.on_call is None:
+            answer = _error("NameError", f"host function {name!r} is not defined; "
+                                         f"defined: {', '.join(sorted(self.names)) or 'none'}")
+        elif not isinstance(args, list) or not isinstance(kwargs, dict):
+            answer = _error("TypeError", "malformed call")
+        else:
+            answer = self.on_call({"name": name, "args": args, "kwargs": kwargs})
+        self.out += proto.encode(_clean_answer(answer))
+        self.flush()
+        return None
+
+    def flush(self) -> None:
+        while self.out:
+            try:
+                n = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # the cell is gone
+                self.out.clear()
+                return
+            del self.out[:n]
+
+
+def _error(kind: str, message: str) -> dict[str, Any]:
+    return {"error": {"type": kind, "message": message}}
+
+
+def _clean_answer(answer: dict[str, Any]) -> dict[str, Any]:
+    if "error" in answer:
+        err = answer["error"] if isinstance(answer["error"], dict) else {}
+        return _error(str(err.get("type", "RuntimeError")), str(err.get("message", "")))
+    return {"value": answer.get("value")}
+
+
+# ------------------------------------------------------------------------------------------------
+# watching a run
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Observed:
+    """What the host saw of one run."""
+
+    finished: bool = False           # a complete report arrived (the cell is parked or holds state)
+    killed_for: str | None = None    # timeout | cpu | output | report | corrupt | bridge | interrupted
+    misuse: str = ""
+    report: bytes = b""
+    stdout: bytes = b""
+    stderr: bytes = b""
+    duration_s: float = 0.0
+    started: bool = True             # False: the spare was dead before it got the request
+
+
+def _send_request(spare: Spare, data: bytes, deadline: float) -> bool:
+    """Write the request into the spare's pipe (non-blocking: a large one is written as the cell
+    reads it).  False when the spare was dead, or stopped, before it took the request."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(spare.req_w, view):]
+            continue
+        except BlockingIOError:
+            pass
+        except OSError:  # EPIPE: the cell is gone
+            return False
+        remaining = deadline - time.monotonic()
+        ready = select.select([spare.pidfd], [spare.req_w], [], max(0.0, remaining))
+        if spare.pidfd in ready[0] or (remaining <= 0 and not ready[1]):
+            spare.kill()
+            return False
+    return True
+
+
+def supervise(spare: Spare, req: dict[str, Any], *, output_cap: int, interrupt_fd: int,
+              on_call: Callable[[dict], dict] | None = None) -> Observed:
+    """Give ``req`` to ``spare`` and watch the run until its report is complete or it dies.
+
+    The host wakes for the report, the cell's death, an interrupt and a slow timer that drains
+    stdout/stderr (large non-blocking pipes), so a short run costs one wake-up here.
+    """
+    t0 = time.monotonic()
+    deadline = t0 + float(req["timeout"])
+    cpu_limit = float(req.get("cpu_s", req["timeout"]))
+    seen = Observed()
+    out, err = bytearray(), bytearray()
+    total = 0
+
+    def drain() -> bool:
+        """Read what is in the pipes; True when the cap was exceeded (the head is kept)."""
+        nonlocal total
+        over = False
+        for fd, buf in ((spare.out_r, out), (spare.err_r, err)):
+            while True:
+                try:
+                    chunk = os.read(fd, 1 << 20)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                room = output_cap - total
+                if len(chunk) > room:
+                    over = True
+                buf += chunk[: max(0, room)]
+                total += min(len(chunk), max(0, room))
+        return over
+
+    def stop(reason: str) -> None:
+        if seen.killed_for is None:
+            seen.killed_for = reason
+            spare.kill()
+
+    seen.started = _send_request(spare, proto.encode(req), deadline)
+    os.close(spare.req_w)
+    spare.req_w = -1
+    bridge = _Bridge(spare.res, req.get("functions") or [], on_call)
+    res = bytearray()
+    poller = select.poll()
+    poller.register(spare.res.fileno(), select.POLLIN)
+    poller.register(spare.pidfd, select.POLLIN)
+    poller.register(interrupt_fd, select.POLLIN)
+    res_open = True
+    done = not seen.started
+    while not done:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            stop("timeout")
+        wait = min(max(0.0, remaining), DRAIN_INTERVAL_S) if seen.killed_for is None else 1.0
+        events = poller.poll(wait * 1000)
+        if drain():
+            stop("output")
+        if not events and seen.killed_for is None:  # the slow timer: a long run
+            state, cpu = spare.stat()
+            if cpu > cpu_limit + 0.5:
+                stop("cpu")  # the rlimit's backstop (a session cell keeps its hard limit open)
+            elif state in ("T", "t"):
+                spare.resume()  # stopped (by itself, or by the previous program): nobody else would
+        for fd, ev in events:
+            if fd == spare.pidfd:
+                done = True
+            elif fd == interrupt_fd:
+                os.read(interrupt_fd, 64)
+                stop("interrupted")
+            elif ev & select.POLLOUT:
+                bridge.flush()
+            if fd == spare.res.fileno() and ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                try:
+                    chunk = spare.res.recv(1 << 16)
+                except (BlockingIOError, InterruptedError):
+                    chunk = None
+                except OSError:
+                    chunk = b""
+                if chunk == b"":
+                    poller.unregister(fd)
+                    res_open = False
+                elif chunk:
+                    res += chunk
+        if len(res) > proto.MAX_REPORT:
+            stop("report")
+        while seen.killed_for is None:
+            try:
+                size = proto.frame_length(res, proto.MAX_REPORT)
+            except (proto.ProtocolError, struct.error):
+                if bytes(res[proto.HEADER.size : proto.HEADER.size + len(proto.CALL_PREFIX)]) == proto.CALL_PREFIX:
+                    seen.misuse = "it wrote malformed bytes into its result channel"
+                    stop("bridge")
+                else:  # the program wrote into the channel: its report can no longer be told apart
+                    stop("corrupt")
+                break
+            if size is None or len(res) < size:
+                break
+            if bytes(res[proto.HEADER.size : proto.HEADER.size + len(proto.CALL_PREFIX)]) != proto.CALL_PREFIX:
+                seen.finished = done = True  # the report
+                break
+            frame = bytes(res[:size])
+            del res[:size]
+            misuse = bridge.handle(frame)
+            if misuse:
+                seen.misuse = misuse
+                stop("bridge")
+        if res_open and bridge.count:
+            # While an answer waits to go down, wake when the cell makes room for it.
+            try:
+                poller.modify(spare.res.fileno(), select.POLLIN | (select.POLLOUT if bridge.out else 0))
+            except (OSError, KeyError):
+                pass
+    # Output written before the report or the exit is already in the pipes.
+    if drain():
+        stop("output")
+    while len(res) <= proto.MAX_REPORT:
+        try:
+            chunk = spare.res.recv(1 << 16)
+        except (BlockingIOError, InterruptedError, OSError):
+            break
+        if not chunk:
+            break
+        res += chunk
+    seen.duration_s = time.monotonic() - t0
+    seen.report, seen.stdout, seen.stderr = bytes(res), bytes(out), bytes(err)
+    return seen
+
+
+# ------------------------------------------------------------------------------------------------
+# deciding what happened
+# ------------------------------------------------------------------------------------------------
+
+CORRUPTED = object()
+
+
+def parse_report(raw: bytes):
+    """The cell's own report: untrusted bytes, validated field by field.
+
+    Returns None when there is no report, CORRUPTED when the bytes are not exactly one valid
+    frame (the program wrote into the channel), else the cleaned report.
+    """
+    if not raw:
+        return None
+    try:
+        length = proto.parse_header(raw[: proto.HEADER.size], proto.MAX_REPORT)
+        if len(raw) != proto.HEADER.size + length:
+            return CORRUPTED
+        rep = proto.decode(raw[proto.HEADER.size :])
+    except (proto.ProtocolError, struct.error):
+        return CORRUPTED
+    out: dict[str, Any] = {}
+    if isinstance(rep.get("input_error"), str):
+        out["input_error"] = rep["input_error"][:2000]
+    status = rep.get("status")
+    out["status"] = status if status in ("ok", "error", "memory_limit", "policy_violation") else "error"
+    result = rep.get("result")
+    out["result"] = result if isinstance(result, str) else None
+    err = rep.get("error")
+    out["error"] = {k: str(err.get(k, ""))[:200_000] for k in ("type", "message", "traceback")} \
+        if isinstance(err, dict) else None
+    outputs = rep.get("outputs")
+    out["outputs"] = [
+        {"mime_type": str(o["mime_type"]), "data": str(o["data"])}
+        for o in (outputs if isinstance(outputs, list) else [])
+        if isinstance(o, dict) and isinstance(o.get("mime_type"), str) and isinstance(o.get("data"), str)
+    ]
+    files = rep.get("files")
+    out["files"] = [
+        {"name": f["name"][:1024], "size": f["size"]}
+        for f in (files if isinstance(files, list) else [])[:1000]
+        if isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("size"), int)
+        and not isinstance(f.get("size"), bool)
+    ]
+    return out
+
+
+def outcome(seen: Observed, req: dict[str, Any], exit_info: dict[str, Any] | None, usage: tuple[float, int],
+            output_cap: int) -> dict[str, Any]:
+    """The run's result fields from what was observed (``exit_info``: wait status of a cell that
+    died; ``usage``: CPU seconds and peak RSS)."""
+    exit_info = exit_info or {}
+    cpu, maxrss = usage
+    result: dict[str, Any] = {
+        "stdout": seen.stdout.decode("utf-8", "replace"), "stderr": seen.stderr.decode("utf-8", "replace"),
+        "result": None, "error": None, "outputs": [], "files": [], "duration_s": round(seen.duration_s, 6),
+        "cpu_s": round(cpu, 6), "peak_memory_bytes": maxrss, "signal": None, "exit_code": None,
+    }
+    report = parse_report(seen.report)
+    wait_status = exit_info.get("status")
+    sig = None
+    if isinstance(wait_status, int):
+        if os.WIFSIGNALED(wait_status):
+            sig = os.WTERMSIG(wait_status)
+            result["signal"] = SIGNAMES.get(sig, str(sig))
+        elif os.WIFEXITED(wait_status):
+            result["exit_code"] = os.WEXITSTATUS(wait_status)
+    cpu_limit = float(req.get("cpu_s", 30))
+
+    def fail(status: str, kind: str, message: str) -> dict[str, Any]:
+        result.update(status=status, error={"type": kind, "message": message, "traceback": ""})
+        return result
+
+    killed_for = seen.killed_for
+    if not seen.started:
+        return fail("killed", "JailDied", "the cell was gone before the run started")
+    if killed_for == "interrupted":
+        return fail("killed", "Interrupted", "the run was interrupted by the host")
+    if killed_for == "timeout":
+        return fail("timeout", "Timeout", f"wall-clock limit of {float(req['timeout']):g} s reached")
+    if killed_for == "cpu":
+        return fail("timeout", "Timeout", f"CPU-time limit of {cpu_limit:g} s reached")
+    if killed_for == "bridge":
+        return fail("error", "HostFunctionMisuse", f"the program was killed: {seen.misuse}")
+    if killed_for == "corrupt":
+        return fail("error", "ResultChannelCorrupted",
+                    "the program wrote into jailcell's result channel; it was stopped and its report discarded")
+    if killed_for == "report":
+        return fail("output_limit", "OutputLimit",
+                    f"the program wrote over {proto.MAX_REPORT} bytes into jailcell's result channel")
+    if killed_for == "output":
+        return fail("output_limit", "OutputLimit", f"output exceeded {output_cap} bytes; the head is kept")
+    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= cpu_limit - 0.05):
+        return fail("timeout", "Timeout", f"CPU-time limit of {cpu_limit:g} s reached")
+    if sig is not None:
+        try:
+            desc = signal.strsignal(sig) or ""
+        except (ValueError, AttributeError):
+            desc = ""
+        return fail("killed", "Signal", f"killed by {SIGNAMES.get(sig, sig)} ({desc})")
+    if report is CORRUPTED:
+        return fail("error", "ResultChannelCorrupted",
+                    "the program wrote into jailcell's result channel; its own report was discarded")
+    if report is not None:
+        if "input_error" in report:
+            result["input_error"] = report["input_error"]
+        result.update(status=report["status"], result=report["result"], error=report["error"],
+                      outputs=report["outputs"], files=report["files"])
+        return result
+    if result["exit_code"] == REPORT_FAILED:
+        return fail("error", "ResultChannelCorrupted",
+                    "the program broke jailcell's reporting (it replaced builtins or internals)")
+    if result["exit_code"] not in (None, 0):
+        return fail("error", "SystemExit", f"the program exited with code {result['exit_code']}")
+    if exit_info and wait_status is None:
+        return fail("killed", "JailDied", "the cell ended and its exit status could not be read")
+    result["status"] = "ok"
+    return result
