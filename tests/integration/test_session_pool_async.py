@@ -32,6 +32,15 @@ def test_state_persists_and_survives_runaway_cells(session):
     assert r.status == "error" and session.run("y").result == "7"
 
 
+def test_a_session_cell_may_get_a_larger_cpu_limit_than_the_one_before():
+    with Sandbox("minimal") as sb, sb.session() as s:
+        assert s.run("x = 1", timeout=1).ok  # this cell becomes the holder of the state
+        r = s.run("import time\nt = time.process_time()\nwhile time.process_time() - t < 2.5: pass\nx", timeout=8)
+        assert r.ok and r.result == "1", r
+        r = s.run("while True: x += 1", timeout=1.5)
+        assert r.status == "timeout" and s.run("x").result == "1"
+
+
 def test_fork_branches(standard):
     with standard.session() as s:
         s.run("items = [1]")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jailcell import Sandbox
+from jailcell import JailError, Sandbox
 
 
 @pytest.fixture
@@ -195,6 +195,42 @@ def test_stopping_or_killing_the_cells_parent_is_recovered_at_once(open_sandbox)
         t0 = _time.monotonic()
         r = open_sandbox.run("print('alive')")
         assert r.stdout == "alive\n" and _time.monotonic() - t0 < 3, (code, r)
+
+
+def test_signalling_every_process_of_the_jail_never_wedges_it(open_sandbox):
+    """Kill or stop everything a cell can reach -- the spares, the nursery that forks them, itself --
+    again and again: the next run is served at once, by the same jail."""
+    jail = open_sandbox._jail
+    codes = ("import os; os.kill(-1, 9)", "import os; os.kill(os.getppid(), 9)",
+             "import os, signal; os.kill(os.getppid(), signal.SIGSTOP)", "import os, signal; os.kill(-1, signal.SIGSTOP)",
+             "import os, signal; os.kill(-1, signal.SIGTSTP); os.kill(os.getppid(), signal.SIGKILL)")
+    worst = 0.0
+    for _ in range(8):
+        for code in codes:
+            open_sandbox.run(code)
+            t0 = time.monotonic()
+            r = open_sandbox.run("print('alive')")
+            worst = max(worst, time.monotonic() - t0)
+            assert r.stdout == "alive\n", (code, r)
+    assert worst < 2 and open_sandbox._jail is jail, worst
+    r = open_sandbox.run("import os, signal\nos.kill(os.getpid(), signal.SIGSTOP)\nprint('resumed')", timeout=5)
+    assert r.status == "ok" and r.stdout == "resumed\n"  # nobody else would ever continue it
+
+
+def test_session_cells_that_stop_or_kill_their_holder(open_sandbox):
+    with open_sandbox.session() as s:
+        s.run("x = 1")
+        r = s.run("import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)\nx += 1")
+        assert r.ok and s.run("x").result == "2"  # the finished cell holds the state now
+        r = s.run("import os\nos.kill(os.getppid(), 9)\nx += 1")
+        assert r.ok and s.run("x").result == "3"
+        r = s.run("import os, signal\nos.kill(-1, signal.SIGSTOP)\nwhile True: pass", timeout=1)
+        assert r.status == "timeout" and s.run("x").result == "3"  # the holder was continued
+        r = s.run("import os\nos.kill(os.getppid(), 9)\nwhile True: pass", timeout=1)
+        assert r.status == "timeout"  # the state's only holder is gone: the session says so
+        with pytest.raises(JailError, match="state was lost"):
+            s.run("x")
+    assert open_sandbox.run("print('alive')").stdout == "alive\n"
 
 
 def test_ptrace_proc_mem_and_nested_userns_denied(open_sandbox):

@@ -151,14 +151,22 @@ def _descendants(root: int, table: dict[int, tuple[int, str]]) -> list[int]:
     return out
 
 
+REAPED: dict[int, dict] = {}  # how the zygote's own children ended (orphans included), newest last
+
+
 def _reap_nohang() -> None:
+    """Reap the zygote's children that have ended -- the nursery, holders, and orphans: what a
+    killed cell left, or a cell whose parent a program killed -- and remember how they ended."""
     while True:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            pid, wstatus, ru = os.wait4(-1, os.WNOHANG)
         except ChildProcessError:
             return
         if pid == 0:
             return
+        REAPED[pid] = _exit_info(pid, wstatus, ru)
+        while len(REAPED) > MAX_EXITS:
+            REAPED.pop(next(iter(REAPED)))
 
 
 def kill(pid: int) -> None:
@@ -375,7 +383,7 @@ class Stateless:
             self.restart_at = time.monotonic() + NURSERY_RETRY_S
             return
         if pid == 0:
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            _default_signals()
             parent.close()
             devnull = os.open("/dev/null", os.O_RDWR)
             for fd in (0, 1):  # never hold the control socket
@@ -471,11 +479,10 @@ class Stateless:
         self.zygote.send({"op": "clean", "cell": used})
 
     def _exit_of(self, pid: int) -> dict:
-        """How a cell that did not finish ended, as its parent (the nursery) saw it."""
-        deadline = time.monotonic() + EXIT_WAIT_S
-        if self.sock is not None:
-            self.zygote.pump(deadline, lambda: pid in self.exits or self.sock is None, only=self.sock)
-        info = self.exits.pop(pid, {})
+        """How a cell that did not finish ended: as its parent (the nursery) saw it, or, if a
+        program killed the nursery, as the zygote saw its orphan."""
+        self.zygote.pump(time.monotonic() + EXIT_WAIT_S, lambda: pid in self.exits or pid in REAPED)
+        info = self.exits.pop(pid, None) or REAPED.pop(pid, {})
         return {"cell": pid, **{k: info.get(k) for k in ("status", "utime", "stime", "maxrss")}}
 
 
@@ -619,7 +626,7 @@ class Sessions:
                 raise HeadLost("the session's state was lost: its holder process is gone")
             if time.monotonic() >= deadline:
                 raise HeadLost(f"the session did not answer ({what})")
-            self.zygote.pump(deadline, lambda: until() or head.lost, only=head.sock)
+            self.zygote.pump(deadline, lambda: until() or head.lost)
 
     def _new_head(self, pid: int, sock: socket.socket) -> Head:
         sock.settimeout(CHILD_IO_S)  # a stopped holder must not hang the zygote mid-frame
@@ -643,7 +650,7 @@ class Sessions:
         os.mkdir(head.workspace, 0o755)
         pid = os.fork()
         if pid == 0:
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            _default_signals()
             parent.close()
             devnull = os.open("/dev/null", os.O_RDWR)
             for fd in (0, 1, 2):
@@ -684,22 +691,26 @@ class Sessions:
     def done(self, req: dict) -> None:
         head = self.heads.get(req.get("head"))
         used = int(req["cell"])
-        exit_info: dict = {"cell": used}
-        if head is not None and not head.lost:
-            try:
-                if req.get("finished"):
-                    kill(head.pid)  # the old state's holder is no longer needed
-                    head.pid, head.spare = used, None
+        if req.get("finished"):
+            if head is not None and not head.lost:
+                kill(head.pid)  # the old state's holder is no longer needed
+                head.pid, head.spare = used, None
+                try:
                     proto.send(head.sock, {"op": "spawn"})
-                else:
-                    head.spare = None
-                    self._wait(head, lambda: used in head.exits, EXIT_WAIT_S, "exit")
-                    info = head.exits.pop(used)
-                    exit_info.update({k: info.get(k) for k in ("status", "utime", "stime", "maxrss")})
-            except (HeadLost, OSError):
-                self._lose(head)
-        if not req.get("finished"):
-            self.zygote.send({"op": "exit", **exit_info})
+                except OSError:
+                    self._lose(head)
+        else:
+            # How the cell ended: as its holder saw it, or, if the program killed the holder, as
+            # the zygote saw its orphan.
+            exits = head.exits if head is not None else {}
+            self.zygote.pump(time.monotonic() + EXIT_WAIT_S, lambda: used in exits or used in REAPED)
+            info = exits.pop(used, None) or REAPED.pop(used, {})
+            self.zygote.send({"op": "exit", "cell": used,
+                              **{k: info.get(k) for k in ("status", "utime", "stime", "maxrss")}})
+            if head is not None and not head.lost:
+                head.spare = None
+                if not idle(head.pid):  # the program killed the holder: nothing holds the state
+                    self._lose(head)
         if head is not None and not head.lost:
             try:  # the holder forks its next spare now; wait for it, so the sweep knows every process
                 self._wait(head, lambda: head.spare is not None, SPARE_WAIT_S, "spare")
@@ -752,6 +763,11 @@ class Zygote:
     def __init__(self, ctl: socket.socket) -> None:
         self.ctl = ctl
         self.engine: Stateless | Sessions | None = None
+        # SIGCHLD wakes the event loop (through this pipe), which reaps at once: no zombie lingers
+        # into the next run, and the exit of an orphaned cell is known.
+        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
 
     def send(self, obj: dict, fds=()) -> None:
         try:
@@ -759,15 +775,27 @@ class Zygote:
         except OSError:
             os._exit(0)  # the host is gone
 
-    def pump(self, deadline: float, until, only: socket.socket | None = None) -> None:
-        """Serve the engine's sockets (not the host's) until ``until()`` or the deadline."""
+    def pump(self, deadline: float, until) -> None:
+        """Serve the engine's sockets and reap children (not the host's channel) until ``until()``
+        or the deadline."""
         while not until():
-            socks = [only] if only is not None else self.engine.watch()
-            readable, _, _ = select.select(socks, [], [], max(0.0, deadline - time.monotonic()))
+            socks = self.engine.watch()
+            readable, _, _ = select.select([*socks, self.wake_r], [], [], max(0.0, deadline - time.monotonic()))
             if not readable:
                 return
             for sock in readable:
-                self.engine.on_readable(sock)
+                if sock is self.wake_r:
+                    self._reap()
+                else:
+                    self.engine.on_readable(sock)
+
+    def _reap(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        _reap_nohang()
 
     def handle(self, req: dict) -> dict | None:
         op = req.get("op")
@@ -792,6 +820,7 @@ class Zygote:
             socks = {s.fileno(): s for s in self.engine.watch()}
             poller = select.poll()
             poller.register(self.ctl.fileno(), select.POLLIN)
+            poller.register(self.wake_r, select.POLLIN)
             for fd in socks:
                 poller.register(fd, select.POLLIN)
             timeout = self.engine.timeout()
@@ -802,6 +831,8 @@ class Zygote:
                 for fd, _ev in events:
                     if fd in socks:
                         self.engine.on_readable(socks[fd])
+                    elif fd == self.wake_r:
+                        self._reap()
             except Exception as exc:  # noqa: BLE001 - never die of a child's misbehaviour
                 print(f"jailcell zygote: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
             if not any(fd == self.ctl.fileno() for fd, _ev in events):
@@ -835,6 +866,12 @@ def _preload(modules: list[str]) -> dict:
     return {"loaded": loaded, "failed": failed}
 
 
+def _default_signals() -> None:
+    """In a child of the zygote (nursery, holder): none of the zygote's SIGCHLD arrangements."""
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
 def _batch_scheduling() -> None:
     """Every process of the jail runs as SCHED_BATCH (children inherit it): woken by the host, it
     never preempts the host on its CPU -- a sweep or a fork after a run waits until the host has
@@ -851,9 +888,7 @@ def _harden() -> None:
     # namespace immune to signals sent from inside it; Python's SIGINT handler would undo that.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_DFL)
-    # Orphans (what a killed cell left) are reaped by the kernel as they die: the zygote never
-    # waits for a child.  The nursery and holders, which do, restore the default.
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+
     _prctl(PR_SET_DUMPABLE, 0)  # no /proc/1/mem, no ptrace from cells (seccomp denies it too)
     if not CONFIG.get("pid_namespace"):
         _prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans come back to us, so strays can be found
