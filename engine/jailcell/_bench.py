@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -34,11 +35,22 @@ def run_bench(quick: bool, only: list[str] | None, json_path: str | None, plot_p
         raise BackendUnavailable('jailcell bench needs the bench extra: pip install "jailcell[bench]"') from None
     suite_mod = load_suite()
     console = Console(stderr=True)
+    # No refresh thread: it would take the GIL in the middle of timed samples.  The bar is redrawn
+    # from the tick, which runs between samples, at most a few times a second.
     with Progress(TextColumn("{task.description:40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
+                  console=console, transient=True, auto_refresh=False) as progress:
+        last = [0.0]
+
         def make_tick(label: str, total: int):
             task = progress.add_task(label, total=total)
-            return lambda: progress.advance(task)
+
+            def tick() -> None:
+                progress.advance(task)
+                now = time.monotonic()
+                if now - last[0] > 0.25:
+                    last[0] = now
+                    progress.refresh()
+            return tick
 
         suite = suite_mod.Suite(quick=quick, only=only, progress=make_tick)
         report = suite.run()

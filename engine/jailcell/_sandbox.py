@@ -41,16 +41,15 @@ def _check_code(code: Any, policy: Policy) -> str:
         raise InputError(f"code must be a str, got {type(code).__name__}")
     if "\0" in code:
         raise InputError(f"code contains a NUL byte at offset {code.index(chr(0))}; Python source cannot contain NUL")
-    size = len(code.encode("utf-8", "surrogatepass"))
+    try:
+        size = len(code.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InputError("code contains lone surrogate characters; pass valid Unicode text") from None
     if size > policy.limits.code_bytes:
         raise InputError(
             f"code is {size} bytes, over the limit of {policy.limits.code_bytes} bytes of policy {policy.name!r} "
             "(limits.code_bytes)"
         )
-    try:
-        code.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InputError("code contains lone surrogate characters; pass valid Unicode text") from None
     return code
 
 

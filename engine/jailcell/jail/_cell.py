@@ -398,16 +398,18 @@ def set_cpu_limit(seconds: float, session: bool) -> None:
     to get a larger limit; there the hard limit stays where it was and the host enforces the
     CPU limit too (it reads the cell's CPU time while the run goes on)."""
     cpu = max(1, int(-(-float(seconds) // 1)))
+    if STATE.get("cpu_limit") == (cpu, session):  # set while the spare was idle
+        return
     _, hard = resource.getrlimit(resource.RLIMIT_CPU)
     if session:
         want = (cpu if hard == resource.RLIM_INFINITY else min(cpu, hard), hard)
     else:
         want = (cpu, cpu + 1)
-    if resource.getrlimit(resource.RLIMIT_CPU) != want:
-        try:
-            resource.setrlimit(resource.RLIMIT_CPU, want)
-        except (ValueError, OSError):
-            pass
+    try:
+        resource.setrlimit(resource.RLIMIT_CPU, want)
+        STATE["cpu_limit"] = (cpu, session)
+    except (ValueError, OSError):
+        pass
 
 
 def _set_memory_limit(session: bool) -> None:
@@ -451,16 +453,19 @@ def finish(report: dict, res_fd: int = RES_FD) -> None:
         except Exception:
             pass
     current = builtins.__dict__
-    users = dict(current)
-    current.clear()
-    current.update(PRISTINE_BUILTINS)
+    changed = len(current) != len(PRISTINE_BUILTINS) or any(current.get(k) is not v for k, v in PRISTINE_BUILTINS.items())
+    users = dict(current) if changed else None
+    if changed:
+        current.clear()
+        current.update(PRISTINE_BUILTINS)
     try:
         proto.write_frame(res_fd, report)
     except Exception:
         os._exit(REPORT_FAILED)
     finally:
-        current.clear()
-        current.update(users)
+        if users is not None:
+            current.clear()
+            current.update(users)
 
 
 def warm_up(session: bool) -> None:
@@ -534,7 +539,8 @@ def serve(req_fd: int, glb: dict, session: bool, res_fd: int = RES_FD) -> None:
     except (OSError, ValueError) as exc:
         finish({"input_error": f"cannot write input file: {exc}"}, res_fd)
         return
-    before = list_files(".")
+    # A stateless cell starts in the empty workspace the sweep left (plus its input files).
+    before = list_files(".") if session or req.get("files") else {}
     set_cpu_limit(req.get("cpu_s", 30), session)
     _set_memory_limit(session)
     if req.get("functions"):

@@ -259,7 +259,7 @@ def supervise(spare: Spare, req: dict[str, Any], *, output_cap: int, interrupt_f
     seen.started = _send_request(spare, proto.encode(req), deadline)
     os.close(spare.req_w)
     spare.req_w = -1
-    bridge = _Bridge(spare.res, req.get("functions") or [], on_call)
+    bridge = _Bridge(spare.res, req.get("functions") or (), on_call)
     res = bytearray()
     poller = select.poll()
     poller.register(spare.res.fileno(), select.POLLIN)
@@ -273,9 +273,9 @@ def supervise(spare: Spare, req: dict[str, Any], *, output_cap: int, interrupt_f
             stop("timeout")
         wait = min(max(0.0, remaining), DRAIN_INTERVAL_S) if seen.killed_for is None else 1.0
         events = poller.poll(wait * 1000)
-        if drain():
+        if not events and drain():  # the slow timer: a long run (a short one is drained once, below)
             stop("output")
-        if not events and seen.killed_for is None:  # the slow timer: a long run
+        if not events and seen.killed_for is None:
             state, cpu = spare.stat()
             if cpu > cpu_limit + 0.5:
                 stop("cpu")  # the rlimit's backstop (a session cell keeps its hard limit open)
@@ -333,7 +333,7 @@ def supervise(spare: Spare, req: dict[str, Any], *, output_cap: int, interrupt_f
     # Output written before the report or the exit is already in the pipes.
     if drain():
         stop("output")
-    while len(res) <= proto.MAX_REPORT:
+    while not seen.finished and len(res) <= proto.MAX_REPORT:
         try:
             chunk = spare.res.recv(1 << 16)
         except (BlockingIOError, InterruptedError, OSError):
