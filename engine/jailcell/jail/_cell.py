@@ -428,14 +428,16 @@ def _set_memory_limit(session: bool) -> None:
 
 
 def prepare() -> None:
-    """First thing in a new cell (before it waits for work)."""
+    """In a process that forks cells (nursery, session holder): what every cell should inherit."""
     try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("1000")  # under memory pressure the cell dies, never the zygote or a holder
+        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+        try:
+            os.write(fd, b"1000")  # under memory pressure a cell dies, never the zygote
+        finally:
+            os.close(fd)
     except OSError:
         pass
-    if not CONFIG.get("pid_namespace"):
-        os.setpgid(0, 0)
+    fresh_stdio()
 
 
 PRISTINE_BUILTINS = dict(builtins.__dict__)  # as they were before any user code
@@ -496,10 +498,11 @@ def user_globals() -> dict:
     return {"__name__": "__main__", "__builtins__": builtins, "__doc__": None, "__spec__": None}
 
 
-def become(req_r: int, out_w: int, err_w: int, res: int, keep: tuple[int, ...] = ()) -> list[int]:
+def become(req_r: int, out_w: int, err_w: int, res: int, keep: tuple[int, ...] = (), stdio: bool = True) -> list[int]:
     """In a freshly forked cell: stdio onto the run's channels (0: /dev/null, 1/2: the output
     pipes, 3: the result socket); everything else is closed but ``req_r`` and ``keep``, which
-    move to fds >= 10.  Returns their new numbers (``req_r``'s first)."""
+    move to fds >= 10.  Returns their new numbers (``req_r``'s first).  ``stdio=False`` keeps
+    the parent's sys.stdout/stderr objects (bound to fds 1 and 2, never written by the parent)."""
     import fcntl
 
     moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (req_r, *keep)]
@@ -509,21 +512,19 @@ def become(req_r: int, out_w: int, err_w: int, res: int, keep: tuple[int, ...] =
     os.dup2(res, RES_FD)
     os.dup2(devnull, 0)
     close_fds({0, 1, 2, RES_FD, *moved})
-    fresh_stdio()
+    if stdio:
+        fresh_stdio()
     return moved
 
 
 def close_fds(keep: set[int]) -> None:
-    try:
-        fds = [int(x) for x in os.listdir("/proc/self/fd")]
-    except OSError:
-        fds = list(range(3, 1024))
-    for fd in fds:
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    """Close every fd not in ``keep`` (close_range over the gaps: a few system calls)."""
+    start = 0
+    for fd in sorted(keep):
+        if fd > start:
+            os.closerange(start, fd)
+        start = fd + 1
+    os.closerange(start, 1 << 20)
 
 
 def serve(req_fd: int, glb: dict, session: bool, res_fd: int = RES_FD) -> None:

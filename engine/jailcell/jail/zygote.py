@@ -44,6 +44,7 @@ CHILD_IO_S = 2.0       # the zygote never blocks longer on a nursery's or holder
 SPARE_WAIT_S = 30.0    # how long a session holder may take to fork its next spare
 NURSERY_RETRY_S = 1.0  # a lost nursery is replaced at the next sweep, or after this
 POOL_SIZE = 2          # spare cells kept ready in a stateless jail
+WARM_UP_AFTER_S = 0.01  # a spare not taken within this warms up (see _fork_spare)
 MAX_EXITS = 1000
 
 CONFIG: dict = {}
@@ -88,21 +89,15 @@ SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
 
 
 def idle(pid: int) -> bool:
-    """Fit to keep: not exited, exiting or about to (a SIGKILL pending) -- a program may have
-    tried.  (A stopped process is continued by the sweep.)"""
+    """Fit to keep: not exited, exiting or about to (SIGKILL pending) -- a program may have tried.
+    (A stopped process is continued by the sweep.)  One read of /proc/<pid>/stat: a SIGKILL is
+    put in every thread's own pending set at once, and the main thread's flags say if it exits."""
     try:
-        status = _read_proc(f"/proc/{pid}/status", 16384)
-    except OSError:
+        fields = _stat_fields(pid)
+        return chr(fields[0][0]) not in ("Z", "X") and not int(fields[6]) & PF_EXITING \
+            and not int(fields[28]) & SIGKILL_BIT
+    except (OSError, ValueError, IndexError):
         return False
-    fields = dict(line.split(b":", 1) for line in status.splitlines() if b":" in line)
-    try:
-        if fields[b"State"].split()[0] in (b"Z", b"X"):
-            return False
-        if (int(fields[b"SigPnd"], 16) | int(fields[b"ShdPnd"], 16)) & SIGKILL_BIT:
-            return False
-    except (KeyError, ValueError, IndexError):
-        return False
-    return not _exiting(pid)
 
 
 PF_EXITING = 0x4  # task->flags: the task is in do_exit and will never run user code again
@@ -194,8 +189,10 @@ def kill_strays(keep) -> None:
             kill(pid)
             killed.add(pid)
         _reap_nohang()
-        if attempt:
+        if attempt > 20:
             time.sleep(0.0002)
+        else:
+            os.sched_yield()  # a killed process queued on this CPU gets to exit now
     for pid in below:
         if pid not in killed:
             try:
@@ -291,11 +288,16 @@ def _fork_spare(glb_factory, parent_sock: socket.socket, session: bool):
     if pid == 0:
         Channels.close(ch.host_ends())
         sock_fd = parent_sock.detach()  # the fd is re-numbered (or closed) by become()
-        req, sock_fd = cell.become(*ch.cell_ends(), keep=(sock_fd,))
+        req, sock_fd = cell.become(*ch.cell_ends(), keep=(sock_fd,), stdio=session)
         if not session:
             os.close(sock_fd)
-            cell.prepare()
-        cell.warm_up(session)
+        if not CONFIG.get("pid_namespace"):
+            os.setpgid(0, 0)  # os.kill(0, ...) from the program reaches its own processes only
+        # Warm up only if no request comes at once: under a steady stream of runs a spare is taken
+        # within milliseconds and warming it would only add work; in a tool loop (the model thinks
+        # between calls) it has all the time it needs, and the request then finds it warm.
+        if not select.select([req], [], [], WARM_UP_AFTER_S)[0]:
+            cell.warm_up(session)
         cell.set_cpu_limit(CONFIG.get("cpu_s", 30), session)  # the usual limit, set while idle
         try:
             cell.serve(req, glb_factory(), session)
@@ -325,6 +327,7 @@ def _nursery_main(sock: socket.socket, pool_size: int) -> None:
     It runs no user code.  It sends each spare's pid and channels to the zygote, gets one
     credit back per spare used or withdrawn, and reports how each of its children ended (wait4).
     """
+    cell.prepare()
     credits = pool_size
     children: dict[int, int] = {}  # pidfd -> pid
     poller = select.poll()
@@ -474,9 +477,11 @@ class Stateless:
                 del self.spares[pid]
                 self.zygote.send({"op": "drop", "pid": pid})
                 credits += parent == self.nursery_pid
+        self.zygote.send({"op": "clean", "cell": used})
         for _ in range(credits):
             self._credit()
-        self.zygote.send({"op": "clean", "cell": used})
+        now = time.monotonic()
+        self.rechecks = [now + delay for delay in RECHECK_S]
 
     def _exit_of(self, pid: int) -> dict:
         """How a cell that did not finish ended: as its parent (the nursery) saw it, or, if a
@@ -656,7 +661,6 @@ class Sessions:
             for fd in (0, 1, 2):
                 os.dup2(devnull, fd)
             cell.close_fds({0, 1, 2, child.fileno()})
-            cell.fresh_stdio()
             cell.prepare()
             os.chdir(head.workspace)
             try:
