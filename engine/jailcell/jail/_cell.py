@@ -22,6 +22,7 @@ import fnmatch
 import io
 import linecache
 import os
+import re
 import resource
 import stat
 import sys
@@ -48,18 +49,24 @@ class PolicyViolation(ImportError):
     """An import refused by the jail's policy (an ImportError, so `except ImportError` works)."""
 
 
-def _module_matches(module: str, pattern: str) -> bool:
-    if fnmatch.fnmatchcase(module, pattern):
-        return True
-    return "*" not in pattern and module.startswith(pattern + ".")
+def _matcher(patterns) -> "re.Pattern | None":
+    """One regex for a list of module patterns: a glob (``numpy.*``), or a name, which also
+    covers its submodules (``os`` matches ``os.path``)."""
+    if not patterns:
+        return None
+    parts = [fnmatch.translate(p) if "*" in p or "?" in p or "[" in p
+             else re.escape(p) + r"(?:\..*)?\Z" for p in patterns]
+    return re.compile("|".join(f"(?:{part})" for part in parts), re.S)
 
 
 def import_blocked(module: str) -> bool:
-    imports = CONFIG.get("imports", {})
-    if any(_module_matches(module, p) for p in imports.get("deny", ())):
+    if "deny" not in STATE:  # compiled once, in the zygote; cells inherit them
+        imports = CONFIG.get("imports", {})
+        STATE["deny"], STATE["allow"] = _matcher(imports.get("deny")), _matcher(imports.get("allow"))
+    deny, allow = STATE["deny"], STATE["allow"]
+    if deny is not None and deny.match(module):
         return True
-    allow = imports.get("allow", ())
-    return bool(allow) and not any(_module_matches(module, p) for p in allow)
+    return allow is not None and not allow.match(module)
 
 
 def _blocked_message(module: str) -> str:

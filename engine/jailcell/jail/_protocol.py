@@ -15,9 +15,9 @@ Channels (see ``zygote.py`` for the processes):
 
 from __future__ import annotations
 
+import _socket
 import json
 import os
-import socket
 import struct
 
 MAGIC = b"JC"
@@ -100,17 +100,26 @@ def frame_length(buf: bytes | bytearray, limit: int) -> int | None:
 
 
 # -- sockets: frames with file descriptors ------------------------------------------------------
+# Plain ``_socket`` (not ``socket.py``, whose enum set-up costs ~4 ms at every jail start).
 
-def send(sock: socket.socket, obj: object, fds: tuple[int, ...] | list[int] = ()) -> None:
+def socketpair() -> tuple[_socket.socket, _socket.socket]:
+    return _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+
+
+def send(sock: _socket.socket, obj: object, fds: tuple[int, ...] | list[int] = ()) -> None:
     """One frame over a stream socket; ``fds`` travel with it (SCM_RIGHTS).  A small frame goes
     in one system call, so a sender that is stopped or killed midway never leaves half of one."""
     frame = encode(obj)
-    sent = socket.send_fds(sock, [frame], list(fds)) if fds else sock.send(frame)
+    if fds:
+        rights = struct.pack(f"{len(fds)}i", *fds)
+        sent = sock.sendmsg([frame], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
+    else:
+        sent = sock.send(frame)
     if sent < len(frame):
         sock.sendall(frame[sent:])
 
 
-def _sock_exact(sock: socket.socket, n: int, first: bytes = b"") -> bytes:
+def _sock_exact(sock: _socket.socket, n: int, first: bytes = b"") -> bytes:
     buf = bytearray(first)
     while len(buf) < n:
         chunk = sock.recv(min(n - len(buf), 1 << 20))
@@ -120,9 +129,13 @@ def _sock_exact(sock: socket.socket, n: int, first: bytes = b"") -> bytes:
     return bytes(buf)
 
 
-def recv(sock: socket.socket, limit: int = DEFAULT_LIMIT) -> tuple[dict, list[int]]:
+def recv(sock: _socket.socket, limit: int = DEFAULT_LIMIT) -> tuple[dict, list[int]]:
     """One frame and the file descriptors that came with it (the caller owns them)."""
-    head, fds, _flags, _addr = socket.recv_fds(sock, HEADER.size, MAX_FDS)
+    head, ancdata, _flags, _addr = sock.recvmsg(HEADER.size, _socket.CMSG_LEN(MAX_FDS * 4))
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds += struct.unpack(f"{len(data) // 4}i", data[: len(data) - len(data) % 4])
     try:
         if not head:
             raise EOFError("peer closed the socket")

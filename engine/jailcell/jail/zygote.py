@@ -31,9 +31,9 @@ import gc
 import os
 import select
 import signal
-import socket
 import sys
 import time
+from _socket import socket
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _cell as cell  # noqa: E402  (what runs inside a cell)
@@ -252,7 +252,7 @@ class Channels:
         self.req_r, self.req_w = os.pipe()
         self.out_r, self.out_w = os.pipe()
         self.err_r, self.err_w = os.pipe()
-        host, mine = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        host, mine = proto.socketpair()
         self.res_host, self.res_cell = host.detach(), mine.detach()
         for fd in self.host_ends():
             os.set_blocking(fd, False)
@@ -277,7 +277,7 @@ class Channels:
                 pass
 
 
-def _fork_spare(glb_factory, parent_sock: socket.socket, session: bool):
+def _fork_spare(glb_factory, parent_sock: socket, session: bool):
     """Fork a spare cell; returns ``(pid, channels)`` in the parent.
 
     In a stateless spare this never returns.  In a session spare it returns ``(0, socket)``
@@ -312,7 +312,7 @@ def _fork_spare(glb_factory, parent_sock: socket.socket, session: bool):
         for fd in (0, 1, 2, cell.RES_FD):
             os.dup2(devnull, fd)
         os.close(devnull)
-        return 0, socket.socket(fileno=sock_fd)
+        return 0, socket(fileno=sock_fd)
     Channels.close(ch.cell_ends())
     return pid, ch
 
@@ -321,7 +321,7 @@ def _fork_spare(glb_factory, parent_sock: socket.socket, session: bool):
 # stateless jails: a nursery of spare cells
 # ----------------------------------------------------------------------------------------------
 
-def _nursery_main(sock: socket.socket, pool_size: int) -> None:
+def _nursery_main(sock: socket, pool_size: int) -> None:
     """The nursery forks spare cells ahead of demand, so a run never waits for fork().
 
     It runs no user code.  It sends each spare's pid and channels to the zygote, gets one
@@ -371,13 +371,13 @@ class Stateless:
         self.spares: dict[int, int] = {}  # announced to the host, not used yet -> nursery pid
         self.exits: dict[int, dict] = {}
         self.nursery_pid = 0
-        self.sock: socket.socket | None = None
+        self.sock: socket | None = None
         self.restart_at: float | None = None
         self.rechecks: list[float] = []  # when to look again for processes a program stopped
         self._start_nursery()
 
     def _start_nursery(self) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        parent, child = proto.socketpair()
         try:
             pid = os.fork()
         except OSError:  # e.g. the pids limit, while a program fills it: try again shortly
@@ -409,7 +409,7 @@ class Stateless:
         self.sock, self.nursery_pid = None, 0
         self.restart_at = time.monotonic() + NURSERY_RETRY_S  # in case no sweep comes
 
-    def watch(self) -> list[socket.socket]:
+    def watch(self) -> list[socket]:
         return [self.sock] if self.sock is not None else []
 
     def timeout(self) -> float | None:
@@ -424,7 +424,7 @@ class Stateless:
             self.rechecks.pop(0)
             continue_stopped([self.nursery_pid, *self.spares])
 
-    def on_readable(self, sock: socket.socket) -> None:
+    def on_readable(self, sock: socket) -> None:
         try:
             msg, fds = proto.recv(sock)
         except (EOFError, OSError, proto.ProtocolError):
@@ -495,7 +495,7 @@ class Stateless:
 # session jails: holders of state
 # ----------------------------------------------------------------------------------------------
 
-def _holder_main(sock: socket.socket, glb: dict) -> None:
+def _holder_main(sock: socket, glb: dict) -> None:
     """A session branch, forever.  Two roles, one loop (no recursion however many runs):
 
     holder: keeps the state; forks a spare (an identical copy) with fresh channels, announces
@@ -540,7 +540,7 @@ def _holder_main(sock: socket.socket, glb: dict) -> None:
                 if os.fork() == 0:  # the new branch: same state, its own channel and workspace
                     os.close(pidfd)
                     sock.close()
-                    sock = socket.socket(fileno=fds[0])
+                    sock = socket(fileno=fds[0])
                     workspace = str(msg["workspace"])
                     _copy_tree(os.getcwd(), workspace)
                     os.chdir(workspace)
@@ -562,7 +562,7 @@ class HeadLost(Exception):
 class Head:
     """The zygote's side of a session branch: its holder, its current spare and its channel."""
 
-    def __init__(self, hid: str, pid: int, sock: socket.socket, workspace: str) -> None:
+    def __init__(self, hid: str, pid: int, sock: socket, workspace: str) -> None:
         self.hid, self.pid, self.sock, self.workspace = hid, pid, sock, workspace
         self.spare: int | None = None
         self.exits: dict[int, dict] = {}
@@ -581,7 +581,7 @@ class Sessions:
         self.counter = 0
         self.root = CONFIG["workspace"]
 
-    def watch(self) -> list[socket.socket]:
+    def watch(self) -> list[socket]:
         return [h.sock for h in self.heads.values() if not h.lost]
 
     def timeout(self) -> float | None:
@@ -592,10 +592,10 @@ class Sessions:
             self.rechecks.pop(0)
             continue_stopped([p for h in self.heads.values() if not h.lost for p in h.pids()])
 
-    def _by_sock(self, sock: socket.socket) -> Head | None:
+    def _by_sock(self, sock: socket) -> Head | None:
         return next((h for h in self.heads.values() if h.sock is sock), None)
 
-    def on_readable(self, sock: socket.socket) -> None:
+    def on_readable(self, sock: socket) -> None:
         head = self._by_sock(sock)
         if head is None:
             return
@@ -633,7 +633,7 @@ class Sessions:
                 raise HeadLost(f"the session did not answer ({what})")
             self.zygote.pump(deadline, lambda: until() or head.lost)
 
-    def _new_head(self, pid: int, sock: socket.socket) -> Head:
+    def _new_head(self, pid: int, sock: socket) -> Head:
         sock.settimeout(CHILD_IO_S)  # a stopped holder must not hang the zygote mid-frame
         self.counter += 1
         hid = f"h{self.counter}"
@@ -650,7 +650,7 @@ class Sessions:
         return head
 
     def new(self, req: dict) -> dict:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        parent, child = proto.socketpair()
         head = self._new_head(0, parent)
         os.mkdir(head.workspace, 0o755)
         pid = os.fork()
@@ -673,7 +673,7 @@ class Sessions:
 
     def fork(self, req: dict) -> dict:
         head = self._head(req)
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        parent, child = proto.socketpair()
         branch = self._new_head(0, parent)
         try:
             proto.send(head.sock, {"op": "fork", "workspace": branch.workspace}, (child.fileno(),))
@@ -764,7 +764,7 @@ class Sessions:
 # ----------------------------------------------------------------------------------------------
 
 class Zygote:
-    def __init__(self, ctl: socket.socket) -> None:
+    def __init__(self, ctl: socket) -> None:
         self.ctl = ctl
         self.engine: Stateless | Sessions | None = None
         # SIGCHLD wakes the event loop (through this pipe), which reaps at once: no zombie lingers
@@ -844,7 +844,10 @@ class Zygote:
             try:
                 req, fds = proto.recv(self.ctl)
             except (EOFError, OSError, proto.ProtocolError):
-                kill_strays(lambda pid, ppid: False)  # the host is gone: so is everything here
+                # The host is gone: so is everything here.  In a pid namespace the kernel kills
+                # every process of the jail when its first process exits.
+                if not CONFIG.get("pid_namespace"):
+                    kill_strays(lambda pid, ppid: False)
                 os._exit(0)
             Channels.close(fds)
             try:
@@ -930,7 +933,7 @@ def _add_site_dirs(dirs: list[str]) -> None:
 
 def main() -> None:
     global CONFIG
-    ctl = socket.socket(fileno=os.dup(0))
+    ctl = socket(fileno=os.dup(0))
     devnull = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1):  # the control socket is only ever used through ``ctl``
         os.dup2(devnull, fd)
