@@ -547,13 +547,19 @@ def serve(req_fd: int, glb: dict, session: bool, res_fd: int = RES_FD) -> None:
     except (OSError, ValueError) as exc:
         finish({"input_error": f"cannot write input file: {exc}"}, res_fd)
         return
-    # A stateless cell starts in the empty workspace the sweep left (plus its input files).
-    before = list_files(".") if session or req.get("files") else {}
+    # A stateless cell starts in the empty workspace the sweep left (plus its input files); if the
+    # run creates nothing, the directory's mtime does not change and there is nothing to list.
+    listed = session or bool(req.get("files"))
+    before = list_files(".") if listed else {}
+    mtime = os.stat(".").st_mtime_ns
     set_cpu_limit(req.get("cpu_s", 30), session)
     _set_memory_limit(session)
     if req.get("functions"):
         install_host_functions(glb, req["functions"], res_fd)
     report = execute(req["code"], glb)
-    after = list_files(".")
-    report["files"] = [{"name": n, "size": v[0]} for n, v in sorted(after.items()) if before.get(n) != v]
+    if listed or os.stat(".").st_mtime_ns != mtime:
+        after = list_files(".")
+        report["files"] = [{"name": n, "size": v[0]} for n, v in sorted(after.items()) if before.get(n) != v]
+    else:
+        report["files"] = []
     finish(report, res_fd)

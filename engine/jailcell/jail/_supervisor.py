@@ -22,6 +22,7 @@ from typing import Any, Callable
 from . import _protocol as proto
 
 DRAIN_INTERVAL_S = 0.02
+READ_SIZE = 1 << 20
 PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = 1031
 SIGNAMES = {s.value: s.name for s in signal.Signals}
@@ -237,18 +238,16 @@ def supervise(spare: Spare, req: dict[str, Any], *, output_cap: int, interrupt_f
         for fd, buf in ((spare.out_r, out), (spare.err_r, err)):
             while True:
                 try:
-                    chunk = os.read(fd, 1 << 20)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    break
-                if not chunk:
+                    chunk = os.read(fd, READ_SIZE)
+                except OSError:  # EAGAIN: empty
                     break
                 room = output_cap - total
                 if len(chunk) > room:
                     over = True
                 buf += chunk[: max(0, room)]
                 total += min(len(chunk), max(0, room))
+                if len(chunk) < READ_SIZE:  # a pipe read returns all there is: it is empty now
+                    break
         return over
 
     def stop(reason: str) -> None:
