@@ -465,3 +465,45 @@ def test_wire_objects_validate_strictly_against_the_sdk_types():
     finally:
         g.close()
         up.close()
+
+
+def test_the_cli_server_end_to_end_and_graceful_shutdown():
+    """`jailcell serve` as users start it: the hosted example through it, its API key, and a clean exit."""
+    import signal
+    import subprocess
+    import sys
+
+    from ..conftest import jail_processes, wait_for
+
+    up = FakeUpstream([{"role": "assistant", "content": None, "tool_calls": [code_call("c1", "print(12 ** 3)")]},
+                       answer])
+    port = free_port()
+    before = set(jail_processes())
+    proc = subprocess.Popen([sys.executable, "-m", "jailcell", "serve", "--upstream", up.url, "--port", str(port),
+                             "--api-key", "sekret", "--policy", "minimal"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: _listening(port), 60), proc.stderr.read() if proc.poll() is not None else "not up"
+        client = openai.OpenAI(api_key="sekret", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0)
+        response = client.responses.create(model="m", input="What is 12 to the power of 3?",
+                                           tools=[{"type": "code_interpreter"}], extra_body={"enable_thinking": True})
+        assert "1728" in response.output_text and response.output[0].code == "print(12 ** 3)"
+        assert up.requests[0]["enable_thinking"] is True
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(api_key="wrong", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0).models.list()
+        assert set(jail_processes()) - before  # the conversation's container is alive
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert wait_for(lambda: not set(jail_processes()) - before, 10)  # shutdown left no jail behind
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        up.close()
+
+
+def _listening(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hmac
 import json
 import time
 import uuid
@@ -202,12 +203,15 @@ class Gateway:
 
     # -- requests ----------------------------------------------------------------------------
 
-    async def _body(self, request) -> dict[str, Any]:
+    def _authorize(self, request) -> None:
         if self.api_key is not None:
             sent = request.headers.get("authorization", "")
-            if sent != f"Bearer {self.api_key}":
+            if not hmac.compare_digest(sent.encode(), f"Bearer {self.api_key}".encode()):
                 raise GatewayError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' with the key "
                                         "given to jailcell serve --api-key", code="invalid_api_key")
+
+    async def _body(self, request) -> dict[str, Any]:
+        self._authorize(request)
         raw = b""
         async for chunk in request.stream():
             raw += chunk
@@ -373,6 +377,10 @@ class Gateway:
     # -- endpoints ---------------------------------------------------------------------------
 
     async def models(self, request):
+        try:
+            self._authorize(request)
+        except GatewayError as exc:
+            return self._openai_error(exc)
         return self.JSONResponse({"object": "list", "data": [{"id": self.model or "upstream", "object": "model",
                                                                "created": 0, "owned_by": "jailcell"}]})
 
