@@ -3,8 +3,9 @@
 The control channel to the zygote is a unix socket (the zygote's fd 0).  The zygote announces
 each spare cell with its channels (file descriptors over SCM_RIGHTS); a run then goes straight
 to the cell (see ``_supervisor.py``) and the zygote only hears ``done`` afterwards, when it
-sweeps the jail.  Messages the zygote sends on its own -- ``spare``, ``drop``, ``exit``,
-``clean``, ``lost`` -- are read whenever the host waits for something on the channel.
+sweeps the jail.  One daemon thread (``_ControlLoop``) reads the control channels of all jails
+as messages arrive -- ``spare``, ``drop``, ``exit``, ``clean``, ``lost``, ``broken`` and the
+replies to control requests -- so none of that work falls on the path of the next run.
 
 A :class:`Jail` is not thread-safe by itself; the public API serialises access to it.
 Teardown follows trio's rule -- close the channel, wait briefly, kill -- and then removes
@@ -62,6 +63,8 @@ class _ControlLoop:
     def add(self, jail: "Jail") -> None:
         with self._lock:
             if self._thread is None or self._pid != os.getpid():  # not started yet, or a forked child
+                if self._pid != os.getpid():  # the parent's jails are not ours to read
+                    self._jails.clear()
                 self._pid = os.getpid()
                 self._thread = threading.Thread(target=self._loop, name="jailcell-control", daemon=True)
                 self._thread.start()

@@ -941,7 +941,6 @@ def main() -> None:
     CONFIG, _ = proto.recv(ctl)
     cell.CONFIG.update(CONFIG)
     _add_site_dirs(CONFIG.get("site_dirs", []))
-    cell.PRISTINE_BUILTINS.update(__import__("builtins").__dict__)
     cell.STATE["trusted_prefixes"] = tuple(p.rstrip("/") + "/" for p in CONFIG.get("trusted_paths", [])) \
         or ("/nonexistent/",)
     _harden()
@@ -953,6 +952,7 @@ def main() -> None:
         import _restricted  # noqa: F401 - compile RestrictedPython once, not per cell
     cell.install_import_guard()
     cell.STATE["hide"] = cell.blocked_loaded_modules()
+    cell.PRISTINE_BUILTINS.update(__import__("builtins").__dict__)  # as cells start (guard included)
     gc.collect()
     gc.freeze()  # preloaded objects: never scanned by a cell's GC, so never copied on write
     zygote = Zygote(ctl)
