@@ -124,6 +124,7 @@ class Jail:
         self._used: dict[int, Spare] = {}  # cells whose sweep the zygote has not confirmed yet
         self._broken: str | None = None
         self._interrupt_r, self._interrupt_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._interrupted = False
         self.ready: dict[str, Any] = {}
         self._oom_seen = 0
         self.closed = False
@@ -332,6 +333,7 @@ class Jail:
 
     def interrupt(self) -> None:
         """Kill the cell that is running now (ignored if none is); safe from any thread."""
+        self._interrupted = True
         try:
             os.write(self._interrupt_w, b"!")
         except OSError:
@@ -382,11 +384,13 @@ class Jail:
         cap = self.policy.limits.output_bytes
         for _attempt in range(3):
             spare = self._take_spare(head)
-            while True:  # interrupts sent while no run was going on do not count
+            if self._interrupted:  # interrupts sent while no run was going on do not count
+                self._interrupted = False
                 try:
-                    os.read(self._interrupt_r, 4096)
+                    while os.read(self._interrupt_r, 4096):
+                        pass
                 except BlockingIOError:
-                    break
+                    pass
             seen = supervise(spare, req, output_cap=cap, interrupt_fd=self._interrupt_r, on_call=on_call)
             if seen.finished:
                 result = outcome(seen, req, None, spare.usage(), cap)

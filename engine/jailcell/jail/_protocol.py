@@ -88,8 +88,15 @@ def decode(body: bytes) -> dict:
 
 
 def read_frame(fd: int, limit: int = DEFAULT_LIMIT) -> dict:
-    length = parse_header(read_exact(fd, HEADER.size), limit)
-    return decode(read_exact(fd, length))
+    """One frame from a pipe or socket that carries nothing after it (a small one in one read)."""
+    first = os.read(fd, 65536)
+    if len(first) < HEADER.size:
+        first += read_exact(fd, HEADER.size - len(first))
+    length = parse_header(first[: HEADER.size], limit)
+    body = first[HEADER.size :]
+    if len(body) > length:
+        raise ProtocolError("bytes after the frame")
+    return decode(body + read_exact(fd, length - len(body)) if len(body) < length else body)
 
 
 def frame_length(buf: bytes | bytearray, limit: int) -> int | None:
