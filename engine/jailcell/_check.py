@@ -57,7 +57,12 @@ def gather() -> tuple[list[tuple[str, str, str]], bool]:
     rows.append(_row("memory limit", True, "cgroup memory (no swap), OOM kills the cell not the jail" if cg.version
                      else "RLIMIT_AS per cell (no cgroup: " + cg.reason + ")"))
     rows.append(_row("process limit", True, "cgroup pids" if cg.version else "RLIMIT_NPROC (no cgroup)"))
-    rows.append(_row("time limits", True, "wall clock (zygote + host) and RLIMIT_CPU per run"))
+    from .backends import pidfd_support
+
+    pidfd_ok, pidfd_why = pidfd_support()
+    rows.append(_row("pidfd (Linux >= 5.3)", pidfd_ok, pidfd_why))
+    rows.append(_row("time limits", pidfd_ok, "wall clock and CPU time enforced by the host (it kills the cell "
+                                              "through its pidfd) + RLIMIT_CPU per run"))
     rows.append(_row("file size / open files / core", True, "RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE=0"))
     if ok:
         rows.extend(_verify("nsjail"))
