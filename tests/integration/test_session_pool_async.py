@@ -177,3 +177,24 @@ def test_no_leaks_over_many_runs(minimal):
         s.close()
     assert open_fds() <= fds + 2
     assert wait_for(lambda: len(jail_processes()) <= procs), (procs, jail_processes())
+
+
+def test_keyboard_interrupt_during_a_run_stops_the_cell():
+    import signal
+
+    with Sandbox("minimal", warm=True) as sb:
+        timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+        timer.start()
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            sb.run("while True: pass", timeout=20)
+        assert time.monotonic() - t0 < 5
+        r = sb.run("print('next')")
+        assert r.ok and r.stdout == "next\n"
+        import psutil  # the spinning cell was killed, not left running beside the next runs
+
+        procs = psutil.Process(sb._jail.pid).children(recursive=True)
+        before = {p.pid: sum(p.cpu_times()[:2]) for p in procs}
+        time.sleep(0.5)
+        spent = [sum(p.cpu_times()[:2]) - before[p.pid] for p in procs if p.is_running()]
+        assert max(spent, default=0) < 0.2, spent

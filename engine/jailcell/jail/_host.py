@@ -281,6 +281,8 @@ class Jail:
                 spare.close()
         elif op == "exit":
             self._exits[int(msg.get("cell", 0))] = msg
+            while len(self._exits) > 100:  # exits of runs abandoned by an exception in the caller
+                self._exits.pop(next(iter(self._exits)))
         elif op == "clean":
             spare = self._used.pop(msg.get("cell"), None)
             if spare is not None:
@@ -391,7 +393,15 @@ class Jail:
                         pass
                 except BlockingIOError:
                     pass
-            seen = supervise(spare, req, output_cap=cap, interrupt_fd=self._interrupt_r, on_call=on_call)
+            try:
+                seen = supervise(spare, req, output_cap=cap, interrupt_fd=self._interrupt_r, on_call=on_call)
+            except BaseException:  # e.g. KeyboardInterrupt in the caller's thread: the cell must not live on
+                spare.kill()
+                try:
+                    self._done(spare, False)
+                except OSError:
+                    pass
+                raise
             if seen.finished:
                 result = outcome(seen, req, None, spare.usage(), cap)
                 self._done(spare, True)  # the zygote sweeps while the caller gets its result
