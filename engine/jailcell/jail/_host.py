@@ -9,7 +9,8 @@ replies to control requests -- so none of that work falls on the path of the nex
 
 A :class:`Jail` is not thread-safe by itself; the public API serialises access to it.
 Teardown follows trio's rule -- close the channel, wait briefly, kill -- and then removes
-whatever the backend created (cgroups, temp dirs), so nothing is left on the host.
+whatever the backend created (cgroups, temp dirs), so nothing is left on the host; it runs in a
+background thread (``close()`` returns at once) and interpreter exit waits for it.
 """
 
 from __future__ import annotations
@@ -197,19 +198,6 @@ class Jail:
             except OSError:
                 pass
         spawned, self._spawned = self._spawned, None
-        if spawned is not None:
-            proc = spawned.proc
-            try:
-                proc.wait(timeout=0.5)
-            except Exception:
-                _killpg(proc.pid)
-                try:
-                    proc.wait(timeout=5)
-                except Exception:
-                    pass
-            if self.backend.name == "process":
-                _killpg(proc.pid)  # anything the zygote's session left
-            self.backend.teardown(spawned)
         if self.ctl is not None:
             self.ctl.close()
         for fd in (self._interrupt_r, self._interrupt_w):
@@ -221,6 +209,8 @@ class Jail:
             self._stderr.close()
         except OSError:
             pass
+        if spawned is not None:
+            _reaper.reap(self.backend, spawned)
         _live.discard(self)
 
     def kill(self) -> None:
@@ -416,6 +406,68 @@ class Jail:
         raise JailError("no spare cell of this jail could take the run (they kept dying)")
 
 
+class _Reaper:
+    """Waits for closed jails to end and removes what their backend created, in the background:
+    ``close()`` returns at once (the jail's first process is already exiting, which ends every
+    process of the jail), and interpreter exit (:func:`close_all`) waits until all are gone."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._queue: collections.deque[tuple[Backend, Spawned]] = collections.deque()
+        self._busy = 0
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def reap(self, backend: Backend, spawned: Spawned) -> None:
+        with self._cv:
+            self._queue.append((backend, spawned))
+            self._busy += 1
+            if self._thread is None or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._loop, name="jailcell-reaper", daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue:
+                    self._cv.wait()
+                backend, spawned = self._queue.popleft()
+            try:
+                _end(backend, spawned)
+            finally:
+                with self._cv:
+                    self._busy -= 1
+                    self._cv.notify_all()
+
+    def join(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._busy and time.monotonic() < deadline:
+                self._cv.wait(max(0.0, deadline - time.monotonic()))
+
+
+def _end(backend: Backend, spawned: Spawned) -> None:
+    """trio's rule: the channel is closed (the zygote exits on EOF), wait briefly, kill; then
+    remove the backend's cgroups and temp dirs."""
+    proc = spawned.proc
+    try:
+        proc.wait(timeout=0.5)
+    except Exception:
+        _killpg(proc.pid)
+        try:
+            proc.wait(timeout=5)
+        except Exception:
+            pass
+    if backend.name == "process":
+        _killpg(proc.pid)  # anything the zygote's session left
+    backend.teardown(spawned)
+
+
+_reaper = _Reaper()
+
+
 def _killpg(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -424,6 +476,7 @@ def _killpg(pid: int) -> None:
 
 
 def close_all() -> None:
-    """Tear down every jail of this process (atexit)."""
+    """Tear down every jail of this process and wait until they are gone (atexit)."""
     for jail in list(_live):
         jail.close()
+    _reaper.join()
