@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -47,7 +48,17 @@ def outermost(paths: list[str]) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _interpreter_paths() -> tuple[str, ...]:
+    return tuple(_find_interpreter_paths())
+
+
 def interpreter_paths() -> list[str]:
+    """What the jailed interpreter needs (computed once per process: it does not change)."""
+    return list(_interpreter_paths())
+
+
+def _find_interpreter_paths() -> list[str]:
     """What the jailed interpreter needs: its installation (or, for a system Python, its
     stdlib and site-packages -- never all of /usr) and the interpreter binary."""
     paths = [p for p in (sys.base_prefix, sys.prefix) if os.path.realpath(p) not in SHARED_PREFIXES]
@@ -114,7 +125,16 @@ class Backend:
         return env
 
 
+@functools.lru_cache(maxsize=1)
+def _site_dirs() -> tuple[str, ...]:
+    return tuple(_find_site_dirs())
+
+
 def site_dirs() -> list[str]:
+    return list(_site_dirs())
+
+
+def _find_site_dirs() -> list[str]:
     """site-packages directories of this interpreter (the zygote adds them itself: it runs with -S)."""
     import site
 

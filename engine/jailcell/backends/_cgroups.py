@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT_NAME = "jailcell"
+SWEEP_EVERY_S = 60.0  # how often jail creation looks for cgroups left by dead jailcell processes
 _counter = itertools.count(1)
 
 
@@ -66,6 +67,7 @@ class Cgroups:
         self.mount = mount
         self.reason = reason
         self.memsw = version == "v1" and memory_root is not None and (memory_root / "memory.memsw.limit_in_bytes").exists()
+        self._swept = -SWEEP_EVERY_S
 
     # -- detection -----------------------------------------------------------------------------
 
@@ -133,7 +135,9 @@ class Cgroups:
 
     def create(self, memory_bytes: int, pids: int) -> CgroupDirs:
         assert self.version is not None and self.memory_root and self.pids_root
-        self.sweep_stale()
+        if time.monotonic() - self._swept > SWEEP_EVERY_S:
+            self._swept = time.monotonic()
+            self.sweep_stale()
         name = f"{os.getpid()}-{next(_counter)}"
         dirs = CgroupDirs(self.memory_root / name, self.pids_root / name)
         for d in dirs.all():

@@ -61,10 +61,11 @@ def nsjail_path() -> str | None:
         return shutil.which("nsjail")
 
 
-def ro_mounts() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def ro_mounts() -> tuple[str, ...]:
     """Read-only binds: system libraries, zoneinfo and the interpreter; parents before children."""
     system = ["/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/share/zoneinfo"]
-    return outermost([*system, *interpreter_paths()])
+    return tuple(outermost([*system, *interpreter_paths()]))
 
 
 def symlinks(mounts: list[str]) -> list[str]:
