@@ -49,23 +49,14 @@ def outermost(paths: list[str]) -> list[str]:
 
 
 @functools.lru_cache(maxsize=1)
-def _interpreter_paths() -> tuple[str, ...]:
-    return tuple(_find_interpreter_paths())
-
-
-def interpreter_paths() -> list[str]:
-    """What the jailed interpreter needs (computed once per process: it does not change)."""
-    return list(_interpreter_paths())
-
-
-def _find_interpreter_paths() -> list[str]:
+def interpreter_paths() -> tuple[str, ...]:
     """What the jailed interpreter needs: its installation (or, for a system Python, its
-    stdlib and site-packages -- never all of /usr) and the interpreter binary."""
+    stdlib and site-packages -- never all of /usr) and the interpreter binary.  Computed once."""
     paths = [p for p in (sys.base_prefix, sys.prefix) if os.path.realpath(p) not in SHARED_PREFIXES]
     paths += [sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")]
     paths += [p for p in sys.path if "site-packages" in p or "dist-packages" in p]
     paths.append(sys.executable)
-    return outermost([p for p in paths if os.path.exists(p)])
+    return tuple(outermost([p for p in paths if os.path.exists(p)]))
 
 
 @dataclass
@@ -111,9 +102,9 @@ class Backend:
             "imports": {"allow": list(policy.imports.allow), "deny": list(policy.imports.deny)},
             "code_mode": policy.code_mode,
             "cpu_s": policy.limits.effective_cpu_s,
-            "trusted_paths": interpreter_paths() + [str(JAIL_SRC) if not pid_namespace else "/jailcell/jail"],
+            "trusted_paths": [*interpreter_paths(), str(JAIL_SRC) if not pid_namespace else "/jailcell/jail"],
             "rlimit_as_mib": policy.limits.memory_mib if rlimit_as else None,
-            "site_dirs": site_dirs(),
+            "site_dirs": list(site_dirs()),
         }
 
     @staticmethod
@@ -126,20 +117,12 @@ class Backend:
 
 
 @functools.lru_cache(maxsize=1)
-def _site_dirs() -> tuple[str, ...]:
-    return tuple(_find_site_dirs())
-
-
-def site_dirs() -> list[str]:
-    return list(_site_dirs())
-
-
-def _find_site_dirs() -> list[str]:
+def site_dirs() -> tuple[str, ...]:
     """site-packages directories of this interpreter (the zygote adds them itself: it runs with -S)."""
     import site
 
     dirs = [*site.getsitepackages(), *sysconfig.get_paths().get("purelib", "").split(os.pathsep)]
-    return [d for d in dict.fromkeys(dirs) if d and os.path.isdir(d)]
+    return tuple(d for d in dict.fromkeys(dirs) if d and os.path.isdir(d))
 
 
 # The zygote is imported as a module, not run as a script, so its compiled bytecode is used

@@ -53,8 +53,14 @@ class Spare:
                 pass
 
     def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, sig: int) -> None:
         try:
-            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            signal.pidfd_send_signal(self.pidfd, sig)
         except ProcessLookupError:
             pass
 
@@ -68,12 +74,6 @@ class Spare:
             return chr(fields[0][0]), (int(fields[11]) + int(fields[12])) / CLK_TCK
         except (OSError, ValueError, IndexError):
             return "?", 0.0
-
-    def resume(self) -> None:
-        try:
-            signal.pidfd_send_signal(self.pidfd, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
 
     def usage(self) -> tuple[float, int]:
         """CPU seconds and peak RSS (bytes) of the cell, which is still alive (parked or holding)."""

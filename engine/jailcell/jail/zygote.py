@@ -314,6 +314,17 @@ def _fork_spare(glb_factory, parent_sock: socket, session: bool):
     return pid, ch
 
 
+def _announce(sock: socket, pid: int, ch: Channels) -> int:
+    """Hand a new spare's channels to the zygote (which passes them on to the host); returns a
+    pidfd on the spare."""
+    try:
+        proto.send(sock, {"op": "spare", "pid": pid}, ch.host_ends())
+    except OSError:
+        os._exit(0)  # the zygote is gone
+    Channels.close(ch.host_ends())
+    return os.pidfd_open(pid)
+
+
 # ----------------------------------------------------------------------------------------------
 # stateless jails: a nursery of spare cells
 # ----------------------------------------------------------------------------------------------
@@ -332,12 +343,7 @@ def _nursery_main(sock: socket, pool_size: int) -> None:
     while True:
         while credits > 0:
             pid, ch = _fork_spare(cell.user_globals, sock, session=False)
-            try:
-                proto.send(sock, {"op": "spare", "pid": pid}, ch.host_ends())
-            except OSError:
-                os._exit(0)
-            Channels.close(ch.host_ends())
-            pidfd = os.pidfd_open(pid)
+            pidfd = _announce(sock, pid, ch)
             children[pidfd] = pid
             poller.register(pidfd, select.POLLIN)
             credits -= 1
@@ -515,12 +521,7 @@ def _holder_main(sock: socket, glb: dict) -> None:
         if pid == 0:  # the spare's run finished: this process now holds the state
             sock, await_spawn = ch, True
             continue
-        try:
-            proto.send(sock, {"op": "spare", "pid": pid}, ch.host_ends())
-        except OSError:
-            os._exit(0)
-        Channels.close(ch.host_ends())
-        pidfd = os.pidfd_open(pid)
+        pidfd = _announce(sock, pid, ch)
         while True:
             readable, _, _ = select.select([sock, pidfd], [], [])
             if pidfd in readable:
