@@ -54,6 +54,18 @@ def test_fork_branches(standard):
         assert s.run("len(items)").result == "1"
 
 
+def test_forking_and_closing_branches_again_and_again():
+    """Closed branches leave nothing behind in the jail: more of them than the pids limit allows."""
+    with Sandbox("minimal") as sb, sb.session() as s:
+        assert sb.policy.limits.pids < 40
+        s.run("x = 1")
+        for i in range(40):
+            branch = s.fork()
+            assert branch.run(f"x + {i}").result == str(1 + i)
+            branch.close()
+        assert s.run("x").result == "1"
+
+
 def test_upload_download_and_files(session):
     session.upload("data/in.txt", b"abc")
     r = session.run("open('data/out.txt', 'w').write(open('data/in.txt').read() * 2)")

@@ -120,6 +120,7 @@ class Jail:
         self._spares: collections.deque[Spare] = collections.deque()  # stateless jails
         self._heads: dict[str, Spare | None] = {}                     # session jails: head -> its spare
         self._lost: set[str] = set()
+        self._closed_heads: set[str] = set()
         self._exits: dict[int, dict[str, Any]] = {}
         self._replies: collections.deque[dict[str, Any]] = collections.deque()
         self._used: dict[int, Spare] = {}  # cells whose sweep the zygote has not confirmed yet
@@ -255,13 +256,13 @@ class Jail:
             spare = Spare(int(msg["pid"]), msg.get("head"), fds)
             if spare.head is None:
                 self._spares.append(spare)
-            elif spare.head in self._heads and spare.head not in self._lost:
-                old = self._heads[spare.head]
+            elif spare.head in self._closed_heads or spare.head in self._lost:
+                spare.close()
+            else:  # a new branch's spare may come before the reply that names the branch
+                old = self._heads.get(spare.head)
                 if old is not None:
                     old.close()
                 self._heads[spare.head] = spare
-            else:  # a session closed meanwhile
-                spare.close()
             return True
         for fd in fds:
             os.close(fd)
@@ -316,8 +317,9 @@ class Jail:
         reply = self._reply(time.monotonic() + timeout)
         with self._cv:
             if reply.get("op") == "ok" and obj.get("op") in ("new", "fork"):
-                self._heads[str(reply["head"])] = None
+                self._heads.setdefault(str(reply["head"]), None)
             if obj.get("op") == "close":
+                self._closed_heads.add(str(obj.get("head")))
                 spare = self._heads.pop(str(obj.get("head")), None)
                 if spare is not None:
                     spare.close()

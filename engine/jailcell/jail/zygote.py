@@ -535,7 +535,13 @@ def _holder_main(sock: socket, glb: dict) -> None:
                 kill(pid)
                 os._exit(0)
             if msg.get("op") == "fork" and len(fds) == 1:
-                if os.fork() == 0:  # the new branch: same state, its own channel and workspace
+                # The new branch (same state, its own channel and workspace) is forked twice, so
+                # that it is not this holder's child: the zygote reaps it when it ends, and a
+                # closed branch never lingers as a zombie counted against the pids limit.
+                child = os.fork()
+                if child == 0:
+                    if os.fork() != 0:
+                        os._exit(0)
                     os.close(pidfd)
                     sock.close()
                     sock = socket(fileno=fds[0])
@@ -544,6 +550,7 @@ def _holder_main(sock: socket, glb: dict) -> None:
                     os.chdir(workspace)
                     proto.send(sock, {"op": "forked", "pid": os.getpid()})
                     break
+                os.waitpid(child, 0)
             Channels.close(fds)
 
 
@@ -656,7 +663,7 @@ class Sessions:
             _default_signals()
             parent.close()
             devnull = os.open("/dev/null", os.O_RDWR)
-            for fd in (0, 1, 2):
+            for fd in (0, 1):  # never hold the control socket; fd 2 stays the jail's log
                 os.dup2(devnull, fd)
             cell.close_fds({0, 1, 2, child.fileno()})
             cell.prepare()
