@@ -288,3 +288,19 @@ def test_host_killing_the_jail_is_recovered(open_sandbox):
     os.kill(jail.pid, 9)
     r = open_sandbox.run("print('replaced')")
     assert r.stdout == "replaced\n"
+
+
+def test_closing_right_after_a_run_leaves_no_process_in_either_backend():
+    """close() just after a run races the zygote's sweep of that run; nothing may survive it (without a
+    pid namespace there is no kernel to kill the jail's processes when the zygote exits)."""
+    from jailcell.jail._host import _reaper
+
+    from ..conftest import jail_processes, wait_for
+
+    before = set(jail_processes())
+    for backend in ("process", "nsjail"):
+        for _ in range(15):
+            with Sandbox("minimal", backend=backend) as sb:
+                assert sb.run("1 + 1").result == "2"
+    _reaper.join()
+    assert wait_for(lambda: not set(jail_processes()) - before, 10), set(jail_processes()) - before

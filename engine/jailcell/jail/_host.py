@@ -455,7 +455,7 @@ def _end(backend: Backend, spawned: Spawned) -> None:
     remove the backend's cgroups and temp dirs."""
     proc = spawned.proc
     try:
-        proc.wait(timeout=0.5)
+        proc.wait(timeout=2.0)  # off the caller's path: time for a process-backend zygote's sweep
     except Exception:
         _killpg(proc.pid)
         try:

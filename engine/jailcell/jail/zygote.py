@@ -768,6 +768,14 @@ class Sessions:
 # the zygote: control channel and event loop
 # ----------------------------------------------------------------------------------------------
 
+def host_gone() -> None:
+    """The host closed the jail (or died): so goes everything in it.  In a pid namespace the kernel
+    kills every process of the jail when its first process exits; without one, the zygote does."""
+    if not CONFIG.get("pid_namespace"):
+        kill_strays(lambda pid, ppid: False)
+    os._exit(0)
+
+
 class Zygote:
     def __init__(self, ctl: socket) -> None:
         self.ctl = ctl
@@ -782,7 +790,7 @@ class Zygote:
         try:
             proto.send(self.ctl, obj, fds)
         except OSError:
-            os._exit(0)  # the host is gone
+            host_gone()
 
     def pump(self, deadline: float, until) -> None:
         """Serve the engine's sockets and reap children (not the host's channel) until ``until()``
@@ -849,11 +857,7 @@ class Zygote:
             try:
                 req, fds = proto.recv(self.ctl)
             except (EOFError, OSError, proto.ProtocolError):
-                # The host is gone: so is everything here.  In a pid namespace the kernel kills
-                # every process of the jail when its first process exits.
-                if not CONFIG.get("pid_namespace"):
-                    kill_strays(lambda pid, ppid: False)
-                os._exit(0)
+                host_gone()
             Channels.close(fds)
             try:
                 reply = self.handle(req)
