@@ -15,6 +15,7 @@ import uvicorn
 from jailcell import Policy
 from jailcell.integrations.gateway import MAX_BODY, Gateway
 
+from ..conftest import wait_for
 from ..fake_upstream import FakeUpstream, code_call, function_call, last_tool_output
 
 
@@ -473,7 +474,7 @@ def test_the_cli_server_end_to_end_and_graceful_shutdown():
     import subprocess
     import sys
 
-    from ..conftest import jail_processes, wait_for
+    from ..conftest import jail_processes
 
     up = FakeUpstream([{"role": "assistant", "content": None, "tool_calls": [code_call("c1", "print(12 ** 3)")]},
                        answer])
@@ -507,3 +508,27 @@ def _listening(port):
         return True
     except OSError:
         return False
+
+
+def test_a_client_that_goes_away_mid_stream_frees_its_container():
+    def step(body):
+        if not [m for m in body["messages"] if m["role"] == "tool"]:
+            return {"role": "assistant", "content": None,
+                    "tool_calls": [code_call("c1", "import time\ntime.sleep(1)\nprint('slow')")]}
+        return {"role": "assistant", "content": "done " + last_tool_output(body)}
+
+    up = FakeUpstream([step] * 6)
+    g = Running(up.url, max_containers=1)
+    body = {"model": "m", "input": "x", "tools": [{"type": "code_interpreter"}]}
+    try:
+        with httpx.Client(base_url=g.base, timeout=60) as http:
+            with http.stream("POST", "/v1/responses", json={**body, "stream": True}) as r:
+                for line in r.iter_lines():
+                    if "code_interpreter_call.interpreting" in line:
+                        break  # the client disconnects while its code runs
+            assert wait_for(lambda: all(busy == 0 for _, busy in g.gateway.containers.items.values()), 10)
+            r = http.post("/v1/responses", json=body)  # the only container slot is free again
+            assert r.status_code == 200 and r.json()["output"][-1]["content"][0]["text"] == "done [stdout]\nslow"
+    finally:
+        g.close()
+        up.close()
