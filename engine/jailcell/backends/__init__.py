@@ -41,12 +41,12 @@ def get_backend(name: str = "auto") -> Backend:
     global _warned
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    ok, why = pidfd_support()
-    if not ok:
-        raise BackendUnavailable(why)
     with _lock:
         if name in _cache:
             return _cache[name]
+        ok, why = pidfd_support()
+        if not ok:
+            raise BackendUnavailable(why)
         if name == "process":
             backend: Backend = ProcessBackend()
         elif name == "nsjail":

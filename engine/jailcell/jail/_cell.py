@@ -34,8 +34,6 @@ CELL_FILENAME = "<cell>"
 RES_FD = 3                        # the cell's result channel (a socket to the host)
 MAX_REQUEST = 64 * 1024 * 1024    # code + base64 input files
 MAX_IMAGES_BYTES = 16 * 1024 * 1024
-MAX_LISTED_FILES = 1000
-REPORT_FAILED = 70                # exit status of a cell whose program broke its reporting
 
 CONFIG: dict = {}                 # the jail's config frame (set by the zygote)
 STATE: dict = {"hide": [], "trusted_prefixes": ("/nonexistent/",)}
@@ -318,7 +316,7 @@ def list_files(root: str) -> dict[str, tuple[int, int]]:
     """Regular files below ``root``: relative name -> (size, mtime_ns)."""
     out: dict[str, tuple[int, int]] = {}
     stack = [root]
-    while stack and len(out) < MAX_LISTED_FILES:
+    while stack and len(out) < proto.MAX_LISTED_FILES:
         d = stack.pop()
         try:
             it = list(os.scandir(d))
@@ -470,7 +468,7 @@ def finish(report: dict, res_fd: int = RES_FD) -> None:
     try:
         proto.write_frame(res_fd, report)
     except Exception:
-        os._exit(REPORT_FAILED)
+        os._exit(proto.REPORT_FAILED)
     finally:
         if users is not None:
             current.clear()

@@ -31,6 +31,8 @@ MAX_CALL = 8 * 1024 * 1024        # a host-function call's arguments, and its an
 MAX_CALLS_PER_RUN = 10_000        # host-function calls one run may make
 CALL_PREFIX = b'{"call":'         # how a call frame's payload starts (a report's never does)
 MAX_FDS = 8                       # file descriptors one control frame may carry
+MAX_LISTED_FILES = 1000           # files a report lists at most
+REPORT_FAILED = 70                # exit status of a cell whose program broke its reporting
 
 
 class ProtocolError(Exception):

@@ -23,10 +23,7 @@ from . import _protocol as proto
 
 DRAIN_INTERVAL_S = 0.02
 READ_SIZE = 1 << 20
-PIPE_SIZE = 1 << 20
-F_SETPIPE_SZ = 1031
 SIGNAMES = {s.value: s.name for s in signal.Signals}
-REPORT_FAILED = 70  # exit status of a cell whose program broke its reporting (see _cell.py)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -226,7 +223,7 @@ def supervise(spare: Spare, req: dict[str, Any], *, output_cap: int, interrupt_f
     """
     t0 = time.monotonic()
     deadline = t0 + float(req["timeout"])
-    cpu_limit = float(req.get("cpu_s", req["timeout"]))
+    cpu_limit = float(req["cpu_s"])
     seen = Observed()
     out, err = bytearray(), bytearray()
     total = 0
@@ -386,7 +383,7 @@ def parse_report(raw: bytes):
     files = rep.get("files")
     out["files"] = [
         {"name": f["name"][:1024], "size": f["size"]}
-        for f in (files if isinstance(files, list) else [])[:1000]
+        for f in (files if isinstance(files, list) else [])[: proto.MAX_LISTED_FILES]
         if isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("size"), int)
         and not isinstance(f.get("size"), bool)
     ]
@@ -413,7 +410,7 @@ def outcome(seen: Observed, req: dict[str, Any], exit_info: dict[str, Any] | Non
             result["signal"] = SIGNAMES.get(sig, str(sig))
         elif os.WIFEXITED(wait_status):
             result["exit_code"] = os.WEXITSTATUS(wait_status)
-    cpu_limit = float(req.get("cpu_s", 30))
+    cpu_limit = float(req["cpu_s"])
 
     def fail(status: str, kind: str, message: str) -> dict[str, Any]:
         result.update(status=status, error={"type": kind, "message": message, "traceback": ""})
@@ -455,7 +452,7 @@ def outcome(seen: Observed, req: dict[str, Any], exit_info: dict[str, Any] | Non
         result.update(status=report["status"], result=report["result"], error=report["error"],
                       outputs=report["outputs"], files=report["files"])
         return result
-    if result["exit_code"] == REPORT_FAILED:
+    if result["exit_code"] == proto.REPORT_FAILED:
         return fail("error", "ResultChannelCorrupted",
                     "the program broke jailcell's reporting (it replaced builtins or internals)")
     if result["exit_code"] not in (None, 0):

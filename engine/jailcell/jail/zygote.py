@@ -294,8 +294,7 @@ def _fork_spare(glb_factory, parent_sock: socket, session: bool):
             os.setpgid(0, 0)  # os.kill(0, ...) from the program reaches its own processes only
         # Rehearse a request at once: the pages it writes are copied now, on whichever CPU is free,
         # instead of on the next run's path (measured: faster and no more CPU in all, idle or busy).
-        cell.warm_up(session)
-        cell.set_cpu_limit(CONFIG.get("cpu_s", 30), session)  # the usual limit, set while idle
+        cell.warm_up(session)  # its request carries the usual CPU limit: set now, while idle
         try:
             cell.serve(req, glb_factory(), session)
         except BaseException:  # noqa: BLE001 - the request pipe broke: nothing to report to
