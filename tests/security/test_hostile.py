@@ -293,7 +293,7 @@ def test_host_killing_the_jail_is_recovered(open_sandbox):
 def test_closing_right_after_a_run_leaves_no_process_in_either_backend():
     """close() just after a run races the zygote's sweep of that run; nothing may survive it (without a
     pid namespace there is no kernel to kill the jail's processes when the zygote exits)."""
-    from jailcell.jail._host import _reaper
+    from jailcell.jail._host import _teardown
 
     from ..conftest import jail_processes, wait_for
 
@@ -315,5 +315,5 @@ def test_closing_right_after_a_run_leaves_no_process_in_either_backend():
         for _ in range(15):
             with Sandbox("minimal", backend=backend) as sb:
                 assert sb.run("1 + 1").result == "2"
-    _reaper.join()
+    _teardown.join()
     assert wait_for(lambda: not ours(), 10), ours()

@@ -211,7 +211,7 @@ class Jail:
         except OSError:
             pass
         if spawned is not None:
-            _reaper.reap(self.backend, spawned)
+            _teardown.add(self.backend, spawned)
         _live.discard(self)
 
     def kill(self) -> None:
@@ -408,7 +408,7 @@ class Jail:
         raise JailError("no spare cell of this jail could take the run (they kept dying)")
 
 
-class _Reaper:
+class _Teardown:
     """Waits for closed jails to end and removes what their backend created, in the background:
     ``close()`` returns at once (the jail's first process is already exiting, which ends every
     process of the jail), and interpreter exit (:func:`close_all`) waits until all are gone."""
@@ -420,13 +420,13 @@ class _Reaper:
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
 
-    def reap(self, backend: Backend, spawned: Spawned) -> None:
+    def add(self, backend: Backend, spawned: Spawned) -> None:
         with self._cv:
             self._queue.append((backend, spawned))
             self._busy += 1
             if self._thread is None or self._pid != os.getpid():
                 self._pid = os.getpid()
-                self._thread = threading.Thread(target=self._loop, name="jailcell-reaper", daemon=True)
+                self._thread = threading.Thread(target=self._loop, name="jailcell-teardown", daemon=True)
                 self._thread.start()
             self._cv.notify_all()
 
@@ -467,7 +467,7 @@ def _end(backend: Backend, spawned: Spawned) -> None:
     backend.teardown(spawned)
 
 
-_reaper = _Reaper()
+_teardown = _Teardown()
 
 
 def _killpg(pid: int) -> None:
@@ -481,4 +481,4 @@ def close_all() -> None:
     """Tear down every jail of this process and wait until they are gone (atexit)."""
     for jail in list(_live):
         jail.close()
-    _reaper.join()
+    _teardown.join()
