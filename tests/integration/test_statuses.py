@@ -1,6 +1,8 @@
 """Every status is reachable and means what it says (real nsjail, no mocks)."""
 
 import base64
+import subprocess
+import sys
 import time
 
 import pytest
@@ -184,3 +186,22 @@ def test_stateless_runs_share_nothing(standard):
     lines = second.stdout.splitlines()
     assert lines[0] == "[1] 2 None False False False"
     assert lines[1] == "False"  # the sleeping child of the first run is gone
+
+
+def test_policy_env_reaches_the_jails_interpreter(tmp_path):
+    """A policy's [env] applies to the jail's Python itself, PYTHON* variables included (the
+    zygote must not start with -I/-E, which would silently ignore them)."""
+    path = tmp_path / "seeded.toml"
+    path.write_text('name = "seeded"\nextends = "minimal"\n[imports]\nallow_add = ["sys"]\ndeny_remove = ["sys"]\n'
+                    '[env]\nPYTHONHASHSEED = "0"\n')
+    expected = subprocess.run([sys.executable, "-c", "print(hash('jailcell'))"], capture_output=True, text=True,
+                              env={"PYTHONHASHSEED": "0"}, check=True).stdout.strip()
+    # The built-in policies choose their allocator this way: pymalloc (the default) for the
+    # small minimal image, glibc malloc (huge pages) for the large standard one.
+    stats = "import sys\nsys._debugmallocstats()"
+    with Sandbox(str(path)) as sb:
+        assert sb.run("print(hash('jailcell'))").stdout.strip() == expected
+        assert "Small block threshold" in sb.run(stats).stderr
+    with Sandbox("standard") as sb:
+        r = sb.run(stats)
+        assert r.ok and "Small block threshold" not in r.stderr
