@@ -18,7 +18,7 @@ JAIL_SRC = Path(__file__).resolve().parent.parent / "jail"
 # Thread pools must be single-threaded before fork; matplotlib must not look for a display.
 # glibc asks for transparent huge pages for its heap, which keeps the page tables every fork (one
 # per run) copies small.  (The standard policy also moves Python's objects onto that heap with
-# PYTHONMALLOC=malloc: measured with its 70 MB image, back-to-back runs ~9% faster; with the small
+# PYTHONMALLOC=malloc: measured with its 70 MB image, back-to-back runs ~17% faster; with the small
 # minimal image pymalloc's pools win, HumanEval throughput ~8% higher.)  A policy's [env] can
 # override any of these.
 BASE_ENV = {
