@@ -277,6 +277,24 @@ def test_forged_protocol_bytes_do_not_confuse_the_engine(open_sandbox):
     assert open_sandbox.run("print('alive')").stdout == "alive\n"
 
 
+def test_report_nested_too_deeply_is_corrupted_not_a_host_crash(open_sandbox):
+    """A well-framed report whose JSON nests past the parser's recursion limit: the host refuses it
+    as a corrupted channel (it used to raise RecursionError out of Sandbox.run)."""
+    from jailcell.jail import _protocol as proto
+
+    depth = 200_000
+    body = b'{"status": ' + b"[" * depth + b"]" * depth + b"}"
+    header = proto.HEADER.pack(proto.MAGIC, proto.VERSION, proto.KIND_JSON, len(body))
+    r = open_sandbox.run(
+        "import os\n"
+        f"body = b'{{\"status\": ' + b'[' * {depth} + b']' * {depth} + b'}}'\n"
+        f"os.write(3, {header!r} + body)\n"
+        "os._exit(0)"
+    )
+    assert r.status == "error" and r.error["type"] == "ResultChannelCorrupted", r
+    assert open_sandbox.run("print('alive')").stdout == "alive\n"
+
+
 def test_huge_result_is_bounded(open_sandbox):
     r = open_sandbox.run("'x' * (200 * 1024 * 1024)", timeout=20)
     assert r.status in ("output_limit", "memory_limit", "error")

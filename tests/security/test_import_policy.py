@@ -76,3 +76,30 @@ def test_hook_bypassed_the_jail_still_contains(standard):
     assert r.status == "ok", r
     first, second = r.stdout.splitlines()
     assert first == "-1 -1 False False" and second != "connected"
+
+
+def test_names_cover_submodules_and_globs_match_in_the_jail(tmp_path):
+    path = tmp_path / "globs.toml"
+    path.write_text('extends = "standard"\nname = "globs"\n[imports]\ndeny_add = ["xml.dom.*", "email", "html"]\n')
+    with Sandbox(Policy.load(path)) as sb:
+        assert sb.run("import xml.dom\n'ok'").result == "'ok'"  # the glob matches below xml.dom only
+        for module in ("xml.dom.minidom", "email", "email.mime.text", "html.parser"):
+            r = sb.run(f"import {module}")
+            assert r.status == "policy_violation", (module, r)
+        assert sb.run("import htmlx").error["type"] == "ModuleNotFoundError"  # a prefix is not a parent
+
+
+def test_first_cell_is_lean_later_cells_complete_and_hidden(tmp_path):
+    """A jail's first spare is forked before the nursery imports what only some runs need (jail
+    start-up is on the first run's path); it still reports full tracebacks.  Later cells have those
+    modules, and the policy's blocked modules among them are hidden from sys.modules."""
+    path = tmp_path / "lean.toml"
+    path.write_text('extends = "standard"\nname = "lean"\n[preload]\nmodules = []\n'
+                    '[imports]\ndeny_add = ["tokenize"]\n')
+    probe = "import sys\nprint('traceback' in sys.modules, 'tokenize' in sys.modules)\n"
+    with Sandbox(Policy.load(path)) as sb:
+        r = sb.run(probe + "def f():\n    return 1 / 0\nf()")
+        assert r.stdout == "False False\n"  # the lean first cell ...
+        assert r.error["type"] == "ZeroDivisionError"  # ... still formats a full traceback
+        assert "line 4, in f\n    return 1 / 0" in r.error["traceback"], r.error
+        assert sb.run(probe).stdout == "True False\n"

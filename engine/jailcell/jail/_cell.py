@@ -15,20 +15,34 @@ observed itself (exit status, signals, its own timers and byte counts) and valid
 
 from __future__ import annotations
 
-import ast
-import base64
+import _ast
+import binascii
 import builtins
-import fnmatch
 import io
-import linecache
 import os
-import re
 import resource
 import stat
 import sys
-import traceback
 
 import _protocol as proto
+
+# The first spare of a jail starts from these imports alone (C modules, small ones): no ``re``,
+# ``enum``, ``ast``, ``json``, ``traceback`` -- ~10 ms of imports off every jail's first run.
+# Modules only some runs need are imported when needed; ``complete_image`` loads them into the
+# nursery once its first spare exists, so later cells have them already.
+LATER_IMPORTS = ("linecache", "traceback")
+_import = builtins.__import__  # the interpreter's own: the program may replace builtins.__import__
+
+
+def complete_image() -> None:
+    """In the nursery once its first spare exists (and in a session holder): load LATER_IMPORTS,
+    so later cells do not each import them, and hide what the policy blocks among the new modules."""
+    for name in LATER_IMPORTS:
+        try:
+            _import(name)
+        except ImportError:
+            pass
+    STATE["hide"] = blocked_loaded_modules()
 
 CELL_FILENAME = "<cell>"
 RES_FD = 3                        # the cell's result channel (a socket to the host)
@@ -47,14 +61,34 @@ class PolicyViolation(ImportError):
     """An import refused by the jail's policy (an ImportError, so `except ImportError` works)."""
 
 
-def _matcher(patterns) -> "re.Pattern | None":
-    """One regex for a list of module patterns: a glob (``numpy.*``), or a name, which also
-    covers its submodules (``os`` matches ``os.path``)."""
-    if not patterns:
-        return None
-    parts = [fnmatch.translate(p) if "*" in p or "?" in p or "[" in p
-             else re.escape(p) + r"(?:\..*)?\Z" for p in patterns]
-    return re.compile("|".join(f"(?:{part})" for part in parts), re.S)
+class _Matcher:
+    """A list of module patterns: a name, which also covers its submodules (``os`` matches
+    ``os.path``), or a glob (``numpy.*``; compiled into one regex, only if there are any)."""
+
+    def __init__(self, patterns) -> None:
+        globs = [p for p in patterns if "*" in p or "?" in p or "[" in p]
+        self.names = frozenset(p for p in patterns if p not in globs)
+        self.glob = None
+        if globs:
+            import fnmatch
+            import re
+
+            self.glob = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in globs), re.S)
+
+    def match(self, module: str) -> bool:
+        names = self.names
+        if module in names:
+            return True
+        dot = module.find(".")
+        while dot != -1:
+            if module[:dot] in names:
+                return True
+            dot = module.find(".", dot + 1)
+        return self.glob is not None and self.glob.match(module) is not None
+
+
+def _matcher(patterns) -> "_Matcher | None":
+    return _Matcher(patterns) if patterns else None
 
 
 def import_blocked(module: str) -> bool:
@@ -164,15 +198,32 @@ def _hide_blocked_modules() -> None:
 # executing the user's code
 # ----------------------------------------------------------------------------------------------
 
-def _split_last_expression(tree: ast.Module):
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
+def _split_last_expression(tree: "_ast.Module"):
+    if tree.body and isinstance(tree.body[-1], _ast.Expr):
         last = tree.body.pop()
-        return tree, ast.Expression(body=last.value)
+        return tree, _ast.Expression(body=last.value)
     return tree, None
 
 
-def _trim_traceback(exc: BaseException) -> str:
+def _register_source(code: str) -> None:
+    """Make the code's lines available to tracebacks (ours, and any the program prints)."""
+    linecache = sys.modules.get("linecache")
+    if linecache is not None:
+        linecache.cache[CELL_FILENAME] = (len(code), None, code.splitlines(True), CELL_FILENAME)
+
+
+def _trim_traceback(exc: BaseException, code: str) -> str:
     """The traceback from the user's first frame on, without jailcell's own frames at the end."""
+    try:
+        return _format_traceback(exc, code)
+    except Exception:  # the program broke the traceback machinery: its error still comes back
+        return f"{type(exc).__name__}: {_safe_str(exc)}\n"
+
+
+def _format_traceback(exc: BaseException, code: str) -> str:
+    _import("linecache")  # loaded already in all but a jail's first cell (LATER_IMPORTS)
+    traceback = _import("traceback")
+    _register_source(code)
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename != CELL_FILENAME:
         tb = tb.tb_next
@@ -204,7 +255,7 @@ def _figures() -> list[dict]:
         total += len(data)
         if total > MAX_IMAGES_BYTES:
             break
-        out.append({"mime_type": "image/png", "data": base64.b64encode(data).decode("ascii")})
+        out.append({"mime_type": "image/png", "data": binascii.b2a_base64(data, newline=False).decode("ascii")})
     return out
 
 
@@ -226,14 +277,14 @@ def execute(code: str, glb: dict) -> dict:
     report: dict = {"status": "ok", "result": None, "error": None, "outputs": []}
     collected: list = []
     _patch_show(collected)
-    linecache.cache[CELL_FILENAME] = (len(code), None, code.splitlines(True), CELL_FILENAME)
+    _register_source(code)
     try:
         if CONFIG.get("code_mode") == "restricted":
             from _restricted import run_restricted
 
             value = run_restricted(code, glb, CELL_FILENAME, lambda m: not import_blocked(m))
         else:
-            tree = ast.parse(code, CELL_FILENAME, "exec")
+            tree = compile(code, CELL_FILENAME, "exec", _ast.PyCF_ONLY_AST)  # ast.parse, without importing ast
             body, last = _split_last_expression(tree)
             exec(compile(body, CELL_FILENAME, "exec"), glb)
             value = eval(compile(last, CELL_FILENAME, "eval"), glb) if last is not None else None
@@ -253,7 +304,7 @@ def execute(code: str, glb: dict) -> dict:
         elif isinstance(exc, PolicyViolation) or getattr(exc, "jailcell_policy", False):
             status = "policy_violation"
         report["status"] = status
-        report["error"] = {"type": type(exc).__name__, "message": _safe_str(exc), "traceback": _trim_traceback(exc)}
+        report["error"] = {"type": type(exc).__name__, "message": _safe_str(exc), "traceback": _trim_traceback(exc, code)}
     try:
         report["outputs"] = collected + _figures()
     except Exception:
@@ -541,7 +592,7 @@ def serve(req_fd: int, glb: dict, session: bool, res_fd: int = RES_FD) -> None:
     os.close(req_fd)
     try:
         for name, b64 in (req.get("files") or {}).items():
-            write_file(".", name, base64.b64decode(b64))
+            write_file(".", name, binascii.a2b_base64(b64))
     except (OSError, ValueError) as exc:
         finish({"input_error": f"cannot write input file: {exc}"}, res_fd)
         return
