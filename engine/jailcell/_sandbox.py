@@ -21,6 +21,7 @@ from ._bridge import HostFunctions
 from ._errors import InputError, JailError, SandboxClosed
 from ._policy import MIB, Policy
 from ._result import Result
+from ._threads import LazyThread
 from .backends import get_backend
 from .jail._host import HeadLost, Jail, JailTimeout, close_all
 from .jail._protocol import ProtocolError
@@ -406,16 +407,18 @@ class _Reaper:
     """Closes sessions idle for longer than their ``idle_timeout`` (one daemon thread)."""
 
     def __init__(self) -> None:
+        self._thread = LazyThread("jailcell-reaper", self._loop, after_fork=self._fresh)
+        self._fresh()
+
+    def _fresh(self) -> None:
+        """At start, and in a forked child: the parent's sessions are not the child's to close."""
         self._sessions: set[Session] = set()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
 
     def watch(self, session: Session) -> None:
         with self._lock:
+            self._thread.ensure()
             self._sessions.add(session)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="jailcell-reaper", daemon=True)
-                self._thread.start()
 
     def forget(self, session: Session) -> None:
         with self._lock:

@@ -2,6 +2,8 @@
 
 import asyncio
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -106,6 +108,36 @@ def test_idle_session_expires(minimal):
     assert s.closed
     with pytest.raises(SandboxClosed):
         s.run("a")
+
+
+FORKING_HOST = """
+import os, sys, time
+from jailcell import Sandbox
+with Sandbox("minimal") as sb:
+    with sb.session(idle_timeout=30) as s:  # the control, teardown and reaper threads run now
+        assert s.run("1").ok
+    assert sb.run("1").ok
+    jail = sb._jail
+    pid = os.fork()
+    if pid == 0:  # a child: none of those threads exist here; the parent's jail is not its own
+        assert sb.run("print(1)").stdout == "1\\n"  # an inherited Sandbox starts its own jail
+        with Sandbox("minimal") as child_sb:
+            s = child_sb.session(idle_timeout=0.5)
+            ok = child_sb.run("print(6 * 7)").stdout == "42\\n" and s.run("a = 1").ok
+            time.sleep(1.5)
+            sys.exit(0 if ok and s.closed else 4)  # exits normally: atexit tears its jails down
+    _, status = os.waitpid(pid, 0)
+    assert sb.run("print('parent fine')").stdout == "parent fine\\n"
+    assert sb._jail is jail  # the child's exit did not end it
+    sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_host_process_gets_its_own_background_threads():
+    """Threads do not survive fork(): an application that forks after using jailcell has the
+    control loop, the teardown thread and the idle-session reaper started afresh in the child."""
+    r = subprocess.run([sys.executable, "-c", FORKING_HOST], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
 
 
 def test_pool_map_keeps_order_and_catches_wrong_answers():

@@ -18,6 +18,13 @@ def test_ok_stdout_stderr_and_last_expression(standard):
     assert r.isolation["backend"] == "nsjail"
 
 
+def test_cpu_time_and_peak_memory_are_measured(standard):
+    r = standard.run("import time\nt = time.process_time()\nx = bytearray(64 * 1024 * 1024)\n"
+                     "while time.process_time() - t < 0.3: pass")
+    assert r.ok and 0.29 <= r.cpu_s < 5, r.cpu_s
+    assert r.peak_memory_bytes >= 64 * 1024 * 1024
+
+
 def test_none_result_and_statement_end(standard):
     assert standard.run("x = 1").result is None
     assert standard.run("None").result is None

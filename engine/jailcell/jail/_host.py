@@ -27,6 +27,7 @@ import weakref
 from typing import Any, Callable
 
 from .._errors import JailError
+from .._threads import LazyThread
 from .._policy import Policy
 from ..backends import Backend
 from ..backends._base import Spawned
@@ -39,6 +40,7 @@ REPLY_TIMEOUT_S = 30.0   # the zygote answers control requests and sweeps within
 REPLY_LIMIT = 512 * 1024 * 1024
 
 _live: "weakref.WeakSet[Jail]" = weakref.WeakSet()
+os.register_at_fork(after_in_child=_live.clear)  # a forked child's exit must not end the parent's jails
 
 
 class JailTimeout(Exception):
@@ -55,20 +57,23 @@ class _ControlLoop:
     elsewhere, not at the start of the next run."""
 
     def __init__(self) -> None:
+        self._wake_r = self._wake_w = -1
+        self._thread = LazyThread("jailcell-control", self._loop, after_fork=self._fresh)
+        self._fresh()
+
+    def _fresh(self) -> None:
+        """At start, and in a forked child: the parent's jails are not the child's to read, and
+        its wake-up pipe must not steal the parent's wake-ups."""
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
         self._lock = threading.Lock()
         self._jails: dict[int, weakref.ref[Jail]] = {}  # ctl fd -> jail
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
 
     def add(self, jail: "Jail") -> None:
         with self._lock:
-            if self._thread is None or self._pid != os.getpid():  # not started yet, or a forked child
-                if self._pid != os.getpid():  # the parent's jails are not ours to read
-                    self._jails.clear()
-                self._pid = os.getpid()
-                self._thread = threading.Thread(target=self._loop, name="jailcell-control", daemon=True)
-                self._thread.start()
+            self._thread.ensure()
             self._jails[jail.ctl.fileno()] = weakref.ref(jail)
         self._wake()
 
@@ -130,6 +135,7 @@ class Jail:
         self.ready: dict[str, Any] = {}
         self._oom_seen = 0
         self.closed = False
+        self._pid = os.getpid()  # a forked copy of this object does not own the jail
         try:
             self._start()
         except BaseException:
@@ -171,7 +177,7 @@ class Jail:
 
     def alive(self) -> bool:
         """The control thread notices at once when the zygote (and so the jail) is gone."""
-        return not self.closed and self._broken is None and self._spawned is not None
+        return not self.closed and self._broken is None and self._spawned is not None and self._pid == os.getpid()
 
     def log(self) -> str:
         try:
@@ -181,6 +187,9 @@ class Jail:
             return ""
 
     def close(self) -> None:
+        if self._pid != os.getpid():
+            self._forget()
+            return
         with self._cv:
             if self.closed:
                 return
@@ -214,9 +223,26 @@ class Jail:
             _teardown.add(self.backend, spawned)
         _live.discard(self)
 
+    def _forget(self) -> None:
+        """In a forked child: close this process's copies of the jail's file descriptors and
+        nothing else -- the jail is the parent's (a shutdown of the control socket would end it;
+        the lock may have been held by a parent's thread, which the child does not have)."""
+        if self.closed:
+            return
+        self.closed = True
+        for spare in [*self._spares, *(s for s in self._heads.values() if s is not None), *self._used.values()]:
+            spare.close()
+        for fd in (self.ctl.detach() if self.ctl is not None else -1, self._interrupt_r, self._interrupt_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._spawned = None
+
     def kill(self) -> None:
         """Hard stop (used when the jail does not answer)."""
-        if self._spawned is not None:
+        if self._spawned is not None and self._pid == os.getpid():
             _killpg(self._spawned.proc.pid)
         self.close()
 
@@ -414,20 +440,20 @@ class _Teardown:
     process of the jail), and interpreter exit (:func:`close_all`) waits until all are gone."""
 
     def __init__(self) -> None:
+        self._thread = LazyThread("jailcell-teardown", self._loop, after_fork=self._fresh)
+        self._fresh()
+
+    def _fresh(self) -> None:
+        """At start, and in a forked child: the parent's jails are the parent's to end."""
         self._cv = threading.Condition()
         self._queue: collections.deque[tuple[Backend, Spawned]] = collections.deque()
         self._busy = 0
-        self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
 
     def add(self, backend: Backend, spawned: Spawned) -> None:
         with self._cv:
+            self._thread.ensure()
             self._queue.append((backend, spawned))
             self._busy += 1
-            if self._thread is None or self._pid != os.getpid():
-                self._pid = os.getpid()
-                self._thread = threading.Thread(target=self._loop, name="jailcell-teardown", daemon=True)
-                self._thread.start()
             self._cv.notify_all()
 
     def _loop(self) -> None:
