@@ -170,28 +170,43 @@ def kill(pid: int) -> None:
         pass
 
 
-def kill_strays(keep) -> None:
+def kill_strays(keep, first: tuple[int, ...] = ()) -> None:
     """Kill every process of this jail below the zygote for which ``keep(pid, ppid)`` is false,
     wait until each is exiting (not until its teardown is over: that happens off the request
     path, while the next run may already be going), and continue the ones kept (the program may
-    have stopped them)."""
+    have stopped them).  ``first``: strays known already (the used cell), killed before the scan.
+
+    One scan of /proc finds the strays; while the killed ones are not exiting yet, only they are
+    looked at again; then one more scan, for anything they forked in the meantime."""
     me = os.getpid()
     killed: set[int] = set()
-    for attempt in range(5000):
+    for pid in first:
+        kill(pid)
+        killed.add(pid)
+    below: list[int] = []
+    for _scan in range(1000):
         table = _process_table()
         below = _descendants(me, table)
         strays = [p for p in below if not keep(p, table[p][0])]
-        alive = [p for p in strays if p not in killed or not _exiting(p)]
-        if not alive:
+        new = [p for p in strays if p not in killed]
+        waiting = [p for p in strays if p in killed and not _exiting(p)]
+        if not new and not waiting:
             break
-        for pid in alive:  # again if it is not exiting yet (harmless; covers a reused pid)
+        for pid in new:
             kill(pid)
             killed.add(pid)
-        _reap_nohang()
-        if attempt > 20:
-            time.sleep(0.0002)
-        else:
-            os.sched_yield()  # a killed process queued on this CPU gets to exit now
+        waiting += new
+        for attempt in range(5000):
+            _reap_nohang()
+            waiting = [p for p in waiting if not _exiting(p)]
+            if not waiting:
+                break
+            for pid in waiting:  # again (harmless; covers a reused pid)
+                kill(pid)
+            if attempt > 20:
+                time.sleep(0.0002)
+            else:
+                os.sched_yield()  # a killed process queued on this CPU gets to exit now
     for pid in below:
         if pid not in killed:
             try:
@@ -471,7 +486,7 @@ class Stateless:
         nursery = self.nursery_pid
         # Keep the nursery and its children that have not run anything (spares, possibly not yet
         # announced); everything else -- the used cell and whatever it left -- dies.
-        kill_strays(lambda pid, ppid: pid == nursery or (ppid == nursery and pid != used))
+        kill_strays(lambda pid, ppid: pid == nursery or (ppid == nursery and pid != used), first=(used,))
         if self.sock is None or not idle(nursery):
             self._lose_nursery()
             self._start_nursery()
