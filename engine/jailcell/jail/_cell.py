@@ -33,17 +33,6 @@ import _protocol as proto
 LATER_IMPORTS = ("linecache", "traceback")
 _import = builtins.__import__  # the interpreter's own: the program may replace builtins.__import__
 
-
-def complete_image() -> None:
-    """In the nursery once its first spare exists (and in a session holder): load LATER_IMPORTS,
-    so later cells do not each import them, and hide what the policy blocks among the new modules."""
-    for name in LATER_IMPORTS:
-        try:
-            _import(name)
-        except ImportError:
-            pass
-    STATE["hide"] = blocked_loaded_modules()
-
 CELL_FILENAME = "<cell>"
 RES_FD = 3                        # the cell's result channel (a socket to the host)
 MAX_REQUEST = 64 * 1024 * 1024    # code + base64 input files
@@ -184,6 +173,18 @@ def blocked_loaded_modules() -> list[str]:
     builtin = set(sys.builtin_module_names)
     return [n for n, m in list(sys.modules.items())
             if n not in builtin and getattr(m, "__file__", None) and import_blocked(n)]
+
+
+def complete_image() -> None:
+    """In the nursery once its first spare exists (in the zygote of a session jail): load
+    LATER_IMPORTS, so later cells do not each import them, and hide what the policy blocks
+    among the modules that came with them."""
+    for name in LATER_IMPORTS:
+        try:
+            _import(name)
+        except ImportError:
+            pass
+    STATE["hide"] = blocked_loaded_modules()
 
 
 def _hide_blocked_modules() -> None:

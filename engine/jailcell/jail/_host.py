@@ -27,8 +27,8 @@ import weakref
 from typing import Any, Callable
 
 from .._errors import JailError
-from .._threads import LazyThread
 from .._policy import Policy
+from .._threads import LazyThread
 from ..backends import Backend
 from ..backends._base import Spawned
 from . import _protocol as proto

@@ -28,7 +28,7 @@ try:
     from _json import make_encoder as _c_make_encoder
     from _json import make_scanner as _c_make_scanner
 except ImportError:  # an interpreter without the accelerator: the json module does the same
-    _c_make_encoder = _c_make_scanner = None
+    _c_make_scanner = None
 
 MAGIC = b"JC"
 VERSION = 2
@@ -63,30 +63,38 @@ class _ScanContext:
     parse_constant = {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}.__getitem__
 
 
-# Bound at import: code that later replaces json functions does not reach the framing.
-if _c_make_scanner is not None:
-    _scan = _c_make_scanner(_ScanContext())
-
-    def _dumps(obj: object) -> str:
-        # A new encoder per call: its circular-reference markers must not be shared between threads.
-        return "".join(_c_make_encoder({}, _not_json, _c_encode_str, None, ":", ",", False, False, True)(obj, 0))
-
-    def _loads(text: str) -> object:
-        start = len(text) - len(text.lstrip(" \t\n\r"))
+def _json_functions():
+    """(dumps, loads), bound at import: code that later replaces json's functions does not reach
+    the framing."""
+    if _c_make_scanner is not None:
         try:
-            obj, end = _scan(text, start)
-        except StopIteration:
-            raise ValueError("no JSON value") from None
-        if text[end:].strip(" \t\n\r"):
-            raise ValueError(f"extra data at {end}")
-        return obj
-else:
+            scan = _c_make_scanner(_ScanContext())
+            # A new encoder per call: its circular-reference markers must not be shared between threads.
+            make_encoder = lambda: _c_make_encoder({}, _not_json, _c_encode_str, None, ":", ",", False, False, True)  # noqa: E731
+            make_encoder()
+        except (TypeError, AttributeError):  # the accelerator's signature changed: use json
+            pass
+        else:
+            def dumps(obj: object) -> str:
+                return "".join(make_encoder()(obj, 0))
+
+            def loads(text: str) -> object:
+                start = len(text) - len(text.lstrip(" \t\n\r"))
+                try:
+                    obj, end = scan(text, start)
+                except StopIteration:
+                    raise ValueError("no JSON value") from None
+                if text[end:].strip(" \t\n\r"):
+                    raise ValueError(f"extra data at {end}")
+                return obj
+
+            return dumps, loads
     import json
 
-    def _dumps(obj: object) -> str:
-        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    return (lambda obj: json.dumps(obj, separators=(",", ":"), ensure_ascii=False)), json.loads
 
-    _loads = json.loads
+
+_dumps, _loads = _json_functions()
 
 
 def encode(obj: object) -> bytes:

@@ -184,7 +184,8 @@ def kill_strays(keep, first: tuple[int, ...] = ()) -> None:
         kill(pid)
         killed.add(pid)
     below: list[int] = []
-    for _scan in range(1000):
+    attempts = 0  # bounded, as a process stuck in the kernel may never get to exit
+    while attempts < 5000:
         table = _process_table()
         below = _descendants(me, table)
         strays = [p for p in below if not keep(p, table[p][0])]
@@ -196,14 +197,15 @@ def kill_strays(keep, first: tuple[int, ...] = ()) -> None:
             kill(pid)
             killed.add(pid)
         waiting += new
-        for attempt in range(5000):
+        while waiting and attempts < 5000:
+            attempts += 1
             _reap_nohang()
             waiting = [p for p in waiting if not _exiting(p)]
-            if not waiting:
-                break
             for pid in waiting:  # again (harmless; covers a reused pid)
                 kill(pid)
-            if attempt > 20:
+            if not waiting:
+                break
+            if attempts > 20:
                 time.sleep(0.0002)
             else:
                 os.sched_yield()  # a killed process queued on this CPU gets to exit now
