@@ -43,6 +43,19 @@ def test_a_session_cell_may_get_a_larger_cpu_limit_than_the_one_before():
         assert r.status == "timeout" and s.run("x").result == "1"
 
 
+def test_session_keeps_the_programs_builtins_like_a_notebook(standard):
+    """Only the program's code sees the program's builtins: the report, tracebacks and the
+    holder's duties run with pristine ones (a replaced ``len`` used to kill the session's holder)."""
+    with standard.session() as session:
+        r = session.run("import builtins\nbuiltins.double = lambda x: 2 * x\nbuiltins.len = lambda x: -1\n'set'")
+        assert r.ok and r.result == "'set'"
+        assert session.run("double(21), len([1, 2])").result == "(42, -1)"
+        assert session.run("import builtins\ndel builtins.double\nhasattr(builtins, 'double')").result == "False"
+        r = session.run("import builtins\nbuiltins.__dict__.clear()\n1")  # breaks the program's next runs ...
+        assert r.ok and r.result == "1"
+        assert session.run("(1).__add__(1)").result == "2"  # ... but never jailcell's own code
+
+
 def test_fork_branches(standard):
     with standard.session() as s:
         s.run("items = [1]")

@@ -273,8 +273,40 @@ def _safe_str(exc: BaseException) -> str:
         return f"<unprintable {type(exc).__name__}>"
 
 
-def execute(code: str, glb: dict) -> dict:
-    """Run ``code`` in ``glb``; return the cell's report (status, result, error, outputs)."""
+_exec, _eval, _repr, _Exception = exec, eval, repr, Exception  # no builtins lookup while the program's are in place
+
+
+def _restore_builtins() -> None:
+    current = builtins.__dict__
+    current.clear()
+    current.update(PRISTINE_BUILTINS)
+
+
+def _swap_builtins(new: dict | None, _len=len, _dict=dict) -> dict | None:
+    """Put ``new`` (None: the pristine builtins) in place of the builtins; return the ones that
+    were there if the program had changed them, else None.  (It runs while the builtins may be
+    the program's: it looks up none of them.)"""
+    current, pristine = builtins.__dict__, PRISTINE_BUILTINS
+    changed = _len(current) != _len(pristine)
+    if not changed:
+        get = current.get
+        for name, value in pristine.items():
+            if get(name) is not value:
+                changed = True
+                break
+    before = _dict(current) if changed else None
+    if changed or new is not None:
+        current.clear()
+        current.update(pristine if new is None else new)
+    return before
+
+
+def execute(code: str, glb: dict, session: bool = False) -> dict:
+    """Run ``code`` in ``glb``; return the cell's report (status, result, error, outputs).
+
+    Only the program runs with its own builtins (``builtins.len = ...`` is allowed, and a session
+    keeps it for its next runs, like a notebook); jailcell's code -- the report, the traceback,
+    a session holder's duties -- always runs with pristine ones."""
     report: dict = {"status": "ok", "result": None, "error": None, "outputs": []}
     collected: list = []
     _patch_show(collected)
@@ -283,17 +315,30 @@ def execute(code: str, glb: dict) -> dict:
         if CONFIG.get("code_mode") == "restricted":
             from _restricted import run_restricted
 
-            value = run_restricted(code, glb, CELL_FILENAME, lambda m: not import_blocked(m))
+            run = lambda: run_restricted(code, glb, CELL_FILENAME, lambda m: not import_blocked(m))  # noqa: E731
         else:
             tree = compile(code, CELL_FILENAME, "exec", _ast.PyCF_ONLY_AST)  # ast.parse, without importing ast
             body, last = _split_last_expression(tree)
-            exec(compile(body, CELL_FILENAME, "exec"), glb)
-            value = eval(compile(last, CELL_FILENAME, "eval"), glb) if last is not None else None
-        if value is not None:
-            try:
-                report["result"] = repr(value)
-            except Exception as exc:  # a broken __repr__ is the user's error, not ours
-                report["result"] = f"<repr failed: {type(exc).__name__}: {exc}>"
+            body_code = compile(body, CELL_FILENAME, "exec")
+            last_code = compile(last, CELL_FILENAME, "eval") if last is not None else None
+            run = lambda: (_exec(body_code, glb), _eval(last_code, glb) if last_code is not None else None)[1]  # noqa: E731
+        if session and STATE.get("user_builtins") is not None:
+            _swap_builtins(STATE["user_builtins"])
+        try:  # the program's code, with the program's builtins: nothing here looks one up
+            value = run()
+            if value is not None:
+                try:
+                    report["result"] = _repr(value)
+                except _Exception as exc:  # a broken __repr__ is the user's error, not ours
+                    report["result"] = exc
+        finally:
+            if session:
+                STATE["user_builtins"] = _swap_builtins(None)
+            else:  # a stateless cell ends after this run: nothing to keep
+                _restore_builtins()
+        if isinstance(report["result"], BaseException):
+            exc = report["result"]
+            report["result"] = f"<repr failed: {type(exc).__name__}: {_safe_str(exc)}>"
     except SystemExit as exc:
         if exc.code not in (None, 0):
             report["status"] = "error"
@@ -501,30 +546,19 @@ PRISTINE_BUILTINS = dict(builtins.__dict__)  # as they were before any user code
 
 
 def finish(report: dict, res_fd: int = RES_FD) -> None:
-    """Flush and write the report with pristine builtins (user code may have replaced ``len``).
-
-    The user's builtins are put back afterwards (a session keeps them, like a notebook).  If
-    the report cannot be written, the cell exits so the host judges it by its exit status.
-    """
+    """Flush and write the report with pristine builtins (a thread of the program may have
+    replaced ``len`` since it ended).  If the report cannot be written, the cell exits so the
+    host judges it by its exit status."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:
             pass
-    current = builtins.__dict__
-    changed = len(current) != len(PRISTINE_BUILTINS) or any(current.get(k) is not v for k, v in PRISTINE_BUILTINS.items())
-    users = dict(current) if changed else None
-    if changed:
-        current.clear()
-        current.update(PRISTINE_BUILTINS)
+    _restore_builtins()
     try:
         proto.write_frame(res_fd, report)
     except Exception:
         os._exit(proto.REPORT_FAILED)
-    finally:
-        if users is not None:
-            current.clear()
-            current.update(users)
 
 
 def warm_up(session: bool) -> None:
@@ -535,10 +569,12 @@ def warm_up(session: bool) -> None:
                           "files": {}})
     os.close(w)
     devnull = os.open("/dev/null", os.O_WRONLY)
+    users = STATE.pop("user_builtins", None)  # the rehearsal runs none of the program's code
     try:
         serve(r, user_globals(), session, res_fd=devnull)
     finally:
         os.close(devnull)
+        STATE["user_builtins"] = users
     _hide_blocked_modules()
 
 
@@ -606,7 +642,7 @@ def serve(req_fd: int, glb: dict, session: bool, res_fd: int = RES_FD) -> None:
     _set_memory_limit(session)
     if req.get("functions"):
         install_host_functions(glb, req["functions"], res_fd)
-    report = execute(req["code"], glb)
+    report = execute(req["code"], glb, session)
     if listed or os.stat(".").st_mtime_ns != mtime:
         after = list_files(".")
         report["files"] = [{"name": n, "size": v[0]} for n, v in sorted(after.items()) if before.get(n) != v]
