@@ -31,6 +31,11 @@ def test_none_result_and_statement_end(standard):
     assert standard.run("'a' + 'b'").result == "'ab'"
 
 
+def test_a_broken_repr_of_the_last_expression_is_reported_not_raised(standard):
+    r = standard.run("class A:\n    def __repr__(self):\n        raise ValueError('no')\nA()")
+    assert r.ok and r.result == "<repr failed: ValueError: no>"
+
+
 def test_error_has_type_message_and_user_only_traceback(standard):
     r = standard.run("def f():\n    return 1 / 0\nf()")
     assert r.status == "error"

@@ -324,21 +324,21 @@ def execute(code: str, glb: dict, session: bool = False) -> dict:
             run = lambda: (_exec(body_code, glb), _eval(last_code, glb) if last_code is not None else None)[1]  # noqa: E731
         if session and STATE.get("user_builtins") is not None:
             _swap_builtins(STATE["user_builtins"])
+        repr_error = None
         try:  # the program's code, with the program's builtins: nothing here looks one up
             value = run()
             if value is not None:
                 try:
                     report["result"] = _repr(value)
                 except _Exception as exc:  # a broken __repr__ is the user's error, not ours
-                    report["result"] = exc
+                    repr_error = exc
         finally:
             if session:
                 STATE["user_builtins"] = _swap_builtins(None)
             else:  # a stateless cell ends after this run: nothing to keep
                 _restore_builtins()
-        if isinstance(report["result"], BaseException):
-            exc = report["result"]
-            report["result"] = f"<repr failed: {type(exc).__name__}: {_safe_str(exc)}>"
+        if repr_error is not None:
+            report["result"] = f"<repr failed: {type(repr_error).__name__}: {_safe_str(repr_error)}>"
     except SystemExit as exc:
         if exc.code not in (None, 0):
             report["status"] = "error"
