@@ -274,18 +274,18 @@ def _safe_str(exc: BaseException) -> str:
 
 
 _exec, _eval, _repr, _Exception = exec, eval, repr, Exception  # no builtins lookup while the program's are in place
+PRISTINE_BUILTINS = dict(builtins.__dict__)  # as they were before any user code (the zygote adds its guard)
 
 
-def _restore_builtins() -> None:
+def _set_builtins(values: dict) -> None:
     current = builtins.__dict__
     current.clear()
-    current.update(PRISTINE_BUILTINS)
+    current.update(values)
 
 
-def _swap_builtins(new: dict | None, _len=len, _dict=dict) -> dict | None:
-    """Put ``new`` (None: the pristine builtins) in place of the builtins; return the ones that
-    were there if the program had changed them, else None.  (It runs while the builtins may be
-    the program's: it looks up none of them.)"""
+def _take_builtins(_len=len, _dict=dict) -> dict | None:
+    """Put the pristine builtins back; return the program's if it changed them, else None.
+    (It runs while the builtins may be the program's: it looks up none of them.)"""
     current, pristine = builtins.__dict__, PRISTINE_BUILTINS
     changed = _len(current) != _len(pristine)
     if not changed:
@@ -294,11 +294,11 @@ def _swap_builtins(new: dict | None, _len=len, _dict=dict) -> dict | None:
             if get(name) is not value:
                 changed = True
                 break
-    before = _dict(current) if changed else None
-    if changed or new is not None:
-        current.clear()
-        current.update(pristine if new is None else new)
-    return before
+    if not changed:
+        return None
+    programs = _dict(current)
+    _set_builtins(pristine)
+    return programs
 
 
 def execute(code: str, glb: dict, session: bool = False) -> dict:
@@ -323,7 +323,7 @@ def execute(code: str, glb: dict, session: bool = False) -> dict:
             last_code = compile(last, CELL_FILENAME, "eval") if last is not None else None
             run = lambda: (_exec(body_code, glb), _eval(last_code, glb) if last_code is not None else None)[1]  # noqa: E731
         if session and STATE.get("user_builtins") is not None:
-            _swap_builtins(STATE["user_builtins"])
+            _set_builtins(STATE["user_builtins"])
         repr_error = None
         try:  # the program's code, with the program's builtins: nothing here looks one up
             value = run()
@@ -334,9 +334,9 @@ def execute(code: str, glb: dict, session: bool = False) -> dict:
                     repr_error = exc
         finally:
             if session:
-                STATE["user_builtins"] = _swap_builtins(None)
+                STATE["user_builtins"] = _take_builtins()
             else:  # a stateless cell ends after this run: nothing to keep
-                _restore_builtins()
+                _set_builtins(PRISTINE_BUILTINS)
         if repr_error is not None:
             report["result"] = f"<repr failed: {type(repr_error).__name__}: {_safe_str(repr_error)}>"
     except SystemExit as exc:
@@ -542,9 +542,6 @@ def prepare() -> None:
     fresh_stdio()
 
 
-PRISTINE_BUILTINS = dict(builtins.__dict__)  # as they were before any user code
-
-
 def finish(report: dict, res_fd: int = RES_FD) -> None:
     """Flush and write the report with pristine builtins (a thread of the program may have
     replaced ``len`` since it ended).  If the report cannot be written, the cell exits so the
@@ -554,7 +551,7 @@ def finish(report: dict, res_fd: int = RES_FD) -> None:
             stream.flush()
         except Exception:
             pass
-    _restore_builtins()
+    _set_builtins(PRISTINE_BUILTINS)
     try:
         proto.write_frame(res_fd, report)
     except Exception:
