@@ -16,6 +16,7 @@ background thread (``close()`` returns at once) and interpreter exit waits for i
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import select
 import signal
@@ -187,10 +188,11 @@ class Jail:
             return ""
 
     def close(self) -> None:
-        if self._pid != os.getpid():
-            self._forget()
-            return
-        with self._cv:
+        """End the jail.  In a forked child (which has a copy of this object) only that process's
+        copies of the file descriptors are closed: the jail is the parent's -- a shutdown of the
+        control socket would end it, and the lock may be held by a parent's thread."""
+        owner = self._pid == os.getpid()
+        with self._cv if owner else contextlib.nullcontext():
             if self.closed:
                 return
             self.closed = True
@@ -198,18 +200,19 @@ class Jail:
             self._spares.clear()
             self._heads.clear()
             self._used.clear()
-            self._cv.notify_all()
+            if owner:
+                self._cv.notify_all()
         for spare in spares:
             spare.close()
         if self.ctl is not None:
-            _control.remove(self.ctl.fileno())
-            try:
-                self.ctl.shutdown(socket.SHUT_RDWR)  # the zygote exits on EOF; pid 1 exiting ends the jail
-            except OSError:
-                pass
-        spawned, self._spawned = self._spawned, None
-        if self.ctl is not None:
+            if owner:
+                _control.remove(self.ctl.fileno())
+                try:
+                    self.ctl.shutdown(socket.SHUT_RDWR)  # the zygote exits on EOF; pid 1 exiting ends the jail
+                except OSError:
+                    pass
             self.ctl.close()
+        spawned, self._spawned = self._spawned, None
         for fd in (self._interrupt_r, self._interrupt_w):
             try:
                 os.close(fd)
@@ -219,26 +222,9 @@ class Jail:
             self._stderr.close()
         except OSError:
             pass
-        if spawned is not None:
+        if spawned is not None and owner:
             _teardown.add(self.backend, spawned)
         _live.discard(self)
-
-    def _forget(self) -> None:
-        """In a forked child: close this process's copies of the jail's file descriptors and
-        nothing else -- the jail is the parent's (a shutdown of the control socket would end it;
-        the lock may have been held by a parent's thread, which the child does not have)."""
-        if self.closed:
-            return
-        self.closed = True
-        for spare in [*self._spares, *(s for s in self._heads.values() if s is not None), *self._used.values()]:
-            spare.close()
-        for fd in (self.ctl.detach() if self.ctl is not None else -1, self._interrupt_r, self._interrupt_w):
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self._spawned = None
 
     def kill(self) -> None:
         """Hard stop (used when the jail does not answer)."""
