@@ -142,17 +142,11 @@ def zygote_argv(python: str, script: str) -> list[str]:
     return [python, "-s", "-P", "-S", "-B", "-c", _LAUNCHER, script]
 
 
-_compiled = False
-
-
+@functools.lru_cache(maxsize=1)
 def ensure_bytecode() -> None:
     """Compile the in-jail modules once (a wheel install already did; an editable checkout may
     not have), so every jail imports them from bytecode.  Best effort: a read-only install
     without bytecode still works, only slower to start."""
-    global _compiled
-    if _compiled:
-        return
-    _compiled = True
     import compileall
 
     try:
