@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -149,8 +150,15 @@ with Sandbox("minimal") as sb:
 def test_a_forked_host_process_gets_its_own_background_threads():
     """Threads do not survive fork(): an application that forks after using jailcell has the
     control loop, the teardown thread and the idle-session reaper started afresh in the child."""
-    r = subprocess.run([sys.executable, "-c", FORKING_HOST], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    proc = subprocess.Popen([sys.executable, "-c", FORKING_HOST], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # a deadlock: the forked child too, not only the parent, must go
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"the forking application hung:\n{stderr}")
+    assert proc.returncode == 0, stderr
 
 
 def test_pool_map_keeps_order_and_catches_wrong_answers():
