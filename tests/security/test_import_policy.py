@@ -80,13 +80,24 @@ def test_hook_bypassed_the_jail_still_contains(standard):
 
 def test_names_cover_submodules_and_globs_match_in_the_jail(tmp_path):
     path = tmp_path / "globs.toml"
-    path.write_text('extends = "standard"\nname = "globs"\n[imports]\ndeny_add = ["xml.dom.*", "email", "html"]\n')
-    with Sandbox(Policy.load(path)) as sb:
+    path.write_text('extends = "standard"\nname = "globs"\n[imports]\n'
+                    'deny_add = ["xml.dom.*", "email", "html", "cs?", "[q]ueue", "json.[!d]*"]\n')
+    policy = Policy.load(path)
+    with Sandbox(policy) as sb:
         assert sb.run("import xml.dom\n'ok'").result == "'ok'"  # the glob matches below xml.dom only
         for module in ("xml.dom.minidom", "email", "email.mime.text", "html.parser"):
             r = sb.run(f"import {module}")
             assert r.status == "policy_violation", (module, r)
         assert sb.run("import htmlx").error["type"] == "ModuleNotFoundError"  # a prefix is not a parent
+        # The host's view of the policy (`jailcell policy show`, Policy.imports) and the jail's guard
+        # are one rule (jail/_patterns.py): the same answer for names, globs, ? and [...] classes.
+        for module in ("xml.dom", "xml.dom.minidom", "email.mime.text", "html.parser", "csv", "queue",
+                       "json", "json.decoder", "json.encoder", "json.tool", "xml.sax", "string"):
+            r = sb.run(f"import {module}")
+            assert r.status in ("ok", "policy_violation"), (module, r)
+            assert policy.imports.blocks(module) == (r.status == "policy_violation"), (module, r.status)
+    assert policy.imports.blocks("csv") and not policy.imports.blocks("csv.x") and policy.imports.blocks("queue")
+    assert not policy.imports.blocks("json.decoder") and policy.imports.blocks("json.encoder")
 
 
 def test_first_cell_is_lean_later_cells_complete_and_hidden(tmp_path):

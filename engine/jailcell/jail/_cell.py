@@ -24,6 +24,7 @@ import resource
 import stat
 import sys
 
+import _patterns
 import _protocol as proto
 
 # The first spare of a jail starts from these imports alone (C modules, small ones): no ``re``,
@@ -50,44 +51,11 @@ class PolicyViolation(ImportError):
     """An import refused by the jail's policy (an ImportError, so `except ImportError` works)."""
 
 
-class _Matcher:
-    """A list of module patterns: a name, which also covers its submodules (``os`` matches
-    ``os.path``), or a glob (``numpy.*``; compiled into one regex, only if there are any)."""
-
-    def __init__(self, patterns) -> None:
-        globs = [p for p in patterns if "*" in p or "?" in p or "[" in p]
-        self.names = frozenset(p for p in patterns if p not in globs)
-        self.glob = None
-        if globs:
-            import fnmatch
-            import re
-
-            self.glob = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in globs), re.S)
-
-    def match(self, module: str) -> bool:
-        names = self.names
-        if module in names:
-            return True
-        dot = module.find(".")
-        while dot != -1:
-            if module[:dot] in names:
-                return True
-            dot = module.find(".", dot + 1)
-        return self.glob is not None and self.glob.match(module) is not None
-
-
-def _matcher(patterns) -> "_Matcher | None":
-    return _Matcher(patterns) if patterns else None
-
-
 def import_blocked(module: str) -> bool:
     if "deny" not in STATE:  # compiled once, in the zygote; cells inherit them
         imports = CONFIG.get("imports", {})
-        STATE["deny"], STATE["allow"] = _matcher(imports.get("deny")), _matcher(imports.get("allow"))
-    deny, allow = STATE["deny"], STATE["allow"]
-    if deny is not None and deny.match(module):
-        return True
-    return allow is not None and not allow.match(module)
+        STATE["deny"], STATE["allow"] = _patterns.matcher(imports.get("deny")), _patterns.matcher(imports.get("allow"))
+    return _patterns.blocked(module, STATE["deny"], STATE["allow"])
 
 
 def _blocked_message(module: str) -> str:
