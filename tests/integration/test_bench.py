@@ -6,7 +6,6 @@ import sys
 
 import pytest
 
-
 from jailcell._bench import load_suite
 
 
