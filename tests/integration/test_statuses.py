@@ -29,6 +29,15 @@ def test_none_result_and_statement_end(standard):
     assert standard.run("x = 1").result is None
     assert standard.run("None").result is None
     assert standard.run("'a' + 'b'").result == "'ab'"
+    assert standard.run("x = 1; x + 1").result == "2"
+    assert standard.run("x = [1,\n2]\n(len(x),\nsum(x))").result == "(2, 3)"
+    assert standard.run("for i in range(3):\n    i").result is None  # the last statement is a loop
+
+
+def test_the_program_is_compiled_without_jailcells_future_flags(standard):
+    # jailcell's own modules use `from __future__ import annotations`; the program must not inherit it
+    r = standard.run("def f(x: int) -> str: pass\nf.__annotations__")
+    assert r.result == "{'x': <class 'int'>, 'return': <class 'str'>}", r
 
 
 def test_a_broken_repr_of_the_last_expression_is_reported_not_raised(standard):

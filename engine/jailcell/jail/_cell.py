@@ -167,11 +167,46 @@ def _hide_blocked_modules() -> None:
 # executing the user's code
 # ----------------------------------------------------------------------------------------------
 
-def _split_last_expression(tree: "_ast.Module"):
+def compile_cell(code: str):
+    """The cell's code as ``(body, last)``: ``last`` evaluates the final expression statement if
+    the code ends with one (its repr is the run's ``result``, as in a notebook), else it is None.
+    The program is compiled as its own module: none of jailcell's ``__future__`` flags
+    (``dont_inherit``; ``annotations`` would turn the program's annotations into strings).
+
+    Building the AST is the costliest part of compiling a cell (Python objects for every node,
+    and the memory pages they touch in a freshly forked cell), so the split is first tried on the
+    text: the last line that starts with code in column 0 begins the final statement; if that
+    statement compiles as an expression and the code before it compiles by itself, that is the
+    split.  A cut inside a statement (an open bracket or string, a backslash continuation) leaves
+    code before it that does not compile, so anything else -- ``a = 1; a``, a final expression
+    whose lines return to column 0, a syntax error -- takes the AST path, which decides."""
+    start = _last_top_level_line(code)
+    if start is not None:
+        head = code[:start]
+        try:  # the (short) final statement first: most code that does not end in an expression stops here
+            last = compile("\n" * head.count("\n") + code[start:], CELL_FILENAME, "eval", dont_inherit=True)
+            return compile(head, CELL_FILENAME, "exec", dont_inherit=True), last
+        except (SyntaxError, ValueError):
+            pass
+    tree = compile(code, CELL_FILENAME, "exec", _ast.PyCF_ONLY_AST, dont_inherit=True)  # ast.parse, without ast
+    last = None
     if tree.body and isinstance(tree.body[-1], _ast.Expr):
-        last = tree.body.pop()
-        return tree, _ast.Expression(body=last.value)
-    return tree, None
+        last = compile(_ast.Expression(body=tree.body.pop().value), CELL_FILENAME, "eval", dont_inherit=True)
+    return compile(tree, CELL_FILENAME, "exec", dont_inherit=True), last
+
+
+def _last_top_level_line(code: str) -> int | None:
+    """Where the last line that starts with code (not blank, indented or a comment) begins."""
+    end = len(code)
+    while end >= 0:
+        nl = code.rfind("\n", 0, end)
+        first = code[nl + 1 : nl + 2]
+        if first and first not in " \t\f\r\n#":
+            return nl + 1
+        if nl < 0:
+            return None
+        end = nl
+    return None
 
 
 def _register_source(code: str) -> None:
@@ -285,10 +320,7 @@ def execute(code: str, glb: dict, session: bool = False) -> dict:
 
             run = lambda: run_restricted(code, glb, CELL_FILENAME, lambda m: not import_blocked(m))  # noqa: E731
         else:
-            tree = compile(code, CELL_FILENAME, "exec", _ast.PyCF_ONLY_AST)  # ast.parse, without importing ast
-            body, last = _split_last_expression(tree)
-            body_code = compile(body, CELL_FILENAME, "exec")
-            last_code = compile(last, CELL_FILENAME, "eval") if last is not None else None
+            body_code, last_code = compile_cell(code)
             run = lambda: (_exec(body_code, glb), _eval(last_code, glb) if last_code is not None else None)[1]  # noqa: E731
         if session and STATE.get("user_builtins") is not None:
             _set_builtins(STATE["user_builtins"])
