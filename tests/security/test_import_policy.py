@@ -100,6 +100,17 @@ def test_names_cover_submodules_and_globs_match_in_the_jail(tmp_path):
     assert not policy.imports.blocks("json.decoder") and policy.imports.blocks("json.encoder")
 
 
+def test_blocked_modules_stay_hidden_after_cells_die(standard):
+    """The nursery hides blocked modules once for all its cells; what it loads later (os.wait4,
+    reaping a cell that died, imports `resource`) is hidden again before the next cell is forked."""
+    probe = "import sys\n[m for m in ('resource', 'fcntl', 'ctypes', '_ctypes', 'socket') if m in sys.modules]"
+    assert standard.run(probe).result == "[]"
+    for _ in range(3):
+        assert standard.run("import os\nos.kill(os.getpid(), 9)").status == "killed"
+        assert standard.run(probe).result == "[]"
+        assert standard.run(probe).result == "[]"
+
+
 def test_first_cell_is_lean_later_cells_complete_and_hidden(tmp_path):
     """A jail's first spare is forked before the nursery imports what only some runs need (jail
     start-up is on the first run's path); it still reports full tracebacks.  Later cells have those
