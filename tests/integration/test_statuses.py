@@ -217,12 +217,13 @@ def test_policy_env_reaches_the_jails_interpreter(tmp_path):
                     '[env]\nPYTHONHASHSEED = "0"\n')
     expected = subprocess.run([sys.executable, "-c", "print(hash('jailcell'))"], capture_output=True, text=True,
                               env={"PYTHONHASHSEED": "0"}, check=True).stdout.strip()
-    # The built-in policies choose their allocator this way: pymalloc (the default) for the
-    # small minimal image, glibc malloc (huge pages) for the large standard one.
+    # The allocator too: pymalloc (the default) unless a policy says PYTHONMALLOC=malloc.
     stats = "import sys\nsys._debugmallocstats()"
     with Sandbox(str(path)) as sb:
         assert sb.run("print(hash('jailcell'))").stdout.strip() == expected
         assert "Small block threshold" in sb.run(stats).stderr
-    with Sandbox("standard") as sb:
+    malloc = tmp_path / "malloc.toml"
+    malloc.write_text('name = "malloc"\nextends = "standard"\n[env]\nPYTHONMALLOC = "malloc"\n')
+    with Sandbox(str(malloc)) as sb:
         r = sb.run(stats)
         assert r.ok and "Small block threshold" not in r.stderr

@@ -43,7 +43,9 @@ FOO = "bar"
     p = Policy.load(path)
     assert p.name == "mine" and p.limits.wall_s == 5 and p.limits.memory_mib == 512
     assert p.imports.blocks("pickle") and not p.imports.blocks("ctypes") and p.imports.blocks("socket")
-    assert dict(p.env) == {"PYTHONMALLOC": "malloc", "FOO": "bar"}  # the parent's [env] is inherited
+    assert dict(p.env) == {"FOO": "bar"}
+    child = write(tmp_path, f'extends = "{path.name}"\nname = "child"\n[env]\nBAR = "baz"\n', name="child.toml")
+    assert dict(Policy.load(child).env) == {"FOO": "bar", "BAR": "baz"}  # the parent's [env] is inherited
     assert 'wall_s = 5.0' in p.to_toml()
 
 
