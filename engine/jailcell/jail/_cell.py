@@ -18,6 +18,7 @@ from __future__ import annotations
 import _ast
 import binascii
 import builtins
+import fcntl
 import io
 import os
 import resource
@@ -143,23 +144,40 @@ def blocked_loaded_modules() -> list[str]:
             if n not in builtin and getattr(m, "__file__", None) and import_blocked(n)]
 
 
-def complete_image() -> None:
+# Modules the process that forks cells uses itself: os.wait4 imports `resource` at every call,
+# so a nursery without it in sys.modules would load it again for each cell it reaps.
+FORKER_NEEDS = ("resource",)
+
+
+def complete_image(nursery: bool = False) -> None:
     """In the nursery once its first spare exists (in the zygote of a session jail): load
-    LATER_IMPORTS, so later cells do not each import them, and hide what the policy blocks
-    among the modules that came with them."""
+    LATER_IMPORTS, so later cells do not each import them, and list what the policy blocks among
+    the modules that came with them.  A nursery hides those from its own sys.modules at once (but
+    FORKER_NEEDS), so its cells inherit them hidden instead of each paying for it."""
     for name in LATER_IMPORTS:
         try:
             _import(name)
         except ImportError:
             pass
     STATE["hide"] = blocked_loaded_modules()
+    if nursery:
+        STATE["hide_left"] = [name for name in STATE["hide"] if name in FORKER_NEEDS]
+        for name in STATE["hide"]:
+            if name not in FORKER_NEEDS:
+                sys.modules.pop(name, None)
+        STATE["hidden_at"] = len(sys.modules)
 
 
 def _hide_blocked_modules() -> None:
     """Take modules the policy blocks out of sys.modules before user code runs, so `sys.modules[...]`
     does not hand them over.  Libraries keep their own references; a later import by library
-    code loads them again through the import guard (which lets library code through)."""
-    for name in STATE["hide"]:
+    code loads them again through the import guard (which lets library code through).
+
+    A cell whose nursery hid them already, and that has loaded nothing since (sys.modules is as
+    long as it was then), has only what the nursery kept to hide: each pop writes to a module and
+    its name, memory pages an idle cell would otherwise hold copies of."""
+    names = STATE["hide_left"] if len(sys.modules) == STATE.get("hidden_at") else STATE["hide"]
+    for name in names:
         sys.modules.pop(name, None)
 
 
@@ -593,8 +611,6 @@ def become(req_r: int, out_w: int, err_w: int, res: int, keep: tuple[int, ...] =
     pipes, 3: the result socket); everything else is closed but ``req_r`` and ``keep``, which
     move to fds >= 10.  Returns their new numbers (``req_r``'s first).  ``stdio=False`` keeps
     the parent's sys.stdout/stderr objects (bound to fds 1 and 2, never written by the parent)."""
-    import fcntl
-
     moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (req_r, *keep)]
     devnull = os.open("/dev/null", os.O_RDONLY)
     os.dup2(out_w, 1)

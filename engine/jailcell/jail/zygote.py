@@ -410,7 +410,7 @@ def _nursery_main(sock: socket, pool_size: int) -> None:
             poller.register(pidfd, select.POLLIN)
             credits -= 1
             if not complete:  # the jail's first spare is out: now what only some runs need
-                cell.complete_image()
+                cell.complete_image(nursery=True)
                 gc.freeze()
                 complete = True
         for fd, _ev in poller.poll():
