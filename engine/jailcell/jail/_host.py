@@ -358,6 +358,9 @@ class Jail:
     def _take_spare(self, head: str | None) -> Spare:
         deadline = time.monotonic() + SPARE_TIMEOUT_S
         if head is None:
+            with self._cv:  # runs back to back: the last cell is parked, and its sweep is still to come
+                for used in self._used.values():
+                    used.kill()  # as the sweep would, but now: it is exiting by the time the sweep looks
             self._wait(lambda: not self._used and bool(self._spares), deadline)
             with self._cv:
                 return self._spares.popleft()
