@@ -548,7 +548,7 @@ class Suite:
         from jailcell import Pool, Sandbox
 
         def soak(m: Measurement) -> None:
-            fds0 = len(os.listdir("/proc/self/fd"))
+            before = _host_footprint()
             tick = self.progress("leak soak (10,000 runs)", 10_000)
             with Sandbox("minimal", warm=True) as sb:
                 for _ in range(4000):
@@ -566,9 +566,11 @@ class Suite:
             from jailcell.jail._host import _live, _teardown
 
             _teardown.join()  # close() returns at once; the last jails' processes are reaped in the background
-            fds1 = len(os.listdir("/proc/self/fd"))
-            m.note = f"10,000 runs: open fds {fds0} -> {fds1}; live jails after close: {len(_live)}"
-            if fds1 > fds0 + 2 or len(_live):
+            after = _host_footprint()
+            m.note = ("10,000 runs: " + "; ".join(f"{k} {before[k]} -> {after[k]}" for k in before)
+                      + f"; live jails after close: {len(_live)}")
+            if after["open fds"] > before["open fds"] + 2 or any(after[k] > before[k] for k in after if k != "open fds") \
+                    or len(_live):
                 raise RuntimeError("leak: " + m.note)
         self.measure("leak_soak", "jailcell", True, soak)
 
@@ -635,6 +637,25 @@ class Suite:
             "ratios": self.ratios(),
             "samples": [{"workload": m.workload, "system": m.system, "samples_s": m.samples_s} for m in self.results],
         }
+
+
+def _host_footprint() -> dict[str, int]:
+    """What jails leave on the host if they leak: this process's fds, its child processes, jailcell's
+    temp dirs, and the jail cgroups of this process."""
+    import glob
+    import tempfile
+
+    cgroups = 0
+    for root in ("/sys/fs/cgroup/memory/jailcell", "/sys/fs/cgroup/pids/jailcell", "/sys/fs/cgroup/jailcell"):
+        cgroups += sum(1 for d in glob.glob(f"{root}/{os.getpid()}-*") if os.path.isdir(d))
+    try:
+        import psutil
+
+        children = len(psutil.Process().children(recursive=True))
+    except Exception:
+        children = 0
+    return {"open fds": len(os.listdir("/proc/self/fd")), "child processes": children,
+            "temp dirs": len(glob.glob(os.path.join(tempfile.gettempdir(), "jailcell-*"))), "cgroups": cgroups}
 
 
 def _check(result: Any) -> Any:
