@@ -177,6 +177,21 @@ def test_bad_input_raises_clear_errors(standard):
         standard.run("1", timeout=-1)
 
 
+def test_a_program_that_breaks_builtins_still_gets_its_report(standard):
+    """jailcell's code in a cell has builtins of its own: a stateless program that replaces or
+    clears the builtins gets its value, traceback and figures back, and the next run is clean."""
+    breaker = "import builtins\nfor name in ('len', 'repr', 'str', 'isinstance', 'sorted', 'type', 'dict', 'list'):\n" \
+              "    setattr(builtins, name, None)\n"
+    r = standard.run(breaker + "print('out')\n6 * 7")
+    assert r.status == "ok" and r.stdout == "out\n" and r.result == "42", r
+    r = standard.run("import builtins\ndef f():\n    return 1 / 0\nbuiltins.__dict__.clear()\nf()")
+    assert r.status == "error" and r.error["type"] == "ZeroDivisionError", r
+    assert 'line 3, in f' in r.error["traceback"] and "return 1 / 0" in r.error["traceback"], r.error
+    r = standard.run("import matplotlib.pyplot as plt\nplt.plot([1, 2])\n" + breaker + "'drawn'")
+    assert r.ok and r.result == "'drawn'" and [o["mime_type"] for o in r.outputs] == ["image/png"], r
+    assert standard.run("len([1, 2]), type(1).__name__").result == "(2, 'int')"
+
+
 def test_stateless_runs_share_nothing(standard):
     first = standard.run(
         "import json, builtins, os\n"

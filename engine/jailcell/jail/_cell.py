@@ -28,6 +28,14 @@ import sys
 import _patterns
 import _protocol as proto
 
+# jailcell's code in a cell looks builtins up in a copy of its own, made before any program exists
+# (a function keeps the builtins of the module that defines it): a program that replaces
+# ``builtins.len`` or clears the builtins changes what its own code sees, not the report, the
+# import guard or the framing (``_protocol`` does the same).  So a stateless cell
+# does not put the builtins back after the program; only the stdlib code jailcell then calls
+# (``traceback``, matplotlib) needs them, and the paths that call it put them back first.
+__builtins__ = dict(builtins.__dict__)
+
 # The first spare of a jail starts from these imports alone (C modules, small ones): no ``re``,
 # ``enum``, ``ast``, ``json``, ``traceback`` -- ~10 ms of imports off every jail's first run.
 # Modules only some runs need are imported when needed; ``complete_image`` loads them into the
@@ -236,6 +244,7 @@ def _register_source(code: str) -> None:
 
 def _trim_traceback(exc: BaseException, code: str) -> str:
     """The traceback from the user's first frame on, without jailcell's own frames at the end."""
+    _set_builtins(PRISTINE_BUILTINS)  # the traceback module's code needs the real builtins
     try:
         return _format_traceback(exc, code)
     except Exception:  # the program broke the traceback machinery: its error still comes back
@@ -259,10 +268,14 @@ def _format_traceback(exc: BaseException, code: str) -> str:
     return "".join(lines + traceback.format_exception_only(type(exc), exc))
 
 
-def _figures() -> list[dict]:
-    plt = sys.modules.get("matplotlib.pyplot")
-    if plt is None:
+def _figures(after_program: bool = False) -> list[dict]:
+    """The open matplotlib figures as PNG outputs (and closed).  ``after_program``: the program's
+    builtins may still be in place, and matplotlib's code needs the real ones."""
+    helpers, plt = sys.modules.get("matplotlib._pylab_helpers"), sys.modules.get("matplotlib.pyplot")
+    if helpers is None or plt is None or not helpers.Gcf.figs:  # no figure: no matplotlib code runs
         return []
+    if after_program:
+        _set_builtins(PRISTINE_BUILTINS)
     out, total = [], 0
     for num in list(plt.get_fignums()):
         fig = plt.figure(num)
@@ -327,7 +340,8 @@ def execute(code: str, glb: dict, session: bool = False) -> dict:
 
     Only the program runs with its own builtins (``builtins.len = ...`` is allowed, and a session
     keeps it for its next runs, like a notebook); jailcell's code -- the report, the traceback,
-    a session holder's duties -- always runs with pristine ones."""
+    a session holder's duties -- never sees them (see ``__builtins__`` above; a session's holder
+    runs zygote code, so a session's cell takes the program's builtins out after each run)."""
     report: dict = {"status": "ok", "result": None, "error": None, "outputs": []}
     collected: list = []
     _patch_show(collected)
@@ -353,8 +367,6 @@ def execute(code: str, glb: dict, session: bool = False) -> dict:
         finally:
             if session:
                 STATE["user_builtins"] = _take_builtins()
-            else:  # a stateless cell ends after this run: nothing to keep
-                _set_builtins(PRISTINE_BUILTINS)
         if repr_error is not None:
             report["result"] = f"<repr failed: {type(repr_error).__name__}: {_safe_str(repr_error)}>"
     except SystemExit as exc:
@@ -370,7 +382,7 @@ def execute(code: str, glb: dict, session: bool = False) -> dict:
         report["status"] = status
         report["error"] = {"type": type(exc).__name__, "message": _safe_str(exc), "traceback": _trim_traceback(exc, code)}
     try:
-        report["outputs"] = collected + _figures()
+        report["outputs"] = collected + _figures(after_program=True)
     except Exception:
         pass
     return report
@@ -560,8 +572,9 @@ def prepare() -> None:
     fresh_stdio()
 
 
-def finish(report: dict, res_fd: int = RES_FD) -> None:
-    """Flush and write the report with pristine builtins (a thread of the program may have
+def finish(report: dict, res_fd: int = RES_FD, session: bool = False) -> None:
+    """Flush and write the report.  A session's cell, which becomes the holder of the state and
+    runs zygote code next, puts the pristine builtins back (a thread of the program may have
     replaced ``len`` since it ended).  If the report cannot be written, the cell exits so the
     host judges it by its exit status."""
     for stream in (sys.stdout, sys.stderr):
@@ -569,7 +582,8 @@ def finish(report: dict, res_fd: int = RES_FD) -> None:
             stream.flush()
         except Exception:
             pass
-    _set_builtins(PRISTINE_BUILTINS)
+    if session:
+        _set_builtins(PRISTINE_BUILTINS)
     try:
         proto.write_frame(res_fd, report)
     except Exception:
@@ -644,7 +658,7 @@ def serve(req_fd: int, glb: dict, session: bool, res_fd: int = RES_FD) -> None:
         for name, b64 in (req.get("files") or {}).items():
             write_file(".", name, binascii.a2b_base64(b64))
     except (OSError, ValueError) as exc:
-        finish({"input_error": f"cannot write input file: {exc}"}, res_fd)
+        finish({"input_error": f"cannot write input file: {exc}"}, res_fd, session)
         return
     # A stateless cell starts in the empty workspace the sweep left (plus its input files); if the
     # run creates nothing, the directory's mtime does not change and there is nothing to list.
@@ -661,4 +675,4 @@ def serve(req_fd: int, glb: dict, session: bool, res_fd: int = RES_FD) -> None:
         report["files"] = [{"name": n, "size": v[0]} for n, v in sorted(after.items()) if before.get(n) != v]
     else:
         report["files"] = []
-    finish(report, res_fd)
+    finish(report, res_fd, session)

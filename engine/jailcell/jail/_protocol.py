@@ -20,8 +20,12 @@ Channels (see ``zygote.py`` for the processes):
 from __future__ import annotations
 
 import _socket
+import builtins
 import os
 import struct
+
+# Builtins of its own (as _cell's): a program in a cell that replaces builtins.len does not break the framing.
+__builtins__ = dict(builtins.__dict__)
 
 try:
     from _json import encode_basestring as _c_encode_str
