@@ -197,13 +197,19 @@ def _sock_exact(sock: _socket.socket, n: int, first: bytes = b"") -> bytes:
     return bytes(buf)
 
 
-def recv(sock: _socket.socket, limit: int = DEFAULT_LIMIT) -> tuple[dict, list[int]]:
-    """One frame and the file descriptors that came with it (the caller owns them)."""
-    head, ancdata, _flags, _addr = sock.recvmsg(HEADER.size, _socket.CMSG_LEN(MAX_FDS * 4))
+def received_fds(ancdata) -> list[int]:
+    """The file descriptors in ``recvmsg``'s ancillary data (SCM_RIGHTS); the caller owns them."""
     fds: list[int] = []
     for level, kind, data in ancdata:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             fds += struct.unpack(f"{len(data) // 4}i", data[: len(data) - len(data) % 4])
+    return fds
+
+
+def recv(sock: _socket.socket, limit: int = DEFAULT_LIMIT) -> tuple[dict, list[int]]:
+    """One frame and the file descriptors that came with it (the caller owns them)."""
+    head, ancdata, _flags, _addr = sock.recvmsg(HEADER.size, _socket.CMSG_LEN(MAX_FDS * 4))
+    fds = received_fds(ancdata)
     try:
         if not head:
             raise EOFError("peer closed the socket")

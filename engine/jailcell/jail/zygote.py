@@ -370,12 +370,9 @@ def _announce_spare(sock: socket, pid: int, ch: Channels) -> int:
 
 def recv_record(sock: socket) -> tuple[tuple, list[int]]:
     """One record from the nursery and the file descriptors that came with it (the caller owns
-    them).  Raises EOFError when the nursery is gone, ValueError on a malformed record."""
+    them).  Raises EOFError when the nursery is gone (OSError when it stalls mid-record)."""
     data, ancdata, _flags, _addr = sock.recvmsg(RECORD.size, CMSG_LEN(_FDS.size))
-    fds: list[int] = []
-    for level, kind, payload in ancdata:
-        if level == SOL_SOCKET and kind == SCM_RIGHTS:
-            fds += struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) - len(payload) % 4])
+    fds = proto.received_fds(ancdata)
     try:
         if not data:
             raise EOFError("the nursery closed its channel")
@@ -500,7 +497,7 @@ class Stateless:
     def on_readable(self, sock: socket) -> None:
         try:
             (kind, pid, status, utime, stime, maxrss), fds = recv_record(sock)
-        except (EOFError, OSError, struct.error):
+        except (EOFError, OSError):
             self._lose_nursery()
             return
         if kind == SPARE and len(fds) == 4:
