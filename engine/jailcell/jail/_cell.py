@@ -31,9 +31,9 @@ import _protocol as proto
 # jailcell's code in a cell looks builtins up in a copy of its own, made before any program exists
 # (a function keeps the builtins of the module that defines it): a program that replaces
 # ``builtins.len`` or clears the builtins changes what its own code sees, not the report, the
-# import guard or the framing (``_protocol`` does the same).  So a stateless cell
-# does not put the builtins back after the program; only the stdlib code jailcell then calls
-# (``traceback``, matplotlib) needs them, and the paths that call it put them back first.
+# import guard or the framing (``_protocol`` does the same).  So a stateless cell does not put the
+# builtins back after the program; only the stdlib code jailcell then calls (``traceback``,
+# matplotlib) needs them, and the paths that call it put them back first.
 __builtins__ = dict(builtins.__dict__)
 
 # The first spare of a jail starts from these imports alone (C modules, small ones): no ``re``,
