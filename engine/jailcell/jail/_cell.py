@@ -176,7 +176,7 @@ def complete_image(nursery: bool = False) -> None:
         STATE["hidden_at"] = len(sys.modules)
 
 
-def _hide_blocked_modules() -> None:
+def hide_blocked_modules() -> None:
     """Take modules the policy blocks out of sys.modules before user code runs, so `sys.modules[...]`
     does not hand them over.  Libraries keep their own references; a later import by library
     code loads them again through the import guard (which lets library code through).
@@ -604,7 +604,7 @@ def warm_up(session: bool) -> None:
     finally:
         os.close(devnull)
         STATE["user_builtins"] = users
-    _hide_blocked_modules()
+    hide_blocked_modules()
 
 
 def fresh_stdio() -> None:

@@ -45,6 +45,8 @@ CHILD_IO_S = 2.0       # the zygote never blocks longer on a nursery's or holder
 SPARE_WAIT_S = 30.0    # how long a session holder may take to fork its next spare
 NURSERY_RETRY_S = 1.0  # a lost nursery is replaced at the next sweep, or after this
 POOL_SIZE = 2          # spare cells kept ready in a stateless jail
+BACK_TO_BACK_S = 0.005  # spares taken less than this apart: the next spare rehearses only if idle ...
+REHEARSE_AFTER_S = 0.01  # ... this long
 MAX_EXITS = 1000
 
 CONFIG: dict = {}
@@ -294,7 +296,7 @@ class Channels:
                 pass
 
 
-def _fork_spare(glb_factory, parent_sock: socket, session: bool):
+def _fork_spare(glb_factory, parent_sock: socket, session: bool, rehearse: bool = True):
     """Fork a spare cell; returns ``(pid, channels)`` in the parent.
 
     In a stateless spare this never returns.  In a session spare it returns ``(0, socket)``
@@ -310,9 +312,14 @@ def _fork_spare(glb_factory, parent_sock: socket, session: bool):
             os.close(sock_fd)
         if not CONFIG.get("pid_namespace"):
             os.setpgid(0, 0)  # os.kill(0, ...) from the program reaches its own processes only
-        # Rehearse a request at once: the pages it writes are copied now, on whichever CPU is free,
-        # instead of on the next run's path (measured: faster and no more CPU in all, idle or busy).
-        cell.warm_up(session)  # its request carries the usual CPU limit: set now, while idle
+        # Rehearse a request: the pages it writes are copied now, while the spare waits, instead of
+        # on the next run's path.  When runs come back to back the request is due in a moment and
+        # a rehearsal would only add its own CPU time, so such a spare rehearses only if no request
+        # has come within REHEARSE_AFTER_S (an LLM tool loop's next call comes much later).
+        if rehearse or not select.select([req], [], [], REHEARSE_AFTER_S)[0]:
+            cell.warm_up(session)  # its request carries the usual CPU limit: set now, while idle
+        else:
+            cell.hide_blocked_modules()
         try:
             cell.serve(req, glb_factory(), session)
         except BaseException:  # noqa: BLE001 - the request pipe broke: nothing to report to
@@ -399,9 +406,10 @@ def _nursery_main(sock: socket, pool_size: int) -> None:
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     complete = False
+    rehearse, last_credit = True, 0.0
     while True:
         while credits > 0:
-            pid, ch = _fork_spare(cell.user_globals, sock, session=False)
+            pid, ch = _fork_spare(cell.user_globals, sock, session=False, rehearse=rehearse)
             pidfd = _announce_spare(sock, pid, ch)
             children[pidfd] = pid
             poller.register(pidfd, select.POLLIN)
@@ -421,6 +429,8 @@ def _nursery_main(sock: socket, pool_size: int) -> None:
                         kill(pid)
                     os._exit(0)
                 credits += got.count(CREDIT)
+                now = time.monotonic()  # spares used faster than this run back to back
+                rehearse, last_credit = now - last_credit > BACK_TO_BACK_S, now
                 continue
             pid = children.pop(fd)
             poller.unregister(fd)
