@@ -63,6 +63,8 @@ class Spare:
         self._signal(signal.SIGCONT)
 
     def _signal(self, sig: int) -> None:
+        if self.pidfd < 0:  # closed: the zygote confirmed the cell is gone
+            return
         try:
             signal.pidfd_send_signal(self.pidfd, sig)
         except ProcessLookupError:
