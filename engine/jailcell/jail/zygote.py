@@ -161,7 +161,7 @@ def _reap_nohang() -> None:
             return
         if pid == 0:
             return
-        REAPED[pid] = _exit_info(pid, wstatus, ru)
+        REAPED[pid] = _exit_info(pid, wstatus, ru.ru_utime, ru.ru_stime, ru.ru_maxrss)
         while len(REAPED) > MAX_EXITS:
             REAPED.pop(next(iter(REAPED)))
 
@@ -253,9 +253,9 @@ def wipe(path: str) -> None:
             pass
 
 
-def _exit_info(pid: int, wstatus: int, ru) -> dict:
-    return {"op": "cell_exit", "pid": pid, "status": wstatus, "utime": ru.ru_utime, "stime": ru.ru_stime,
-            "maxrss": ru.ru_maxrss}
+def _exit_info(pid: int, wstatus: int, utime: float, stime: float, maxrss: int) -> dict:
+    """How a child ended, as the zygote keeps it (and as a holder reports its spare's end)."""
+    return {"op": "cell_exit", "pid": pid, "status": wstatus, "utime": utime, "stime": stime, "maxrss": maxrss}
 
 
 F_SETPIPE_SZ = 1031
@@ -506,10 +506,11 @@ class Stateless:
 
     def on_readable(self, sock: socket) -> None:
         try:
-            (kind, pid, status, utime, stime, maxrss), fds = recv_record(sock)
+            (kind, *record), fds = recv_record(sock)
         except (EOFError, OSError):
             self._lose_nursery()
             return
+        pid = record[0]
         if kind == SPARE and len(fds) == 4:
             try:
                 pidfd = os.pidfd_open(pid)
@@ -521,7 +522,7 @@ class Stateless:
             self.zygote.send({"op": "spare", "head": None, "pid": pid}, [*fds, pidfd])
             Channels.close([*fds, pidfd])
         elif kind == CHILD_EXIT:
-            self.exits[pid] = {"status": status, "utime": utime, "stime": stime, "maxrss": maxrss}
+            self.exits[pid] = _exit_info(*record)
             if len(self.exits) > MAX_EXITS:  # exits nobody asked for (cells killed after a finished run)
                 self.exits.pop(next(iter(self.exits)))
         else:
@@ -603,7 +604,7 @@ def _holder_main(sock: socket, glb: dict) -> None:
             if pidfd in readable:
                 os.close(pidfd)
                 _, wstatus, ru = os.wait4(pid, 0)
-                proto.send(sock, _exit_info(pid, wstatus, ru))
+                proto.send(sock, _exit_info(pid, wstatus, ru.ru_utime, ru.ru_stime, ru.ru_maxrss))
                 break  # fork a fresh spare from the unchanged state
             try:
                 msg, fds = proto.recv(sock)
