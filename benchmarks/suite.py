@@ -216,21 +216,23 @@ def python_c(code: str) -> None:
 
 def nsjail_argv(code: str) -> list[str]:
     from jailcell import Policy
-    from jailcell.backends._nsjail import NsjailBackend, NsjailCommand
+    from jailcell.backends._layout import python_layout
+    from jailcell.backends._nsjail import NsjailBackend, NsjailCommand, workspace_path
 
     backend = NsjailBackend()
-    argv = NsjailCommand(backend.path, Policy.load("standard"), backend.as_root, []).argv()
-    return argv[: argv.index("--") + 1] + [sys.executable, "-I", "-c", code]
+    argv = NsjailCommand(backend.path, Policy.load("standard"), backend.as_root, [], workspace=workspace_path()).argv()
+    return argv[: argv.index("--") + 1] + [python_layout().python, "-I", "-c", code]
 
 
 def fork_floor(policy_name: str, programs: list[str], mode: str, workers: int = 1) -> dict[str, Any]:
     """Run FORK_FLOOR in a fresh interpreter started the way a jail's is: no site (its directories
     on the path), the policy's environment (allocator, single-threaded BLAS), its preload modules."""
     from jailcell import Policy
-    from jailcell.backends._base import BASE_ENV, site_dirs
+    from jailcell.backends._base import BASE_ENV
+    from jailcell.backends._layout import python_layout
 
     policy = Policy.load(policy_name)
-    env = {**os.environ, **BASE_ENV, **dict(policy.env), "PYTHONPATH": os.pathsep.join(site_dirs())}
+    env = {**os.environ, **BASE_ENV, **dict(policy.env), "PYTHONPATH": os.pathsep.join(python_layout().site_dirs)}
     proc = subprocess.run([sys.executable, "-s", "-S", "-c", FORK_FLOOR, mode, str(workers), ",".join(policy.preload)],
                           input=json.dumps(programs), capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode:
@@ -660,7 +662,8 @@ def _host_footprint() -> dict[str, int]:
     except Exception:
         children = 0
     return {"open fds": len(os.listdir("/proc/self/fd")), "child processes": children,
-            "temp dirs": len(glob.glob(os.path.join(tempfile.gettempdir(), "jailcell-*"))), "cgroups": cgroups}
+            "temp dirs": len(glob.glob(os.path.join(tempfile.gettempdir(), f"jailcell-{os.getpid()}-*"))),
+            "cgroups": cgroups}
 
 
 def _check(result: Any) -> Any:

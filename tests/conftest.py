@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import glob
 import os
@@ -17,17 +18,58 @@ from jailcell.jail._host import close_all
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Other jailcell processes may run on this machine: the tests judge only what this process created.
+# As a child subreaper, this process inherits its descendants' orphans (a CLI run under test that
+# left its jail behind), so "descendant of this process" covers everything the session started.
+PR_SET_CHILD_SUBREAPER = 36
+ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _parents() -> dict[int, int]:
+    out = {}
+    for d in glob.glob("/proc/[0-9]*"):
+        try:
+            stat = Path(d, "stat").read_text()
+        except OSError:
+            continue
+        out[int(d[6:])] = int(stat.rpartition(")")[2].split()[1])
+    return out
+
+
+def _descends_from_us(pid: int, parents: dict[int, int]) -> bool:
+    me, seen = os.getpid(), set()
+    while pid > 1 and pid not in seen:
+        seen.add(pid)
+        pid = parents.get(pid, 0)
+        if pid == me:
+            return True
+    return False
+
+
 def jail_processes() -> list[int]:
-    """Processes that belong to jailcell jails (nsjail or zygotes) anywhere on the host."""
+    """Processes of jailcell jails (nsjail or zygotes) that this test process started."""
     out = []
+    parents = _parents()
     for d in glob.glob("/proc/[0-9]*"):
         try:
             cmd = Path(d, "cmdline").read_bytes()
         except OSError:
             continue
         if b"jailcell/jail/zygote.py" in cmd or (b"nsjail" in cmd and b"jailcell" in cmd):
-            out.append(int(d[6:]))
+            if _descends_from_us(int(d[6:]), parents):
+                out.append(int(d[6:]))
     return out
+
+
+def reap_orphans() -> None:
+    """Collect the exit status of orphans this subreaper inherited (they would stay zombies)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def jail_cgroups() -> list[str]:
@@ -38,7 +80,8 @@ def jail_cgroups() -> list[str]:
 
 
 def jail_tmpdirs() -> list[str]:
-    return glob.glob(os.path.join(tempfile.gettempdir(), "jailcell-*"))
+    """The process backend's temp dirs of this process (named ``jailcell-<pid>-...``)."""
+    return glob.glob(os.path.join(tempfile.gettempdir(), f"jailcell-{os.getpid()}-*"))
 
 
 def open_fds() -> int:
@@ -54,12 +97,53 @@ def wait_for(predicate, timeout: float = 5.0) -> bool:
     return predicate()
 
 
+JAILED_PROBE = r"""
+import json, os
+print(json.dumps({"pid": os.getpid(), "pid_ns": os.readlink("/proc/self/ns/pid"),
+                  "mnt_ns": os.readlink("/proc/self/ns/mnt"), "root": sorted(os.listdir("/")),
+                  "seen": [p for p in PATHS if os.path.exists(p)]}))
+"""
+
+
+def pytest_sessionstart(session):
+    """Before any test (the hostile ones included) runs a program: prove that the engine jails it --
+    its own pid and mount namespaces, and no view of the host's files -- or stop the whole run."""
+    import json
+
+    marker = tempfile.NamedTemporaryFile(prefix="jailcell-guard-", dir="/tmp")
+    paths = [marker.name, str(REPO / "pyproject.toml"), "/etc/passwd", "/etc/hostname"]
+    problem = ""
+    try:
+        with Sandbox(OPEN_POLICY, timeout=30) as sb:
+            res = sb.run(JAILED_PROBE.replace("PATHS", repr(paths)))
+        seen = json.loads(res.stdout) if res.status == "ok" else None
+        if seen is None:
+            problem = f"the probe program failed: {res.status} {res.error}"
+        elif res.isolation.get("backend") != "nsjail":
+            problem = f"programs ran with the {res.isolation.get('backend')!r} backend, not nsjail"
+        elif seen["pid_ns"] == os.readlink("/proc/self/ns/pid") or seen["pid"] > 50:
+            problem = f"the program shares the host's pid namespace (it is pid {seen['pid']})"
+        elif seen["mnt_ns"] == os.readlink("/proc/self/ns/mnt"):
+            problem = "the program shares the host's mount namespace"
+        elif seen["seen"] or {"etc", "home"} & set(seen["root"]):
+            problem = f"the program sees host files: {seen['seen'] or seen['root']}"
+    except Exception as exc:  # noqa: BLE001 - any failure to jail stops the run
+        problem = f"{type(exc).__name__}: {exc}"
+    finally:
+        marker.close()
+        close_all()
+    if problem:
+        pytest.exit("jailcell cannot prove that programs run jailed here, so no test runs (the hostile ones "
+                    f"would run on this machine itself): {problem}\nRun `jailcell check`.", returncode=3)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind():
     before_tmp = set(jail_tmpdirs())
     yield
     close_all()
     gc.collect()
+    reap_orphans()
     assert wait_for(lambda: not jail_processes()), f"jail processes left: {jail_processes()}"
     assert wait_for(lambda: not jail_cgroups()), f"cgroups left: {jail_cgroups()}"
     assert set(jail_tmpdirs()) <= before_tmp, f"temp dirs left: {set(jail_tmpdirs()) - before_tmp}"

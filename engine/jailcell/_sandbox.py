@@ -11,6 +11,7 @@ import atexit
 import base64
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -101,10 +102,50 @@ def raise_reply_error(reply: dict[str, Any]) -> None:
     raise JailError(f"{kind}: {message}" if kind else message)
 
 
+# Modules a built-in policy uses, and the extra of jailcell that installs them.
+EXTRAS = {"numpy": "datascience", "pandas": "datascience", "matplotlib": "datascience"}
+
+
+def missing_module_hint(error: dict[str, Any]) -> dict[str, Any]:
+    """``No module named 'numpy'`` plus what to install on the host, in the message the model reads:
+    the jail sees exactly the packages of the Python that runs jailcell."""
+    import importlib.util
+    import re
+
+    message = str(error.get("message", ""))
+    found = re.fullmatch(r"No module named '([\w.]+)'", message)
+    if not found:
+        return error
+    name = found.group(1)
+    top = name.partition(".")[0]
+    try:
+        on_host = importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        on_host = False
+    if on_host and name != top:
+        return error  # the package is there; the submodule is not
+    exe = sys.executable
+    if on_host:
+        hint = (f"{top!r} is installed on the host but not visible in the jail; jailcell binds only the "
+                "interpreter's site directories and the paths their .pth files name (`jailcell check` lists them)")
+    elif top in EXTRAS:
+        hint = (f"{top} is not installed for the Python that runs jailcell ({exe}); install it on the host with "
+                f'`{exe} -m pip install "jailcell[{EXTRAS[top]}]"`')
+    else:
+        hint = (f"{top!r} is not installed for the Python that runs jailcell ({exe}); the sandbox can import "
+                f"only what is installed there (`{exe} -m pip install PACKAGE` for the package that provides it)")
+    new = f"{message}: {hint}"
+    tb = str(error.get("traceback", ""))
+    last = f"ModuleNotFoundError: {message}"
+    if tb.rstrip("\n").endswith(last):
+        tb = tb.rstrip("\n")[: -len(last)] + f"ModuleNotFoundError: {new}\n"
+    return dict(error, message=new, traceback=tb)
+
+
 class _Engine:
     """Everything the sync and async classes share: policy, backend, requests, results."""
 
-    def __init__(self, policy: str | os.PathLike[str] | Policy | None, backend: str, overrides: dict[str, Any],
+    def __init__(self, policy: str | os.PathLike[str] | Policy | None, backend: str | None, overrides: dict[str, Any],
                  functions: Mapping[str, Callable[..., Any]] | None = None) -> None:
         self.policy = Policy.load(policy).with_overrides(**overrides)
         self.backend = get_backend(backend)
@@ -168,6 +209,8 @@ class _Engine:
             status = "memory_limit"
             error = {"type": "MemoryLimit", "message": f"memory limit of {self.policy.limits.memory_mib} MiB reached; "
                      "the program was killed", "traceback": ""}
+        elif status == "error" and error and error.get("type") == "ModuleNotFoundError":
+            error = missing_module_hint(error)
         elif status == "memory_limit" and error and error.get("type") == "MemoryError":
             error = dict(error, message=error.get("message") or
                          f"MemoryError: memory limit of {self.policy.limits.memory_mib} MiB reached")
@@ -188,8 +231,12 @@ class Sandbox:
 
     ``policy`` is a built-in name (``minimal``, ``standard``, ``restricted``), a path to a TOML
     file or a :class:`Policy`; ``overrides`` change limits (``timeout=5``, ``memory=256``, any
-    ``limits`` key).  ``backend`` is ``auto`` (nsjail, else the reported process fallback),
-    ``nsjail`` or ``process``.  ``warm=True`` starts the jail now instead of at the first run.
+    ``limits`` key).  ``backend`` is ``nsjail`` (``auto`` is the same; the default, unless
+    ``$JAILCELL_BACKEND`` names another): if the jail cannot be built here, this raises
+    :class:`BackendUnavailable` with the cause and the fix, and nothing runs.  ``process`` runs
+    programs with no isolation from the host, only when asked for by name (and as root only with
+    ``JAILCELL_UNSAFE_PROCESS_AS_ROOT=1``); its Results say so in ``isolation["degraded"]``.
+    ``warm=True`` starts the jail now instead of at the first run.
 
     ``functions={"search": search}`` makes host callables available to the code as plain
     functions: arguments and results travel as JSON, exceptions come back with their type name
@@ -197,7 +244,7 @@ class Sandbox:
     the thread that called ``run`` (async functions are awaited).
     """
 
-    def __init__(self, policy: str | os.PathLike[str] | Policy | None = "standard", *, backend: str = "auto",
+    def __init__(self, policy: str | os.PathLike[str] | Policy | None = "standard", *, backend: str | None = None,
                  warm: bool = False, functions: Mapping[str, Callable[..., Any]] | None = None,
                  **overrides: Any) -> None:
         self._engine = _Engine(policy, backend, overrides, functions)
@@ -446,7 +493,7 @@ class Pool:
     """
 
     def __init__(self, size: int | None = None, policy: str | os.PathLike[str] | Policy | None = "standard", *,
-                 backend: str = "auto", warm: bool = True, functions: Mapping[str, Callable[..., Any]] | None = None,
+                 backend: str | None = None, warm: bool = True, functions: Mapping[str, Callable[..., Any]] | None = None,
                  **overrides: Any) -> None:
         size = size if size is not None else (os.cpu_count() or 1)
         if not isinstance(size, int) or size < 1:
@@ -511,7 +558,7 @@ class Pool:
 class AsyncSandbox:
     """The asyncio twin of :class:`Sandbox`: same arguments, coroutine methods."""
 
-    def __init__(self, policy: str | os.PathLike[str] | Policy | None = "standard", *, backend: str = "auto",
+    def __init__(self, policy: str | os.PathLike[str] | Policy | None = "standard", *, backend: str | None = None,
                  warm: bool = False, functions: Mapping[str, Callable[..., Any]] | None = None,
                  **overrides: Any) -> None:
         self._sync = Sandbox(policy, backend=backend, warm=warm, functions=functions, **overrides)

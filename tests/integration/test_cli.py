@@ -29,7 +29,7 @@ def test_json_is_exactly_one_object():
     assert r.returncode == 1
     obj = json.loads(r.stdout)  # fails if anything else was printed
     assert obj["status"] == "error" and obj["stdout"] == "x\n" and obj["error"]["type"] == "ZeroDivisionError"
-    assert obj["isolation"]["backend"] in ("nsjail", "process")
+    assert obj["isolation"]["backend"] == "nsjail"
 
 
 def test_not_ok_prints_traceback_and_status_line():

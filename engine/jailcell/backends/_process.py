@@ -12,12 +12,12 @@ import os
 import resource
 import shutil
 import subprocess
-import sys
 import tempfile
 from typing import Any
 
 from .._policy import MIB, Policy
 from ._base import JAIL_SRC, Backend, Spawned, zygote_argv
+from ._layout import python_layout
 
 
 def _count_user_processes() -> int:
@@ -38,7 +38,7 @@ class ProcessBackend(Backend):
 
     def spawn(self, policy: Policy, *, session: bool, stderr: Any, channel: int) -> Spawned:
         lim = policy.limits
-        root = tempfile.mkdtemp(prefix="jailcell-")
+        root = tempfile.mkdtemp(prefix=f"jailcell-{os.getpid()}-")  # whose it is: the tests check their own
         workspace, tmp = os.path.join(root, "work"), os.path.join(root, "tmp")
         os.mkdir(workspace, 0o700)
         os.mkdir(tmp, 0o700)
@@ -57,7 +57,7 @@ class ProcessBackend(Backend):
                                     pid_namespace=False, rlimit_as=True)
         env = self.env(policy, tmp=tmp, home=workspace)
         proc = subprocess.Popen(
-            zygote_argv(sys.executable, str(JAIL_SRC / "zygote.py")),
+            zygote_argv(python_layout().python, str(JAIL_SRC / "zygote.py")),
             stdin=channel, stdout=channel, stderr=stderr, env=env, cwd=workspace,
             close_fds=True, start_new_session=True, preexec_fn=limits,
         )

@@ -171,7 +171,7 @@ class Gateway:
     """The ASGI app behind ``jailcell serve`` (``gateway.app``); ``close()`` releases every jail."""
 
     def __init__(self, upstream: str, *, model: str | None = None, api_key: str | None = None,
-                 upstream_api_key: str | None = None, policy: Any = "standard", backend: str = "auto",
+                 upstream_api_key: str | None = None, policy: Any = "standard", backend: str | None = None,
                  max_steps: int = 8, max_containers: int = 32, container_idle: float = 1200.0,
                  upstream_timeout: float = 600.0) -> None:
         self.httpx, Starlette, self.JSONResponse, self.StreamingResponse, Route = _deps()

@@ -48,7 +48,7 @@ class _State:
         return session
 
 
-def build_server(policy: Any = "standard", *, backend: str = "auto", max_sessions: int = 64):
+def build_server(policy: Any = "standard", *, backend: str | None = None, max_sessions: int = 64):
     """An MCPServer whose tools run code in jailcell."""
     MCPServer, ToolError, TextContent, ImageContent = _mcp()
     state = _State(Sandbox(policy, backend=backend), max_sessions)
@@ -125,7 +125,7 @@ def build_server(policy: Any = "standard", *, backend: str = "auto", max_session
 
 
 def serve(transport: str = "stdio", *, host: str = "127.0.0.1", port: int = 8000, policy: Any = "standard",
-          backend: str = "auto") -> None:
+          backend: str | None = None) -> None:
     """Run the server until it is stopped; every sandbox is closed on the way out."""
     server = build_server(policy, backend=backend)
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import os
 import select
 import signal
@@ -114,6 +115,25 @@ class _ControlLoop:
 _control = _ControlLoop()
 
 
+log = logging.getLogger("jailcell")
+_preload_warned: set[tuple[str, ...]] = set()
+
+
+def _warn_missing_preload(policy: Policy, ready: dict[str, Any]) -> None:
+    """Once per process and set of modules: the policy preloads modules this Python lacks."""
+    failed = ready.get("preload", {}).get("failed") if isinstance(ready.get("preload"), dict) else None
+    if not isinstance(failed, dict) or not failed:
+        return
+    key = (policy.name, *sorted(map(str, failed)))
+    if key in _preload_warned:
+        return
+    _preload_warned.add(key)
+    names = ", ".join(sorted(map(str, failed)))
+    log.warning("jailcell: policy %r preloads %s, which cannot be imported here (programs that import them get "
+                "ModuleNotFoundError); for numpy, pandas and matplotlib: pip install \"jailcell[datascience]\"",
+                policy.name, names)
+
+
 class Jail:
     def __init__(self, backend: Backend, policy: Policy, *, session: bool = False) -> None:
         self.backend = backend
@@ -161,6 +181,7 @@ class Jail:
             self.ready = self._reply(deadline)
             if self.ready.get("op") != "ready":
                 raise JailError(f"zygote answered {self.ready!r} instead of ready")
+            _warn_missing_preload(self.policy, self.ready)
             if not self.session:
                 self._wait(lambda: bool(self._spares), deadline)  # the first run is warm
             self.backend.after_ready(spawned, self.policy)

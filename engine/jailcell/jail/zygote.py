@@ -26,6 +26,7 @@ killed are withdrawn with ``drop`` before that.
 from __future__ import annotations
 
 import binascii
+import errno
 import fcntl
 import gc
 import os
@@ -234,9 +235,14 @@ def continue_stopped(pids) -> None:
                 pass
 
 
-def wipe(path: str) -> None:
-    """Remove everything below ``path`` (not ``path`` itself), whatever permissions a cell set."""
+def wipe(path: str, dev: int | None = None) -> None:
+    """Remove everything below ``path`` (not ``path`` itself), whatever permissions a cell set.
+    Host directories bound into the jail below ``path`` (a venv in /tmp/x/venv: another file
+    system) are kept, and so are the directories that lead to them (rmdir says they are busy or
+    not empty); everything else on ``path``'s own file system goes."""
     try:
+        if dev is None:
+            dev = os.lstat(path).st_dev
         os.chmod(path, 0o1777 if path == "/tmp" else 0o755)
         entries = list(os.scandir(path))
     except FileNotFoundError:
@@ -244,13 +250,19 @@ def wipe(path: str) -> None:
     for entry in entries:
         full = entry.path
         try:
+            st = entry.stat(follow_symlinks=False)
+            if st.st_dev != dev:
+                continue  # a mount point: the host's read-only bind
             if entry.is_dir(follow_symlinks=False):
-                wipe(full)
+                wipe(full, dev)
                 os.rmdir(full)
             else:
                 os.unlink(full)
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):  # rmdir of a path to a mount point
+                raise
 
 
 def _exit_info(pid: int, wstatus: int, utime: float, stime: float, maxrss: int) -> dict:

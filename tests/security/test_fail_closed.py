@@ -1,0 +1,111 @@
+"""Fail closed: when the jail cannot be built -- or is built but does not isolate -- jailcell refuses,
+says why and how to fix it, and runs nothing of the program.  Each case runs in a fresh process
+(the backend choice is cached per process), as root, with a program that would leave a file on
+the host if it ran anywhere."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def marker(tmp_path):
+    """A host path a program could only create if it ran outside a jail."""
+    path = tmp_path / "ran-unjailed"
+    yield path
+    assert not path.exists(), "the program ran although the jail could not be built"
+
+
+def _code(marker: Path) -> str:
+    return f"open({str(marker)!r}, 'w').write('x')"
+
+
+def _api(env: dict, code: str) -> subprocess.CompletedProcess:
+    script = f"from jailcell import Sandbox\nwith Sandbox('minimal') as sb:\n    print(sb.run({code!r}).status)"
+    return subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=120)
+
+
+def _cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jailcell", *args], env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _fake_nsjail(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "nsjail"
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_no_nsjail_binary(marker):
+    env = {"JAILCELL_NSJAIL": "/nonexistent/nsjail"}
+    api = _api(env, _code(marker))
+    assert api.returncode == 1 and "BackendUnavailable" in api.stderr
+    assert "nsjail binary not found: JAILCELL_NSJAIL=/nonexistent/nsjail is not an executable" in api.stderr
+    cli = _cli(env, "run", "--policy", "minimal", "-c", _code(marker))
+    assert cli.returncode == 2 and cli.stdout == ""
+    assert "Nothing was run" in cli.stderr and "JAILCELL_NSJAIL" in cli.stderr and "WARNING" not in cli.stderr
+    check = _cli(env, "check")
+    assert check.returncode == 1
+    assert "nsjail binary" in check.stdout and "NO" in check.stdout and "refuses to run programs" in check.stdout
+
+
+def test_nsjail_refused_by_the_kernel(marker, tmp_path):
+    """What nsjail prints when user namespaces are not allowed (e.g. Ubuntu's AppArmor restriction)."""
+    fake = _fake_nsjail(tmp_path, "echo '[E][2026-01-01T00:00:00+0000][1] initCloneNs():123 "
+                                  "clone(flags=CLONE_NEWUSER|CLONE_NEWNS|CLONE_NEWPID) failed: Operation not permitted' >&2\n"
+                                  "exit 255\n")
+    cli = _cli({"JAILCELL_NSJAIL": fake}, "run", "--policy", "minimal", "-c", _code(marker))
+    assert cli.returncode == 2
+    assert "kernel refused to create namespaces" in cli.stderr and "Fix:" in cli.stderr
+    assert "Operation not permitted" in cli.stderr  # nsjail's own words, after ours
+
+
+def test_nsjail_that_does_not_isolate_is_refused(marker, tmp_path):
+    """A jail that starts but is not one (here: an "nsjail" that just runs the command) is caught by
+    the probe's look from inside, before any program runs."""
+    fake = _fake_nsjail(tmp_path, 'while [ "$1" != "--" ]; do shift; done; shift; exec "$@"\n')
+    api = _api({"JAILCELL_NSJAIL": fake}, _code(marker))
+    assert api.returncode == 1 and "BackendUnavailable" in api.stderr and "not isolated" in api.stderr
+    cli = _cli({"JAILCELL_NSJAIL": fake}, "run", "-c", _code(marker))
+    assert cli.returncode == 2 and "refusing to run programs in it" in cli.stderr
+
+
+def test_interpreter_unreadable_by_the_jail_user_names_the_path(tmp_path, marker):
+    """As root, jails run as nobody: a venv only root can read cannot be jailed; the error says which
+    path and what to do (and runs nothing)."""
+    venv = tmp_path / "private-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+    venv.chmod(0o700)
+    python = venv / "bin" / "python"
+    cli = subprocess.run([str(python), "-m", "jailcell", "run", "--policy", "minimal", "-c", _code(marker)],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 2, cli.stderr
+    assert str(venv) in cli.stderr and "chmod -R o+rX" in cli.stderr and "nobody" in cli.stderr
+
+
+@pytest.mark.parametrize("env", [{"JAILCELL_NSJAIL": "/nonexistent/nsjail"},
+                                 {"JAILCELL_BACKEND": "process", "JAILCELL_UNSAFE_PROCESS_AS_ROOT": "1"}],
+                         ids=["no-nsjail", "process-backend"])
+def test_the_test_suite_stops_before_any_test_when_not_jailed(env, tmp_path):
+    """conftest proves the jail before the first test; here a test that would leave a file on the
+    host must never run."""
+    hostile = REPO / "tests" / "security" / f"test_zz_guard_probe_{os.getpid()}.py"
+    flag = tmp_path / "test-ran"
+    hostile.write_text(f"def test_would_run():\n    open({str(flag)!r}, 'w').close()\n")
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(hostile)],
+                           cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    finally:
+        hostile.unlink()
+    assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "cannot prove that programs run jailed" in r.stdout + r.stderr
+    assert not flag.exists()
