@@ -333,6 +333,7 @@ class Session:
         self._shared = shared
         self._head = head
         self._closed = False
+        self._lost: str | None = None  # why the session's state is gone, if it is
         self._idle_timeout = idle_timeout
         self._last_used = time.monotonic()
         shared.refs += 1
@@ -371,6 +372,8 @@ class Session:
         return reply
 
     def _check_open(self) -> None:
+        if self._lost is not None:
+            raise JailError(f"the session was lost ({self._lost}); create a new session")
         if self._closed:
             raise SandboxClosed("this Session is closed")
         if not self._shared.jail.alive():
@@ -391,7 +394,7 @@ class Session:
                 self._closed = True
                 raise JailError(f"{exc}; create a new session") from None
         if not usable:
-            self._closed = True
+            self._lost = (result.error or {}).get("message") or "its jail broke during a run"
         return result
 
     def interrupt(self) -> None:

@@ -225,6 +225,9 @@ def test_session_cells_that_stop_or_kill_their_holder(open_sandbox):
         r = s.run("import os\nos.kill(os.getppid(), 9)\nx += 1")
         assert r.ok and s.run("x").result == "3"
         r = s.run("import os, signal\nos.kill(-1, signal.SIGSTOP)\nwhile True: pass", timeout=1)
+        assert r.status == "error" and r.error["type"] == "PermissionError"  # kill(-1) is refused
+        assert s.run("x").result == "3"
+        r = s.run("import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)\nwhile True: pass", timeout=1)
         assert r.status == "timeout" and s.run("x").result == "3"  # the holder was continued
         r = s.run("import os\nos.kill(os.getppid(), 9)\nwhile True: pass", timeout=1)
         assert r.status == "timeout"  # the state's only holder is gone: the session says so

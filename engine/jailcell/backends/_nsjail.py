@@ -29,7 +29,11 @@ TMP = "/tmp"
 # Denied with EPERM: debugging other processes, kernel/namespace/mount administration, and
 # kernel attack surface model-generated code has no use for.  Creating a user namespace is
 # denied in clone() and unshare() (the nested-userns trick that escapes pids/uid limits);
-# clone3 gets ENOSYS so libc falls back to clone(), whose flags seccomp can inspect.
+# clone3 gets ENOSYS so libc falls back to clone(), whose flags seccomp can inspect.  clone()
+# with CLONE_PARENT (0x8000) is denied too: its child would be the nursery's, which the sweep
+# keeps.  SysV IPC and POSIX message queues live in the jail's IPC namespace, which outlives a
+# run (data would cross runs; a large segment would count against later runs' memory): denied.
+# Each cell stacks a stricter filter of its own on top (jail/_seccomp.py).
 SECCOMP_POLICY = """
 ERRNO(1) {
   ptrace, process_vm_readv, process_vm_writev, process_madvise, pidfd_getfd,
@@ -42,9 +46,11 @@ ERRNO(1) {
   settimeofday, clock_settime, clock_adjtime, adjtimex,
   open_by_handle_at, name_to_handle_at, lookup_dcookie, fanotify_init,
   vhangup, personality, uselib, nfsservctl, sethostname, setdomainname,
-  landlock_create_ruleset, landlock_add_rule, landlock_restrict_self
+  landlock_create_ruleset, landlock_add_rule, landlock_restrict_self,
+  shmget, shmat, shmdt, shmctl, semget, semop, semtimedop, semctl, msgget, msgsnd, msgrcv, msgctl,
+  mq_open, mq_unlink, mq_timedsend, mq_timedreceive, mq_notify, mq_getsetattr
 }
-ERRNO(1) { clone { (clone_flags & 0x7e020000) != 0 } }
+ERRNO(1) { clone { (clone_flags & 0x7e028000) != 0 } }
 ERRNO(38) { clone3 }
 DEFAULT ALLOW
 """

@@ -559,16 +559,30 @@ def _set_memory_limit(session: bool) -> None:
         pass
 
 
+PR_SET_DUMPABLE = 4
+
+
 def prepare() -> None:
-    """In a process that forks cells (nursery, session holder): what every cell should inherit."""
+    """In a process that forks cells (nursery, session holder): what every cell should inherit.
+
+    oom_score_adj 1000: under memory pressure a cell (or this process) dies, never the zygote.
+    The jail's processes are not dumpable (no /proc/<pid>/mem, no ptrace), and a non-dumpable
+    process's /proc files belong to root, so this process writes its own while it is dumpable
+    for a moment (it runs no user code, and nothing else runs in it)."""
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
     try:
         fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
         try:
-            os.write(fd, b"1000")  # under memory pressure a cell dies, never the zygote
+            os.write(fd, b"1000")
         finally:
             os.close(fd)
     except OSError:
         pass
+    finally:
+        prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     fresh_stdio()
 
 

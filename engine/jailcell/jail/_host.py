@@ -108,7 +108,15 @@ class _ControlLoop:
                 with self._lock:
                     ref = self._jails.get(fd)
                 jail = ref() if ref is not None else None
-                if jail is None or not jail.on_readable():
+                try:
+                    alive = jail is not None and jail.on_readable()
+                except Exception as exc:  # noqa: BLE001 - one jail's failure never stops the others'
+                    log.warning("jailcell: a jail's control channel failed (%s: %s); that jail is replaced",
+                                type(exc).__name__, exc)
+                    if jail is not None:
+                        jail.mark_broken(f"its control channel failed ({type(exc).__name__}: {exc})")
+                    alive = False
+                if not alive:
                     self.remove(fd)
 
 
@@ -132,6 +140,42 @@ def _warn_missing_preload(policy: Policy, ready: dict[str, Any]) -> None:
     log.warning("jailcell: policy %r preloads %s, which cannot be imported here (programs that import them get "
                 "ModuleNotFoundError); for numpy, pandas and matplotlib: pip install \"jailcell[datascience]\"",
                 policy.name, names)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _seconds(value: Any) -> float:
+    """A non-negative finite number from a report, else 0 (reports may come from a program)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e12:
+        return float(value)
+    return 0.0
+
+
+# What the zygote may send on its own, and the fields the host relies on.  A session's holder
+# is a former cell (a program's process) and the zygote relays its reports: nothing is trusted.
+def _malformed(msg: Any, fds: list[int]) -> str | None:
+    if not isinstance(msg, dict):
+        return f"a {type(msg).__name__} instead of an object"
+    op = msg.get("op")
+    if fds and op != "spare":
+        return f"{len(fds)} file descriptors with op {op!r}"
+    if op == "spare":
+        if len(fds) != 5 or not _is_int(msg.get("pid")) or msg["pid"] <= 0:
+            return "a spare without a pid or its 5 channels"
+        if msg.get("head") is not None and not isinstance(msg.get("head"), str):
+            return "a spare whose head is not a name"
+    elif op == "exit":
+        status = msg.get("status")
+        if not _is_int(msg.get("cell")) or not (status is None or (_is_int(status) and 0 <= status <= 0xFFFF)):
+            return "an exit record whose cell or wait status is not an integer"
+    elif op in ("drop", "clean"):
+        if not _is_int(msg.get(op == "drop" and "pid" or "cell")):
+            return f"a {op} record without a pid"
+    elif op == "lost" and not isinstance(msg.get("head"), str):
+        return "a lost record without a head"
+    return None
 
 
 class Jail:
@@ -273,14 +317,24 @@ class Jail:
                 self._cv.notify_all()
             return False
         with self._cv:
-            if self.closed:
+            problem = None if self.closed else _malformed(msg, fds)
+            if self.closed or problem:
                 for fd in fds:
                     os.close(fd)
+                if problem:  # everything from inside a jail is hostile: this jail is replaced
+                    self._broken = f"the jail sent a malformed message: {problem}"
+                    self._cv.notify_all()
                 return False
             if not self._dispatch(msg, fds):
                 self._replies.append(msg)
             self._cv.notify_all()
         return True
+
+    def mark_broken(self, why: str) -> None:
+        with self._cv:
+            if self._broken is None:
+                self._broken = why
+            self._cv.notify_all()
 
     def _dispatch(self, msg: dict[str, Any], fds: list[int]) -> bool:
         """Take in a message the zygote sent on its own; False for a reply to a request."""
@@ -438,7 +492,7 @@ class Jail:
             self._wait(lambda: spare.pid in self._exits, time.monotonic() + REPLY_TIMEOUT_S)
             with self._cv:
                 info = self._exits.pop(spare.pid)
-            usage = (float(info.get("utime") or 0) + float(info.get("stime") or 0), int(info.get("maxrss") or 0) * 1024)
+            usage = (_seconds(info.get("utime")) + _seconds(info.get("stime")), int(_seconds(info.get("maxrss"))) * 1024)
             if seen.started or head is not None:
                 return outcome(seen, req, info, usage, cap)
         raise JailError("no spare cell of this jail could take the run (they kept dying)")

@@ -40,6 +40,7 @@ from _socket import CMSG_LEN, SCM_RIGHTS, SOL_SOCKET, socket
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _cell as cell  # noqa: E402  (what runs inside a cell)
 import _protocol as proto  # noqa: E402  (stdlib-only framing shared with the host)
+import _seccomp  # noqa: E402  (the cell's own filter: no acting on the jail's other processes)
 
 EXIT_WAIT_S = 2.0      # how long a dead cell's parent may take to report its exit status
 CHILD_IO_S = 2.0       # the zygote never blocks longer on a nursery's or holder's socket
@@ -322,8 +323,8 @@ def _fork_spare(glb_factory, parent_sock: socket, session: bool, rehearse: bool 
         req, sock_fd = cell.become(*ch.cell_ends(), keep=(sock_fd,), stdio=session)
         if not session:
             os.close(sock_fd)
-        if not CONFIG.get("pid_namespace"):
-            os.setpgid(0, 0)  # os.kill(0, ...) from the program reaches its own processes only
+        os.setpgid(0, 0)  # os.kill(0, ...) from the program reaches its own processes only
+        machinery_signals(ignore=False)
         # Rehearse a request: the pages it writes are copied now, while the spare waits, instead of
         # on the next run's path.  When runs come back to back the request is due in a moment and
         # a rehearsal would only add its own CPU time, so such a spare rehearses only if no request
@@ -412,7 +413,7 @@ def _nursery_main(sock: socket, pool_size: int) -> None:
     It runs no user code.  It sends each spare's pid and channels to the zygote, gets one
     credit back per spare used or withdrawn, and reports how each of its children ended (wait4).
     """
-    cell.prepare()
+    forks_cells()
     credits = pool_size
     children: dict[int, int] = {}  # pidfd -> pid
     poller = select.poll()
@@ -608,6 +609,7 @@ def _holder_main(sock: socket, glb: dict) -> None:
             await_spawn = msg.get("op") != "spawn"
         pid, ch = _fork_spare(lambda: glb, sock, session=True)
         if pid == 0:  # the spare's run finished: this process now holds the state
+            machinery_signals(ignore=True)  # and none of the handlers its program set
             sock, await_spawn = ch, True
             continue
         pidfd = _announce(sock, pid, ch)
@@ -755,7 +757,7 @@ class Sessions:
             for fd in (0, 1):  # never hold the control socket; fd 2 stays the jail's log
                 os.dup2(devnull, fd)
             cell.close_fds({0, 1, 2, child.fileno()})
-            cell.prepare()
+            forks_cells()
             os.chdir(head.workspace)
             try:
                 _holder_main(child, cell.user_globals())
@@ -969,6 +971,42 @@ def _preload(modules: list[str]) -> dict:
         except Exception as exc:  # noqa: BLE001 - report, do not die: the policy says "if installed"
             failed[name] = f"{type(exc).__name__}: {exc}"
     return {"loaded": loaded, "failed": failed}
+
+
+# Signals a process of the jail's machinery (nursery, holders, waiting spares) ignores, so that a
+# cell, which may name it by pid, cannot stop or end it with them: every signal whose default is
+# to end or stop a process, but for the ones only faults raise.  SIGKILL and SIGSTOP cannot be
+# ignored: a killed nursery or spare is replaced, a stopped one is continued by the sweep.  SIGPIPE
+# and SIGXFSZ stay ignored in cells too (Python's own start-up does that).
+_IGNORED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM,
+            signal.SIGTERM, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGXCPU, signal.SIGVTALRM,
+            signal.SIGPROF, signal.SIGIO, signal.SIGPWR, signal.SIGSTKFLT,
+            *range(signal.SIGRTMIN, signal.SIGRTMAX + 1))
+
+
+def machinery_signals(ignore: bool) -> None:
+    disposition = signal.SIG_IGN if ignore else signal.SIG_DFL
+    for sig in _IGNORED:
+        try:
+            signal.signal(sig, disposition)
+        except (OSError, ValueError):
+            pass
+
+
+def forks_cells() -> None:
+    """This process (the nursery, a session's first holder) forks cells from now on: ignore the
+    signals cells could send it, and stack the cell filter that every cell inherits.  A process
+    that cannot get the filter exits: no cell may ever run without it."""
+    cell.prepare()
+    machinery_signals(ignore=True)
+    try:
+        _seccomp.install()
+    except OSError as exc:
+        os.write(2, f"jailcell: {exc}\n".encode())
+        os._exit(NO_FILTER_EXIT)
+
+
+NO_FILTER_EXIT = 125
 
 
 def _default_signals() -> None:

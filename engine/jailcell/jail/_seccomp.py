@@ -1,0 +1,149 @@
+"""The cell's own seccomp filter: what a cell may do to processes other than its own.
+
+nsjail's filter covers the whole jail, the zygote and the nursery included; this one is stacked
+on top of it in the processes that fork cells (the nursery, a session's first holder) before
+any cell exists: filters only ever add restrictions and are inherited by every fork, so each
+cell and everything its program starts has it.  The filter names no pid (the same program fits
+every process), so it is installed once per jail, not once per cell.  A cell shares
+its uid and pid namespace with the jail's own processes (zygote, nursery, spares waiting for the
+next runs), so without it a program could reach them by pid:
+
+- resource limits (``prlimit``: RLIMIT_CPU=1 on the zygote, RLIMIT_FSIZE=0 on the nursery, which
+  every later cell would inherit), scheduling (``setpriority``, ``sched_set*``, ``ioprio_set``),
+  CPU affinity and memory placement (``migrate_pages``, ``move_pages``) of another process:
+  allowed only on the calling process itself, named as pid 0 (``resource.setrlimit``,
+  ``os.sched_setaffinity(0, ...)``, ``os.nice``); naming any pid, even one's own, is EPERM;
+- ``kcmp`` (comparing another process's open files): denied;
+- signals to every process at once (``kill(-1)``) or to a process group by number
+  (``kill(-pgid)``): denied; a cell leads its own process group, and ``kill(0)`` reaches it.
+  A signal to a single pid is still delivered: the jail's processes ignore every signal they can,
+  and recover from SIGKILL and SIGSTOP (a killed nursery or spare is replaced; stopped ones are
+  continued by the sweep), so it cannot change a later run's result.
+
+Unknown architectures get no cell filter (nsjail's filter still applies); x32 system calls on
+x86_64 are denied.  Standard library only: this module runs inside the jail.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER, PR_SET_NO_NEW_PRIVS = 22, 2, 38
+RET_ALLOW = 0x7FFF0000
+RET_EPERM = 0x00050000 | errno.EPERM
+LD_ABS, JEQ, JSET, RET = 0x20, 0x15, 0x45, 0x06
+X32_BIT = 0x40000000
+
+# (AUDIT_ARCH, {name: number})
+ARCHES = {
+    "x86_64": (0xC000003E, {
+        "kill": 62, "rt_sigqueueinfo": 129, "prlimit64": 302, "setpriority": 141, "sched_setparam": 142,
+        "sched_setscheduler": 144, "sched_setaffinity": 203, "sched_setattr": 314, "ioprio_set": 251,
+        "migrate_pages": 256, "move_pages": 279, "kcmp": 312}),
+    "aarch64": (0xC00000B7, {
+        "kill": 129, "rt_sigqueueinfo": 138, "prlimit64": 261, "setpriority": 140, "sched_setparam": 118,
+        "sched_setscheduler": 119, "sched_setaffinity": 122, "sched_setattr": 274, "ioprio_set": 30,
+        "migrate_pages": 238, "move_pages": 239, "kcmp": 272}),
+}
+PRIO_PROCESS, IOPRIO_WHO_PROCESS = 0, 1
+SELF_ONLY = ("prlimit64", "sched_setparam", "sched_setscheduler", "sched_setaffinity", "sched_setattr",
+             "migrate_pages", "move_pages")
+
+
+def _arg_lo(i: int) -> int:
+    return 16 + 8 * i  # offsetof(struct seccomp_data, args[i]), low 32 bits (little-endian)
+
+
+class _Asm:
+    """A tiny BPF assembler with forward labels."""
+
+    def __init__(self) -> None:
+        self.code: list[tuple[int, object, object, int]] = []
+        self.labels: dict[str, int] = {}
+
+    def label(self, name: str) -> None:
+        self.labels[name] = len(self.code)
+
+    def op(self, code: int, k: int, jt: object = 0, jf: object = 0) -> None:
+        self.code.append((code, jt, jf, k & 0xFFFFFFFF))
+
+    def assemble(self) -> bytes:
+        out = []
+        for pc, (code, jt, jf, k) in enumerate(self.code):
+            offsets = []
+            for target in (jt, jf):
+                if isinstance(target, str):
+                    target = self.labels[target] - pc - 1
+                if not 0 <= int(target) <= 255:
+                    raise ValueError("seccomp program too long for a jump")
+                offsets.append(int(target))
+            out.append(struct.pack("HBBI", code, offsets[0], offsets[1], k))
+        return b"".join(out)
+
+
+def program(machine: str | None = None) -> bytes | None:
+    """The cell filter (None: unknown architecture)."""
+    arch = ARCHES.get(machine or os.uname().machine)
+    if arch is None:
+        return None
+    audit, nr = arch
+    a = _Asm()
+    a.op(LD_ABS, 4)                       # arch
+    a.op(JEQ, audit, 0, "allow")
+    a.op(LD_ABS, 0)                       # syscall number
+    a.op(JSET, X32_BIT, "deny", 0)
+    for name in SELF_ONLY:
+        a.op(JEQ, nr[name], "arg0_self", 0)
+    a.op(JEQ, nr["setpriority"], "prio", 0)
+    a.op(JEQ, nr["ioprio_set"], "ioprio", 0)
+    a.op(JEQ, nr["kill"], "signal", 0)
+    a.op(JEQ, nr["rt_sigqueueinfo"], "signal", 0)
+    a.op(JEQ, nr["kcmp"], "deny", 0)
+    a.label("allow")
+    a.op(RET, RET_ALLOW)
+    a.label("deny")
+    a.op(RET, RET_EPERM)
+    # which == PRIO_PROCESS (resp. IOPRIO_WHO_PROCESS) and who is this process
+    a.label("prio")
+    a.op(LD_ABS, _arg_lo(0))
+    a.op(JEQ, PRIO_PROCESS, "arg1_self", "deny2")
+    a.label("ioprio")
+    a.op(LD_ABS, _arg_lo(0))
+    a.op(JEQ, IOPRIO_WHO_PROCESS, "arg1_self", "deny2")
+    a.label("arg1_self")
+    a.op(LD_ABS, _arg_lo(1))
+    a.op(JEQ, 0, "allow2", "deny2")
+    a.label("arg0_self")
+    a.op(LD_ABS, _arg_lo(0))
+    a.op(JEQ, 0, "allow2", "deny2")
+    # kill(pid): any pid > 0, or 0 (own group); never a negative pid (-1: everyone; -pgid)
+    a.label("signal")
+    a.op(LD_ABS, _arg_lo(0))
+    a.op(JSET, 0x80000000, "deny2", "allow2")
+    a.label("allow2")
+    a.op(RET, RET_ALLOW)
+    a.label("deny2")
+    a.op(RET, RET_EPERM)
+    return a.assemble()
+
+
+class _Fprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+
+def install() -> bool:
+    """Stack the cell filter onto this process (and everything it will fork).  False if the
+    architecture is unknown; raises OSError if the kernel refuses it."""
+    code = program()
+    if code is None:
+        return False
+    prog = _Fprog(len(code) // 8, code)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # nsjail set it already; without nsjail it is needed
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot install the cell's seccomp filter: {os.strerror(err)}")
+    return True

@@ -1,0 +1,216 @@
+"""A run cannot touch any later run, or the jail's own machinery (zygote, nursery, waiting spares,
+session holders).  Each test is a hostile program followed by ordinary runs that must come out
+exactly as in a fresh sandbox.  The OS jail is what is tested: the import policy is off."""
+
+from __future__ import annotations
+
+import pytest
+
+from jailcell import Policy, Sandbox
+
+OPEN = Policy(name="open-between-runs")
+
+# Every process of the jail but the program's own: the targets a hostile cell would pick.
+OTHERS = "import os\nME = os.getpid()\nOTHERS = [int(p) for p in os.listdir('/proc') if p.isdigit() and int(p) != ME]\n"
+
+LATER = [
+    ("open('f.txt', 'w').write('hello'); import os; print(os.path.getsize('f.txt'))", "5\n"),
+    ("import os; print(os.nice(0), len(os.sched_getaffinity(0)) == os.cpu_count())", "0 True\n"),
+    ("import resource; print(resource.getrlimit(resource.RLIMIT_FSIZE)[0] > 0, "
+     "resource.getrlimit(resource.RLIMIT_CPU)[0] >= 1)", "True True\n"),
+    ("x = bytearray(50 * 1024 * 1024); print(len(x) // 2**20)", "50\n"),
+    ("import os, time; time.sleep(0.05); print({'survivor', 'orphan'} & set(os.listdir('/tmp')), os.listdir('.'))",
+     "set() []\n"),
+]
+
+
+@pytest.fixture
+def sandbox():
+    with Sandbox(OPEN, timeout=10, memory=256) as sb:
+        yield sb
+
+
+def later_runs_are_clean(sb: Sandbox) -> None:
+    for _ in range(2):
+        for code, expected in LATER:
+            r = sb.run(code)
+            assert r.status == "ok" and r.stdout == expected, (code, r.status, r.stdout, r.error)
+
+
+SCHEDULING = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+for pid in OTHERS:
+    for attempt in (lambda: os.setpriority(os.PRIO_PROCESS, pid, 19),
+                    lambda: os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0)),
+                    lambda: os.sched_setaffinity(pid, {0}),
+                    lambda: os.setpriority(os.PRIO_PGRP, os.getpgid(pid), 19)):
+        try:
+            attempt()
+            print("changed", pid)
+        except (PermissionError, ProcessLookupError, OSError):
+            pass
+    if libc.syscall(251, 1, pid, (3 << 13)) == 0:  # ioprio_set(IOPRIO_WHO_PROCESS, pid, IDLE)
+        print("ioprio changed", pid)
+try:
+    os.setpriority(os.PRIO_USER, 0, 19)
+    print("changed the whole uid")
+except PermissionError:
+    pass
+"""
+
+ATTACKS = {
+    # resource limits of the jail's other processes: RLIMIT_CPU=1 kills the zygote, FSIZE=0 or a
+    # small AS on the nursery silently poisons every later cell
+    "prlimit": OTHERS + """
+import resource
+for pid in OTHERS:
+    for res, lim in ((resource.RLIMIT_FSIZE, 0), (resource.RLIMIT_AS, 1 << 20), (resource.RLIMIT_CPU, 1),
+                     (resource.RLIMIT_NOFILE, 3), (resource.RLIMIT_NPROC, 1)):
+        try:
+            resource.prlimit(pid, res, (lim, lim))
+            print("changed", pid, res)
+        except (PermissionError, ProcessLookupError, ValueError):
+            pass
+""",
+    # scheduling of the jail's other processes: nice 19, SCHED_IDLE, one CPU, idle I/O class
+    "scheduling": OTHERS + SCHEDULING,
+    # signals every process may be sent: the machinery ignores them, or recovers (SIGKILL, SIGSTOP)
+    "signals": OTHERS + """
+import signal
+for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGALRM, signal.SIGTSTP,
+            signal.SIGXCPU, signal.SIGRTMIN + 3, signal.SIGSTOP, signal.SIGKILL):
+    for pid in OTHERS:
+        try:
+            os.kill(pid, sig)
+        except (PermissionError, ProcessLookupError):
+            pass
+for target in (-1, -os.getpgid(1)):
+    try:
+        os.kill(target, signal.SIGKILL)
+        print("signalled", target)
+    except (PermissionError, ProcessLookupError):
+        pass
+""",
+    # a child of the nursery (clone with CLONE_PARENT) would survive the sweep
+    "clone_parent": """
+import ctypes, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+pid = libc.syscall(56, 0x8000 | 17, 0, 0, 0, 0)  # clone(CLONE_PARENT | SIGCHLD)
+if pid == 0:
+    while True:
+        open('/tmp/survivor', 'a').write('x')
+        time.sleep(0.01)
+print("clone_parent", pid, ctypes.get_errno())
+""",
+    # SysV IPC and POSIX message queues would outlive the run in the jail's IPC namespace
+    "sysv_ipc": """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+print(libc.shmget(0x1234, 400 << 20, 0o1666), libc.msgget(0x1234, 0o1666), libc.semget(0x1234, 1, 0o1666))
+rt = ctypes.CDLL("librt.so.1", use_errno=True)
+print(rt.mq_open(b"/jc", 0o100 | 2, 0o666, None))
+""",
+    # orphans: a double fork whose grandchild keeps running must not see the next run
+    "orphans": """
+import os, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        while True:
+            open('/tmp/orphan', 'a').write('x')
+            time.sleep(0.01)
+    os._exit(0)
+time.sleep(0.05)
+""",
+}
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_hostile_run_leaves_later_runs_untouched(attack, sandbox):
+    sandbox.run("print('warm')")
+    r = sandbox.run(ATTACKS[attack])
+    assert "changed" not in r.stdout and "signalled" not in r.stdout, r.stdout
+    if attack == "sysv_ipc":
+        assert r.stdout == "-1 -1 -1\n-1\n", r.stdout
+    if attack == "clone_parent":
+        assert r.stdout.startswith("clone_parent -1 "), r.stdout
+    later_runs_are_clean(sandbox)
+
+
+def test_hostile_session_run_leaves_other_sessions_and_sandbox_untouched(sandbox):
+    with sandbox.session() as s:
+        s.run("x = 1")
+        r = s.run(ATTACKS["prlimit"] + SCHEDULING)
+        assert "changed" not in r.stdout, r.stdout
+        assert s.run("x + 1").result == "2"
+        for code, expected in LATER[:4]:
+            r = s.run(code)
+            assert r.status == "ok" and r.stdout == expected, (code, r.status, r.stdout, r.error)
+    later_runs_are_clean(sandbox)
+
+
+def test_cells_get_oom_score_adj_1000_and_the_zygote_does_not(sandbox):
+    r = sandbox.run("import os\nprint(open('/proc/self/oom_score_adj').read().strip(), "
+                    "open('/proc/1/oom_score_adj').read().strip())")
+    assert r.stdout == "1000 0\n", r.stdout
+
+
+def test_a_cell_leads_its_own_process_group(sandbox):
+    r = sandbox.run("import os\nprint(os.getpgid(0) == os.getpid(), os.getpgid(0) != os.getpgid(1))")
+    assert r.stdout == "True True\n"
+
+
+# A session cell holds its holder's socket to the zygote (it becomes the holder if it finishes);
+# it can write anything there.  The zygote relays holders' reports to the host.
+FORGE = """
+import os, socket, stat, sys, time
+proto = sys.modules["_protocol"]
+socks = []
+for fd in range(4, 64):
+    try:
+        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            socks.append(fd)
+    except OSError:
+        pass
+for fd in socks:
+    s = socket.socket(fileno=os.dup(fd))
+    me = os.getpid()
+    for msg in ({"op": "cell_exit", "pid": me, "status": "x", "utime": "x", "stime": [], "maxrss": "big"},
+                {"op": "cell_exit", "pid": me, "status": 1 << 40, "utime": 1e308, "stime": -5, "maxrss": None},
+                {"op": "spare", "pid": "one", "head": 7},
+                [1, 2, 3]):
+        try:
+            proto.send(s, msg, FDS)
+        except Exception as exc:
+            print("send failed", type(exc).__name__)
+print("forged", len(socks))
+while True:
+    pass
+"""
+
+
+@pytest.mark.parametrize("with_fds", [False, True])
+def test_forged_reports_from_a_session_cell_are_data_not_crashes(with_fds, sandbox):
+    from jailcell import JailError
+
+    bystander = Sandbox("minimal")
+    try:
+        assert bystander.run("print(1)").stdout == "1\n"
+        with sandbox.session() as s:
+            s.run("x = 41")
+            code = FORGE.replace("FDS", "(0, 1, 2, 0, 1)" if with_fds else "()")
+            r = s.run(code, timeout=1)
+            assert r.status in ("timeout", "killed", "error"), r  # a Result, never an exception
+            assert isinstance(r.cpu_s, float) and r.cpu_s >= 0 and isinstance(r.peak_memory_bytes, int)
+            try:
+                after = s.run("x + 1")
+                assert after.result == "42"
+            except JailError:
+                pass  # the jail that sent garbage was given up: a clear error, not a crash
+        # the process's other sandboxes (and its control thread) carry on
+        for _ in range(3):
+            assert bystander.run("print(2)").stdout == "2\n"
+        assert sandbox.run("print(3)").stdout == "3\n"
+    finally:
+        bystander.close()
