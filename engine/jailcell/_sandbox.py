@@ -193,7 +193,8 @@ class _Engine:
         except (JailTimeout, EOFError, OSError, JailError, ProtocolError) as exc:
             jail.kill()
             why = "it stopped answering" if isinstance(exc, JailTimeout) else f"{type(exc).__name__}: {exc}"
-            return self._host_failure("killed", "JailDied", f"the jail broke during the run ({why})", t0), False
+            again = "; the program had started, so it was not run again" if jail.delivered else ""
+            return self._host_failure("killed", "JailDied", f"the jail broke during the run ({why}){again}", t0), False
         if "input_error" in reply:
             raise InputError(reply["input_error"])
         return self.to_result(reply, jail), True
@@ -279,11 +280,12 @@ class Sandbox:
             for attempt in (1, 2):
                 jail = self._ensure_jail()
                 result, usable = self._engine.execute(jail, req)
-                if usable:
+                if not usable:
+                    self._jail = None
+                # A jail that broke before the request reached a cell: run on a fresh jail.  Once
+                # it may have started, never again (its host functions may have had effects).
+                if usable or jail.delivered:
                     break
-                self._jail = None
-                # A cell cannot kill its zygote, so a dead jail is an infrastructure failure:
-                # run once more on a fresh jail.
         return result
 
     def session(self, *, idle_timeout: float | None = None) -> "Session":

@@ -214,3 +214,95 @@ def test_forged_reports_from_a_session_cell_are_data_not_crashes(with_fds, sandb
         assert sandbox.run("print(3)").stdout == "3\n"
     finally:
         bystander.close()
+
+
+def test_a_program_is_never_run_twice_when_its_jail_dies_mid_run():
+    """The jail dies while the program runs (its zygote is killed from the host): the run is
+    reported killed and is not repeated on a fresh jail (a host function must not run twice)."""
+    import os
+    import signal
+
+    calls = []
+
+    def side_effect(n):
+        calls.append(n)
+        nsjail = sb._jail.pid
+        children = open(f"/proc/{nsjail}/task/{nsjail}/children").read().split()
+        os.kill(int(children[0]), signal.SIGKILL)  # the zygote: pid 1 of the jail
+        return n
+
+    with Sandbox("minimal", functions={"side_effect": side_effect}, timeout=5) as sb:
+        assert sb.run("print(1)").stdout == "1\n"
+        r = sb.run("side_effect(1)\nwhile True:\n    pass")
+        assert calls == [1], calls
+        assert r.status == "killed" and "not run again" in r.error["message"], r
+        assert sb.run("print(2)").stdout == "2\n"  # a fresh jail for the next run
+        assert calls == [1]
+
+
+FLOOD = r"""
+import os, socket, stat, sys
+proto = sys.modules["_protocol"]
+sent = 0
+for fd in range(4, 64):
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            continue
+    except OSError:
+        continue
+    s = socket.socket(fileno=os.dup(fd))
+    for i in range(N):
+        for msg in ({"op": "cell_exit", "pid": "x" * 100, "status": [i]}, {"op": "nonsense", "pid": i},
+                    {"op": "cell_exit", "pid": 5, "status": 1 << 40, "utime": "x", "maxrss": -1}):
+            proto.send(s, msg)
+            sent += 1
+print("sent", sent)
+"""
+
+
+def test_a_flood_of_forged_holder_reports_keeps_the_session_and_a_small_log(sandbox):
+    import os
+    import time
+
+    with sandbox.session() as s:
+        s.run("x = 1")
+        t0 = time.monotonic()
+        r = s.run(FLOOD.replace("N", "1000"))
+        assert r.status == "ok" and r.stdout.startswith("sent "), r
+        print("flood of 3000 frames took", time.monotonic() - t0)
+        assert s.run("x + 1").result == "2"  # malformed reports were dropped, the state lives on
+        assert s.run("while True: pass", timeout=0.5).status == "timeout"
+        assert s.run("x + 2").result == "3"
+        jail = s._shared.jail
+        log = jail.log()
+        assert log.count("dropped a malformed report") <= 20 and "further messages dropped" in log
+        assert os.fstat(jail._stderr.fileno()).st_size < 64 * 1024
+
+
+def test_the_jail_log_is_trimmed_to_its_tail(sandbox):
+    """Whatever writes into a jail's log, the host keeps it under LOG_CAP (its newest part)."""
+    from jailcell.jail._host import LOG_CAP, LOG_KEEP
+
+    sandbox.run("1")
+    jail = sandbox._jail
+    fd = jail._stderr.fileno()
+    os_write = __import__("os").write
+    os_write(fd, b"old line\n" * (LOG_CAP // 9 + 10) + b"newest line\n")
+    assert sandbox.run("print(1)").stdout == "1\n"
+    size = __import__("os").fstat(fd).st_size
+    assert size <= LOG_KEEP + 100 and jail.log().endswith("newest line")
+
+
+def test_an_undecodable_frame_from_a_holder_loses_that_session_only(sandbox):
+    from jailcell import JailError
+
+    with sandbox.session() as s, sandbox.session() as other:
+        s.run("x = 1")
+        other.run("y = 2")
+        r = s.run(FLOOD.replace("N", "1").replace('"status": [i]}', '"status": [i]}, [i]'), timeout=2)
+        assert r.status in ("ok", "timeout", "killed"), r
+        with pytest.raises(JailError, match="state was lost|session was lost"):
+            for _ in range(3):
+                s.run("x")
+        assert other.run("y").result == "2"
+    assert sandbox.run("print(3)").stdout == "3\n"

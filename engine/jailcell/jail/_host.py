@@ -142,6 +142,9 @@ def _warn_missing_preload(policy: Policy, ready: dict[str, Any]) -> None:
                 policy.name, names)
 
 
+LOG_CAP, LOG_KEEP = 1 << 20, 64 << 10  # a jail's log file: trimmed to its tail past this size
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -198,6 +201,7 @@ class Jail:
         self._interrupt_r, self._interrupt_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._interrupted = False
         self.ready: dict[str, Any] = {}
+        self.delivered = False  # the last run's request reached a cell (so it may have run)
         self._oom_seen = 0
         self.closed = False
         self._pid = os.getpid()  # a forked copy of this object does not own the jail
@@ -453,8 +457,23 @@ class Jail:
         assert spare is not None
         return spare
 
+    def _trim_log(self) -> None:
+        """The jail's log (the zygote's stderr, a file the zygote shares with us) keeps its last
+        LOG_KEEP bytes once it passes LOG_CAP: a jail can never fill the host's disk with it."""
+        try:
+            fd = self._stderr.fileno()
+            size = os.fstat(fd).st_size
+            if size > LOG_CAP:
+                tail = os.pread(fd, LOG_KEEP, size - LOG_KEEP)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, b"[earlier log lines dropped]\n" + tail, 0)
+                os.lseek(fd, 0, os.SEEK_END)
+        except (OSError, ValueError):
+            pass
+
     def _done(self, spare: Spare, finished: bool) -> None:
         """Hand the used cell back: the zygote sweeps the jail (``clean`` closes our ends)."""
+        self._trim_log()
         with self._cv:
             self._used[spare.pid] = spare
         proto.send(self.ctl, {"op": "done", "cell": spare.pid, "head": spare.head, "finished": finished})
@@ -465,6 +484,7 @@ class Jail:
         result's fields.  Raises JailTimeout / EOFError / OSError when the jail is broken."""
         if self.closed or self.ctl is None:
             raise JailError("the jail is closed")
+        self.delivered = False
         cap = self.policy.limits.output_bytes
         for _attempt in range(3):
             spare = self._take_spare(head)
@@ -476,7 +496,9 @@ class Jail:
                 except BlockingIOError:
                     pass
             try:
+                self.delivered = True  # from here on the program may run: never run it again
                 seen = supervise(spare, req, output_cap=cap, interrupt_fd=self._interrupt_r, on_call=on_call)
+                self.delivered = seen.started
             except BaseException:  # e.g. KeyboardInterrupt in the caller's thread: the cell must not live on
                 spare.kill()
                 try:

@@ -11,6 +11,7 @@ host observed (deadline, byte counts, exit status, signals), the report only fil
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import socket
@@ -147,13 +148,18 @@ class _Bridge:
         if len(self.out) > proto.MAX_CALL:
             return "it does not read the answers to its host function calls"
         body = frame[proto.HEADER.size :]
-        try:
-            msg = proto.decode(body)
-        except proto.ProtocolError:
-            msg = {}
+        msg: dict[str, Any] = {}
+        if len(body) <= proto.MAX_CALL and not too_many_containers(body, MAX_CALL_CONTAINERS):
+            try:
+                msg = proto.decode(body)
+            except proto.ProtocolError:
+                pass
         name, args, kwargs = msg.get("call"), msg.get("args", []), msg.get("kwargs", {})
         if len(body) > proto.MAX_CALL:
             answer = _error("ValueError", f"call arguments over {proto.MAX_CALL} bytes")
+        elif not msg:
+            answer = _error("ValueError", "malformed call: not a JSON object, or over "
+                                          f"{MAX_CALL_CONTAINERS} JSON arrays and objects")
         elif self.count > proto.MAX_CALLS_PER_RUN:
             answer = _error("RuntimeError", f"host function call limit reached ({proto.MAX_CALLS_PER_RUN} per run)")
         elif not isinstance(name, str) or name not in self.names or self.on_call is None:
@@ -323,9 +329,16 @@ def supervise(spare: Spare, req: dict[str, Any], *, output_cap: int, interrupt_f
                 else:  # the program wrote into the channel: its report can no longer be told apart
                     stop("corrupt")
                 break
-            if size is None or len(res) < size:
+            if size is None:
                 break
-            if bytes(res[proto.HEADER.size : proto.HEADER.size + len(proto.CALL_PREFIX)]) != proto.CALL_PREFIX:
+            is_call = bytes(res[proto.HEADER.size : proto.HEADER.size + len(proto.CALL_PREFIX)]) == proto.CALL_PREFIX
+            if is_call and size > proto.HEADER.size + proto.MAX_CALL:  # never buffered whole
+                seen.misuse = f"it sent a host function call of {size} bytes (at most {proto.MAX_CALL})"
+                stop("bridge")
+                break
+            if len(res) < size:
+                break
+            if not is_call:
                 seen.finished = done = True  # the report
                 break
             frame = bytes(res[:size])
@@ -363,6 +376,25 @@ def supervise(spare: Spare, req: dict[str, Any], *, output_cap: int, interrupt_f
 CORRUPTED = object()
 
 
+# JSON from a cell is decoded only after its shape is bounded: each JSON array or object becomes a
+# Python object of ~60 bytes or more, so "[],[],..." would cost the host ~30x its size in memory
+# (an 8 MiB report: 230 MiB) and seconds of CPU.  Strings are skipped by the scan (their brackets
+# are text); what is left is counted.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+MAX_REPORT_CONTAINERS = proto.MAX_LISTED_FILES + 1000  # a report: a few fields, files, outputs
+MAX_CALL_CONTAINERS = 100_000                          # a host-function call's arguments
+SCAN_ABOVE = 4096                                      # smaller bodies cannot hold many
+
+
+def too_many_containers(body: bytes, limit: int) -> int | None:
+    """The number of JSON arrays and objects in ``body`` if it is over ``limit``, else None."""
+    if len(body) <= SCAN_ABOVE:
+        return None
+    bare = _JSON_STRING.sub(b'""', body)
+    count = bare.count(b"[") + bare.count(b"{")
+    return count if count > limit else None
+
+
 def parse_report(raw: bytes):
     """The cell's own report: untrusted bytes, validated field by field.
 
@@ -374,6 +406,8 @@ def parse_report(raw: bytes):
     try:
         length = proto.parse_header(raw[: proto.HEADER.size], proto.MAX_REPORT)
         if len(raw) != proto.HEADER.size + length:
+            return CORRUPTED
+        if too_many_containers(raw[proto.HEADER.size :], MAX_REPORT_CONTAINERS):
             return CORRUPTED
         rep = proto.decode(raw[proto.HEADER.size :])
     except (proto.ProtocolError, struct.error):

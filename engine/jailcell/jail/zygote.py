@@ -266,6 +266,14 @@ def wipe(path: str, dev: int | None = None) -> None:
                 raise
 
 
+def _number(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e12 else 0.0
+
+
+def _wait_status(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0xFFFF else None
+
+
 def _exit_info(pid: int, wstatus: int, utime: float, stime: float, maxrss: int) -> dict:
     """How a child ended, as the zygote keeps it (and as a holder reports its spare's end)."""
     return {"op": "cell_exit", "pid": pid, "status": wstatus, "utime": utime, "stime": stime, "maxrss": maxrss}
@@ -700,9 +708,17 @@ class Sessions:
         except (OSError, EOFError, proto.ProtocolError):
             self._lose(head)
             return
-        op = msg.get("op")
-        if op == "spare" and len(fds) == 4:
-            pid = int(msg["pid"])
+        # A holder is a former cell: the program's own process, which holds this socket too and
+        # may write anything into it.  Only well-formed reports are taken; anything else is noted
+        # in the log (rate-limited) and dropped, with its file descriptors.
+        op = msg.get("op") if isinstance(msg, dict) else None
+        pid = msg.get("pid") if isinstance(msg, dict) else None
+        if not (isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 1 << 22) or \
+                op not in ("spare", "cell_exit", "forked") or (fds and (op != "spare" or len(fds) != 4)):
+            Channels.close(fds)
+            log(f"session {head.hid}: dropped a malformed report from its holder (op {str(op)[:40]!r})")
+            return
+        if op == "spare":
             try:
                 pidfd = os.pidfd_open(pid)
             except ProcessLookupError:  # died at once; its holder reports the exit and forks again
@@ -714,11 +730,12 @@ class Sessions:
             return
         Channels.close(fds)
         if op == "cell_exit":
-            head.exits[int(msg["pid"])] = msg
+            head.exits[pid] = _exit_info(pid, _wait_status(msg.get("status")), _number(msg.get("utime")),
+                                         _number(msg.get("stime")), int(_number(msg.get("maxrss"))))
             while len(head.exits) > MAX_EXITS:
                 head.exits.pop(next(iter(head.exits)))
         elif op == "forked":
-            head.forked = int(msg["pid"])
+            head.forked = pid
 
     def _wait(self, head: Head, until, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -859,6 +876,29 @@ class Sessions:
 # the zygote: control channel and event loop
 # ----------------------------------------------------------------------------------------------
 
+LOG_BURST, LOG_WINDOW_S = 20, 60.0  # log lines per window; a flood of forged frames is one line
+_log_state = [0.0, 0]  # window start, lines in it
+
+
+def log(message: str) -> None:
+    """A line in the jail's log (the host keeps its tail), rate-limited: a program that provokes
+    errors on purpose gets LOG_BURST lines a minute, then one note that the rest were dropped."""
+    now = time.monotonic()
+    if now - _log_state[0] > LOG_WINDOW_S:
+        _log_state[0], _log_state[1] = now, 0
+    _log_state[1] += 1
+    if _log_state[1] <= LOG_BURST:
+        line = f"jailcell zygote: {message[:500]}\n"
+    elif _log_state[1] == LOG_BURST + 1:
+        line = f"jailcell zygote: further messages dropped for up to {LOG_WINDOW_S:g} s\n"
+    else:
+        return
+    try:
+        os.write(2, line.encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
 def host_gone() -> None:
     """The host closed the jail (or died): so goes everything in it.  In a pid namespace the kernel
     kills every process of the jail when its first process exits; without one, the zygote does."""
@@ -942,7 +982,7 @@ class Zygote:
                     elif fd == self.wake_r:
                         self._reap()
             except Exception as exc:  # noqa: BLE001 - never die of a child's misbehaviour
-                print(f"jailcell zygote: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                log(f"{type(exc).__name__}: {exc}")
             if not any(fd == self.ctl.fileno() for fd, _ev in events):
                 continue
             try:
