@@ -6,7 +6,7 @@
 45
 """
 
-from ._errors import BackendUnavailable, InputError, JailcellError, JailError, PolicyError, SandboxClosed
+from ._errors import BackendUnavailable, InputError, JailcellError, JailError, PolicyError, SandboxClosed, UsageError
 from ._policy import Policy
 from ._result import STATUSES, Result
 from ._sandbox import AsyncSandbox, AsyncSession, Pool, Sandbox, Session
@@ -28,4 +28,5 @@ __all__ = [
     "BackendUnavailable",
     "JailError",
     "SandboxClosed",
+    "UsageError",
 ]

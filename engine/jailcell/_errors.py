@@ -9,7 +9,8 @@ problems of jailcell itself, and each message says how to fix it::
     ├── InputError           the code, a file name or a size is not acceptable
     ├── BackendUnavailable   the requested isolation cannot be set up here
     ├── JailError            a jail broke in a way jailcell could not recover from
-    └── SandboxClosed        the Sandbox / Session / Pool was already closed
+    ├── SandboxClosed        the Sandbox / Session / Pool was already closed
+    └── UsageError           a call jailcell cannot serve (run() from inside one of its own runs)
 """
 
 from __future__ import annotations
@@ -37,3 +38,8 @@ class JailError(JailcellError, RuntimeError):
 
 class SandboxClosed(JailcellError, RuntimeError):
     """The object was used after ``close()``."""
+
+
+class UsageError(JailcellError, RuntimeError):
+    """jailcell was called in a way it cannot serve, e.g. ``run()`` on a Sandbox from inside one
+    of its own host functions (which run inside that Sandbox's run)."""

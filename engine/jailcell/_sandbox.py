@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping
 
 from ._bridge import HostFunctions
-from ._errors import InputError, JailError, SandboxClosed
+from ._errors import InputError, JailError, SandboxClosed, UsageError
 from ._policy import MIB, Policy
 from ._result import Result
 from ._threads import LazyThread
@@ -142,6 +142,28 @@ def missing_module_hint(error: dict[str, Any]) -> dict[str, Any]:
     return dict(error, message=new, traceback=tb)
 
 
+class RunLock:
+    """The lock a jail's runs take turns on.  Host functions run in the thread that called
+    ``run``, inside the run: one that calls ``run`` (or a session call) on the same object would
+    wait for itself forever, so that is an error at once instead."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        if self._owner == threading.get_ident():
+            raise UsageError("run() was called on a Sandbox or Session from inside one of its own runs (a host "
+                             "function calling back into it); use another Sandbox, Session or Pool for that")
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._owner = None
+        self._lock.release()
+
+
 class _Engine:
     """Everything the sync and async classes share: policy, backend, requests, results."""
 
@@ -249,7 +271,7 @@ class Sandbox:
                  warm: bool = False, functions: Mapping[str, Callable[..., Any]] | None = None,
                  **overrides: Any) -> None:
         self._engine = _Engine(policy, backend, overrides, functions)
-        self._lock = threading.Lock()
+        self._lock = RunLock()
         self._jail: Jail | None = None
         self._closed = False
         if warm:
@@ -319,7 +341,7 @@ class _SessionJail:
 
     def __init__(self, jail: Jail) -> None:
         self.jail = jail
-        self.lock = threading.Lock()
+        self.lock = RunLock()
         self.refs = 0
 
 

@@ -481,7 +481,14 @@ def write_file(root: str, name: str, data: bytes) -> None:
         except FileExistsError:
             if not stat.S_ISDIR(os.lstat(cur).st_mode):
                 raise ValueError(f"{name!r}: {part!r} is not a directory") from None
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = stat.S_IFREG
+    if not stat.S_ISREG(mode):  # a FIFO the program made would block the writer: never opened
+        raise ValueError(f"{name!r} exists and is not a regular file")
+    # O_NONBLOCK: should a FIFO appear between the check and the open, the open fails at once.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError(f"{name!r} is not a regular file")

@@ -236,34 +236,102 @@ def continue_stopped(pids) -> None:
                 pass
 
 
-def wipe(path: str, dev: int | None = None) -> None:
-    """Remove everything below ``path`` (not ``path`` itself), whatever permissions a cell set.
-    Host directories bound into the jail below ``path`` (a venv in /tmp/x/venv: another file
-    system) are kept, and so are the directories that lead to them (rmdir says they are busy or
-    not empty); everything else on ``path``'s own file system goes."""
+def wipe(path: str) -> None:
+    """Remove everything below ``path`` (not ``path`` itself), whatever permissions a cell set
+    and however deep its tree (no recursion: the walk descends with chdir, so neither the
+    recursion limit nor PATH_MAX stops it).  Host directories bound into the jail below ``path``
+    (a venv in /tmp/x/venv: another file system) are kept, and so are the directories that lead
+    to them; everything else on ``path``'s own file system goes."""
     try:
-        if dev is None:
-            dev = os.lstat(path).st_dev
+        dev = os.lstat(path).st_dev
         os.chmod(path, 0o1777 if path == "/tmp" else 0o755)
-        entries = list(os.scandir(path))
     except FileNotFoundError:
         return
-    for entry in entries:
-        full = entry.path
+    home = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.chdir(path)
+        stack: list[tuple[list[str], str | None]] = [(os.listdir("."), None)]
+        while stack:
+            names, here = stack[-1]
+            if not names:
+                stack.pop()
+                if here is not None:
+                    os.chdir("..")
+                    try:
+                        os.rmdir(here)
+                    except OSError as exc:
+                        if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):  # a path to a mount point
+                            raise
+                continue
+            name = names.pop()
+            try:
+                st = os.lstat(name)
+                if st.st_dev != dev:
+                    continue  # a mount point: the host's read-only bind
+                if stat_isdir(st.st_mode):
+                    os.chmod(name, 0o700)
+                    os.chdir(name)
+                    if os.lstat(".").st_ino != st.st_ino:  # cannot happen: every process is gone
+                        raise OSError(errno.ESTALE, f"{name!r} changed during the sweep")
+                    stack.append((os.listdir("."), name))
+                else:
+                    os.unlink(name)
+            except FileNotFoundError:
+                pass
+    finally:
+        os.fchdir(home)
+        os.close(home)
+
+
+def stat_isdir(mode: int) -> bool:
+    return mode & 0o170000 == 0o040000
+
+
+def copy_tree(src: str, dst: str) -> None:
+    """A session branch's copy of the workspace, without recursion: regular files, directories,
+    symbolic links (as links) and FIFOs (made anew); sockets and devices are left out (a copy
+    of one would block or fail)."""
+    os.makedirs(dst, 0o755, exist_ok=True)
+    stack = [""]
+    dir_modes: list[tuple[str, int]] = []
+    while stack:
+        rel = stack.pop()
+        s_dir, d_dir = os.path.join(src, rel), os.path.join(dst, rel)
         try:
+            entries = list(os.scandir(s_dir))
+        except PermissionError:  # the program took its own permissions away: this process owns it
+            os.chmod(s_dir, 0o700)
+            entries = list(os.scandir(s_dir))
+        for entry in entries:
+            s_path, d_path = entry.path, os.path.join(d_dir, entry.name)
             st = entry.stat(follow_symlinks=False)
-            if st.st_dev != dev:
-                continue  # a mount point: the host's read-only bind
-            if entry.is_dir(follow_symlinks=False):
-                wipe(full, dev)
-                os.rmdir(full)
+            kind = st.st_mode & 0o170000
+            if kind == 0o040000:
+                os.mkdir(d_path, 0o700)
+                stack.append(os.path.join(rel, entry.name))
+                dir_modes.append((d_path, st.st_mode & 0o7777))
+                continue
+            if kind == 0o100000:
+                fd_in = os.open(s_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                try:
+                    fd_out = os.open(d_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                    try:
+                        while os.sendfile(fd_out, fd_in, None, 1 << 24):
+                            pass
+                    finally:
+                        os.close(fd_out)
+                finally:
+                    os.close(fd_in)
+            elif kind == 0o120000:
+                os.symlink(os.readlink(s_path), d_path)
+                continue
+            elif kind == 0o010000:
+                os.mkfifo(d_path, 0o600)
             else:
-                os.unlink(full)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):  # rmdir of a path to a mount point
-                raise
+                continue
+            os.chmod(d_path, st.st_mode & 0o7777)
+    for path, mode in reversed(dir_modes):  # deepest first: their parents are still writable
+        os.chmod(path, mode)
 
 
 def _number(value) -> float:
@@ -645,18 +713,19 @@ def _holder_main(sock: socket, glb: dict) -> None:
                     sock.close()
                     sock = socket(fileno=fds[0])
                     workspace = str(msg["workspace"])
-                    _copy_tree(os.getcwd(), workspace)
-                    os.chdir(workspace)
+                    try:
+                        copy_tree(os.getcwd(), workspace)
+                        os.chdir(workspace)
+                    except Exception as exc:  # noqa: BLE001 - the branch says why, then ends
+                        proto.send(sock, {"op": "fork_failed", "pid": os.getpid(),
+                                          "message": f"{type(exc).__name__}: {exc}"[:500]})
+                        os._exit(1)
                     proto.send(sock, {"op": "forked", "pid": os.getpid()})
                     break
                 os.waitpid(child, 0)
             Channels.close(fds)
 
 
-def _copy_tree(src: str, dst: str) -> None:
-    import shutil
-
-    shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
 
 
 class HeadLost(Exception):
@@ -671,6 +740,7 @@ class Head:
         self.spare: int | None = None
         self.exits: dict[int, dict] = {}
         self.forked: int | None = None
+        self.fork_error: str | None = None
         self.lost = False
 
     def pids(self) -> set[int]:
@@ -714,7 +784,8 @@ class Sessions:
         op = msg.get("op") if isinstance(msg, dict) else None
         pid = msg.get("pid") if isinstance(msg, dict) else None
         if not (isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 1 << 22) or \
-                op not in ("spare", "cell_exit", "forked") or (fds and (op != "spare" or len(fds) != 4)):
+                op not in ("spare", "cell_exit", "forked", "fork_failed") or \
+                (fds and (op != "spare" or len(fds) != 4)):
             Channels.close(fds)
             log(f"session {head.hid}: dropped a malformed report from its holder (op {str(op)[:40]!r})")
             return
@@ -736,6 +807,8 @@ class Sessions:
                 head.exits.pop(next(iter(head.exits)))
         elif op == "forked":
             head.forked = pid
+        elif op == "fork_failed":
+            head.fork_error = str(msg.get("message"))[:500]
 
     def _wait(self, head: Head, until, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -797,8 +870,11 @@ class Sessions:
         finally:
             child.close()
         try:
-            self._wait(branch, lambda: branch.forked is not None, SPARE_WAIT_S, "fork")
-        except HeadLost:
+            self._wait(branch, lambda: branch.forked is not None or branch.fork_error is not None, SPARE_WAIT_S,
+                       "fork")
+            if branch.fork_error is not None:
+                raise ValueError(f"cannot copy the session's workspace for the new branch ({branch.fork_error})")
+        except (HeadLost, ValueError):
             del self.heads[branch.hid]
             parent.close()
             raise
