@@ -69,3 +69,18 @@ def test_escapes_refused(restricted, name, code):
 def test_compile_time_refusal_names_the_line(restricted):
     r = restricted.run("x = 1\ny = x.__class__")
     assert r.status == "policy_violation" and "Line 2" in r.error["message"]
+
+
+@pytest.mark.parametrize("code", [
+    "import statistics\nstatistics.sys.modules['posix']",
+    "import datetime\ndatetime.sys",
+    "import fractions\nfractions.sys.modules",
+    "import random\nrandom.Random.seed",
+])
+def test_module_attributes_do_not_reach_other_modules(restricted, code):
+    r = restricted.run(code)
+    if code.endswith("seed"):  # a method of an allowed module's class: fine
+        assert r.status == "ok", r
+        return
+    assert r.status == "policy_violation", r
+    assert "restricted mode" in r.error["message"]

@@ -97,13 +97,36 @@ def install_import_guard() -> None:
         return
     import importlib
 
+    import_blocked("")  # compile the policy's patterns now, before the hooks are in place
     real_import = builtins.__import__
     real_import_module = importlib.import_module
     getframe = sys._getframe
+    stdlib = os.path.dirname(os.__file__) + "/"
+    helpers = tuple(stdlib + f for f in ("importlib/", "pkgutil.py", "pydoc.py", "imp.py", "runpy.py"))
+
+    def deciding(frame):
+        """The frame that asked for an import: past the import machinery, the stdlib's import-by-name
+        helpers (importlib.import_module, pkgutil.resolve_name, pydoc.locate, imp, runpy) and the
+        module-level code of blocked modules being executed (a blocked module loaded by hand
+        through a loader object imports its own dependencies)."""
+        while frame is not None:
+            code = frame.f_code
+            filename = code.co_filename
+            if not (filename.startswith(helpers) or filename.startswith("<frozen importlib")
+                    or filename.startswith("<frozen runpy")
+                    or (code.co_name == "<module>" and import_blocked(str(frame.f_globals.get("__name__", ""))))):
+                return frame
+            frame = frame.f_back
+        return None
 
     def check(name: str, frame) -> None:
-        if frame is not None and not _trusted_frame(frame) and name and import_blocked(name):
-            raise PolicyViolation(_blocked_message(name), name=name)
+        if frame is None or not name or not import_blocked(name):
+            return
+        if _trusted_frame(frame):
+            frame = deciding(frame)
+            if frame is None or _trusted_frame(frame):
+                return
+        raise PolicyViolation(_blocked_message(name), name=name)
 
     def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
         if level == 0:

@@ -43,12 +43,40 @@ class RestrictedViolation(Exception):
     jailcell_policy = True
 
 
+# Which modules restricted code may import (set by run_restricted): attribute access reaches no
+# other module either (``statistics.sys``, ``datetime.sys.modules['posix']``), nor a function or
+# class that one defines.
+_IMPORT_ALLOWED = [lambda name: False]
+_MODULE = type(sys)
+
+
+def _reaches_blocked_module(value) -> str | None:
+    if isinstance(value, _MODULE):
+        name = value.__name__
+    else:
+        name = getattr(type(value), "__module__", None) if not callable(value) else None
+        if callable(value):
+            try:
+                name = object.__getattribute__(value, "__module__")
+            except AttributeError:
+                name = None
+    if isinstance(name, str) and name not in ("builtins", "__main__") and not _IMPORT_ALLOWED[0](name):
+        return name
+    return None
+
+
 def _getattr(obj, name, default=None, getattr=getattr):
     if not isinstance(name, str):
         raise TypeError("attribute name must be a string")
     if name.startswith("_") or name in _FORBIDDEN_ATTRS:
         raise RestrictedViolation(f"access to attribute {name!r} is not allowed in restricted mode")
-    return safer_getattr(obj, name, default) if default is not None else safer_getattr(obj, name)
+    value = safer_getattr(obj, name, default) if default is not None else safer_getattr(obj, name)
+    if isinstance(obj, _MODULE) or isinstance(value, _MODULE):
+        blocked = _reaches_blocked_module(value)
+        if blocked:
+            raise RestrictedViolation(f"attribute {name!r} leads to module {blocked!r}, which restricted mode "
+                                      "does not allow")
+    return value
 
 
 def _write(obj):
@@ -121,6 +149,8 @@ def run_restricted(code: str, glb: dict, filename: str, import_allowed):
     compiled = compile_restricted_exec(code, filename)
     if compiled.errors:
         raise RestrictedViolation("; ".join(compiled.errors))
+    _IMPORT_ALLOWED[0] = lambda name: import_allowed(name) or import_allowed(name.partition(".")[0]) \
+        or name.startswith("_") and import_allowed(name.lstrip("_"))
     if not glb.get("__jailcell_restricted__"):
         rbuiltins = dict(safe_builtins)
         rbuiltins["__import__"] = _make_import(import_allowed)
