@@ -199,6 +199,23 @@ def complete_image(nursery: bool = False) -> None:
         STATE["hidden_at"] = len(sys.modules)
 
 
+JAIL_MODULES = ("zygote", "_cell", "_protocol", "_seccomp", "_patterns", "_restricted")
+
+
+def hide_jail() -> None:
+    """In a process that forks cells, before any exists: jailcell's own modules leave sys.modules
+    and their directory leaves sys.path, so a program cannot pick them up by name (the code that
+    serves a cell keeps its references).  A program can still reach this process's memory by other
+    means: nothing there is trusted (the host validates what a cell sends; see the README)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in JAIL_MODULES:
+        sys.modules.pop(name, None)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    import importlib
+
+    importlib.invalidate_caches()
+
+
 def hide_blocked_modules() -> None:
     """Take modules the policy blocks out of sys.modules before user code runs, so `sys.modules[...]`
     does not hand them over.  Libraries keep their own references; a later import by library
@@ -371,7 +388,9 @@ def execute(code: str, glb: dict, session: bool = False) -> dict:
     _register_source(code)
     try:
         if CONFIG.get("code_mode") == "restricted":
-            from _restricted import run_restricted
+            run_restricted = STATE.get("run_restricted")
+            if run_restricted is None:
+                from _restricted import run_restricted
 
             run = lambda: run_restricted(code, glb, CELL_FILENAME, lambda m: not import_blocked(m))  # noqa: E731
         else:

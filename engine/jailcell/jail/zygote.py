@@ -1114,6 +1114,7 @@ def forks_cells() -> None:
     signals cells could send it, and stack the cell filter that every cell inherits.  A process
     that cannot get the filter exits: no cell may ever run without it."""
     cell.prepare()
+    cell.hide_jail()
     machinery_signals(ignore=True)
     try:
         _seccomp.install()
@@ -1201,7 +1202,9 @@ def main() -> None:
     t0 = time.monotonic()
     preload = _preload(CONFIG.get("preload", []))
     if CONFIG.get("code_mode") == "restricted":
-        import _restricted  # noqa: F401 - compile RestrictedPython once, not per cell
+        import _restricted  # compile RestrictedPython once, not per cell
+
+        cell.STATE["run_restricted"] = _restricted.run_restricted
     cell.install_import_guard()
     cell.STATE["hide"] = cell.blocked_loaded_modules()
     cell.PRISTINE_BUILTINS.update(__import__("builtins").__dict__)  # as cells start (guard included)
