@@ -30,6 +30,7 @@ from .jail._protocol import ProtocolError
 __all__ = ["Sandbox", "AsyncSandbox", "Session", "AsyncSession", "Pool"]
 
 MAX_NAME = 1024
+FILE_CHUNK = 4 * MIB  # session uploads and downloads travel in pieces of this size
 atexit.register(close_all)
 
 
@@ -409,7 +410,7 @@ class Session:
         req = self._engine.run_request(code, timeout, files)
         # Files of a session run are uploaded into the session's workspace first.
         for name, b64 in req.pop("files").items():
-            self._call({"op": "upload", "name": name, "data": b64})
+            self._upload(name, base64.b64decode(b64))
         req["files"] = {}
         with self._shared.lock:
             try:
@@ -431,13 +432,37 @@ class Session:
     def upload(self, name: str, data: bytes | str) -> None:
         check_file_name(name)
         payload = _check_files({name: data}, self._engine.policy)[name]
-        self._call({"op": "upload", "name": name, "data": payload})
+        self._upload(name, base64.b64decode(payload))
+
+    def _upload(self, name: str, raw: bytes) -> None:
+        """In chunks of FILE_CHUNK bytes: a file as large as the policy allows never makes one
+        control frame over the protocol's limit."""
+        view = memoryview(raw)
+        offset = 0
+        while True:
+            chunk = view[offset:offset + FILE_CHUNK]
+            self._call({"op": "upload", "name": name, "offset": offset,
+                        "data": base64.b64encode(chunk).decode("ascii")})
+            offset += len(chunk)
+            if offset >= len(raw):
+                return
 
     def download(self, name: str) -> bytes:
         check_file_name(name)
         limit = self._engine.policy.limits.workspace_mib * MIB
-        reply = self._call({"op": "download", "name": name, "limit": limit})
-        return base64.b64decode(reply["data"])
+        parts: list[bytes] = []
+        offset = 0
+        while True:
+            reply = self._call({"op": "download", "name": name, "limit": limit, "offset": offset,
+                                "length": FILE_CHUNK})
+            data = base64.b64decode(reply.get("data", ""))
+            size = reply.get("size")
+            if not isinstance(size, int) or size > limit or offset + len(data) > size:
+                raise JailError(f"the jail answered a download of {name!r} with a wrong size")
+            parts.append(data)
+            offset += len(data)
+            if offset >= size or not data:
+                return b"".join(parts)
 
     def fork(self) -> "Session":
         """A new session starting from this one's current state (same jail, separate head)."""

@@ -111,3 +111,33 @@ def test_a_host_function_that_runs_its_own_sandbox_gets_an_error_not_a_deadlock(
             box["target"] = other
             assert sandbox.run("print(again('print(5)'), end='')").stdout == "5\n"
         assert time.monotonic() - t0 < 10
+
+
+def test_files_as_large_as_the_policy_allows_travel_whole():
+    """50 MiB (standard allows 64 MiB a file): in files= of a run, and uploaded to / downloaded from
+    a session, in pieces under the protocol's frame limit."""
+    import hashlib
+    import os
+
+    data = os.urandom(50 << 20)
+    digest = hashlib.sha256(data).hexdigest()
+    with Sandbox(OPEN, timeout=30, memory=512, file_size_mib=64, workspace_mib=256) as big:
+        r = big.run("import hashlib\nprint(hashlib.sha256(open('in.bin', 'rb').read()).hexdigest())",
+                    files={"in.bin": data})
+        assert r.ok and r.stdout.strip() == digest, r
+        assert big.run("print('next')").stdout == "next\n"  # no spare was burnt
+        with big.session() as s:
+            s.upload("up.bin", data)
+            assert s.run("import os\nprint(os.path.getsize('up.bin'))").stdout == f"{len(data)}\n"
+            assert s.download("up.bin") == data
+            s.upload("empty.bin", b"")
+            assert s.download("empty.bin") == b""
+
+
+def test_an_upload_into_a_full_workspace_is_an_input_error_and_the_session_lives():
+    with Sandbox(OPEN, timeout=20, workspace_mib=8, file_size_mib=8) as small:
+        with small.session() as s:
+            s.run("x = 1\nopen('filler', 'wb').write(b'x' * (6 << 20))")
+            with pytest.raises(InputError, match="No space left"):
+                s.upload("more.bin", b"y" * (5 << 20))
+            assert s.run("print(x)").stdout == "1\n"

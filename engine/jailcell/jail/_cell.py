@@ -513,7 +513,9 @@ def safe_join(root: str, name: str) -> str:
     return os.path.join(root, *parts)
 
 
-def write_file(root: str, name: str, data: bytes) -> None:
+def write_file(root: str, name: str, data: bytes, offset: int = 0) -> None:
+    """Write ``data`` into workspace file ``name``: offset 0 creates (or empties) it; a later chunk
+    of an upload extends it, at ``offset`` = the file's size so far."""
     path = safe_join(root, name)
     cur = root
     for part in name.split("/")[:-1]:
@@ -530,16 +532,26 @@ def write_file(root: str, name: str, data: bytes) -> None:
     if not stat.S_ISREG(mode):  # a FIFO the program made would block the writer: never opened
         raise ValueError(f"{name!r} exists and is not a regular file")
     # O_NONBLOCK: should a FIFO appear between the check and the open, the open fails at once.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    flags |= (os.O_CREAT | os.O_TRUNC) if offset == 0 else os.O_APPEND
+    fd = os.open(path, flags, 0o644)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"{name!r} is not a regular file")
-        proto.write_all(fd, data)
+        if offset and st.st_size != offset:
+            raise ValueError(f"{name!r} changed during its upload ({st.st_size} bytes, expected {offset})")
+        try:
+            proto.write_all(fd, data)
+        except OSError as exc:  # ENOSPC (workspace full), EFBIG (over the file size limit)
+            raise ValueError(f"cannot write {name!r}: {exc.strerror}") from None
     finally:
         os.close(fd)
 
 
-def read_file(root: str, name: str, limit: int) -> bytes:
+def read_file(root: str, name: str, limit: int, offset: int = 0, length: int | None = None):
+    """Workspace file ``name`` (no symbolic link on its path, a regular file, at most ``limit``
+    bytes): all of it, or with ``length`` the chunk at ``offset`` and the file's size."""
     path = safe_join(root, name)
     # Refuse symlinks anywhere on the path: a cell may have planted one.
     cur = root
@@ -554,6 +566,8 @@ def read_file(root: str, name: str, limit: int) -> bytes:
             raise ValueError(f"{name!r} is not a regular file")
         if st.st_size > limit:
             raise ValueError(f"{name!r} is {st.st_size} bytes, over the limit of {limit}")
+        if length is not None:
+            return os.pread(fd, min(length, max(0, st.st_size - offset)), offset), st.st_size
         chunks, total = [], 0
         while True:
             chunk = os.read(fd, 1 << 20)
@@ -715,7 +729,7 @@ def serve(req_fd: int, glb: dict, session: bool, res_fd: int = RES_FD) -> None:
 
     The request is ``{"code", "timeout", "cpu_s", "files": {name: base64}, "functions": [names]}``.
     """
-    req = proto.read_frame(req_fd, MAX_REQUEST)
+    req = proto.read_frame(req_fd, CONFIG.get("max_request", MAX_REQUEST))
     os.close(req_fd)
     try:
         for name, b64 in (req.get("files") or {}).items():

@@ -938,14 +938,23 @@ class Sessions:
         return {"op": "ok"}
 
     def upload(self, req: dict) -> dict:
+        """One chunk of a file: offset 0 creates (or empties) it, later chunks extend it."""
         head = self._head(req)
-        cell.write_file(head.workspace, req["name"], binascii.a2b_base64(req["data"]))
+        offset = req.get("offset", 0)
+        if not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"bad upload offset {offset!r}")
+        cell.write_file(head.workspace, req["name"], binascii.a2b_base64(req["data"]), offset=offset)
         return {"op": "ok"}
 
     def download(self, req: dict) -> dict:
+        """One chunk of a file (``length`` bytes from ``offset``) and the file's size."""
         head = self._head(req)
-        data = cell.read_file(head.workspace, req["name"], int(req.get("limit", 64 * 1024 * 1024)))
-        return {"op": "ok", "data": binascii.b2a_base64(data, newline=False).decode("ascii")}
+        offset, length = req.get("offset", 0), req.get("length", 4 << 20)
+        if not (isinstance(offset, int) and isinstance(length, int) and offset >= 0 and 0 < length <= 16 << 20):
+            raise ValueError("bad download offset or length")
+        data, size = cell.read_file(head.workspace, req["name"], int(req.get("limit", 64 * 1024 * 1024)),
+                                    offset=offset, length=length)
+        return {"op": "ok", "data": binascii.b2a_base64(data, newline=False).decode("ascii"), "size": size}
 
 
 # ----------------------------------------------------------------------------------------------
