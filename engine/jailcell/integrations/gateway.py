@@ -62,6 +62,43 @@ def _deps():
     return httpx, Starlette, JSONResponse, StreamingResponse, Route
 
 
+MAX_DEPTH = 64  # JSON nesting a request may have (messages, tools and their schemas need far less)
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests deeper than ``limit`` (iterative: no recursion on hostile input)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+@contextlib.contextmanager
+def _validating():
+    """Reading a request body: a wrong type anywhere the checks did not foresee is the client's
+    error (400, saying what broke), never a 500."""
+    try:
+        yield
+    except GatewayError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as exc:
+        raise GatewayError(400, f"malformed request body ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _check_flag(body: dict[str, Any], key: str) -> None:
+    if key in body and body[key] is not None and not isinstance(body[key], bool):
+        raise GatewayError(400, f"'{key}' must be true or false", param=key)
+
+
 def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
@@ -221,8 +258,12 @@ class Gateway:
             body = json.loads(raw)
         except ValueError as exc:
             raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise GatewayError(400, f"request body is nested deeper than {MAX_DEPTH} levels") from None
         if not isinstance(body, dict):
             raise GatewayError(400, "request body must be a JSON object")
+        if _depth_over(body, MAX_DEPTH):
+            raise GatewayError(400, f"request body is nested deeper than {MAX_DEPTH} levels")
         return body
 
     def _model(self, body: dict[str, Any]) -> str:
@@ -387,17 +428,9 @@ class Gateway:
     async def chat(self, request):
         try:
             body = await self._body(request)
-            enabled, own = _function_tools(body.get("tools"))
-            container = body.get("container")
-            if container is not None and not isinstance(container, str):
-                raise GatewayError(400, "'container' must be a container id string", param="container")
-            conv = _Conversation(
-                self._model(body), _messages(body.get("messages"), "messages"), own,
-                {k: v for k, v in body.items() if k not in ("messages", "tools", "model", "stream", "stream_options",
-                                                            "enable_code_interpreter", "container")},
-                enabled or bool(body.get("enable_code_interpreter")), container)
-            render = _ChatRender(conv.model, self.max_steps)
-            if body.get("stream"):
+            with _validating():
+                conv, render = self._chat_request(body)
+            if body.get("stream") is True:
                 return await self._stream(self._converse(conv, stream=True), render.chunks, render.error)
             done: tuple = ()
             async for event in self._converse(conv, stream=False):
@@ -406,40 +439,62 @@ class Gateway:
         except GatewayError as exc:
             return self._openai_error(exc)
 
+    def _chat_request(self, body: dict[str, Any]) -> tuple["_Conversation", "_ChatRender"]:
+        enabled, own = _function_tools(body.get("tools"))
+        container = body.get("container")
+        if container is not None and not isinstance(container, str):
+            raise GatewayError(400, "'container' must be a container id string", param="container")
+        conv = _Conversation(
+            self._model(body), _messages(body.get("messages"), "messages"), own,
+            {k: v for k, v in body.items() if k not in ("messages", "tools", "model", "stream", "stream_options",
+                                                        "enable_code_interpreter", "container")},
+            enabled or bool(body.get("enable_code_interpreter")), container)
+        _check_flag(body, "stream")
+        return conv, _ChatRender(conv.model, self.max_steps)
+
     async def responses(self, request):
         try:
             body = await self._body(request)
-            enabled, own = _function_tools(body.get("tools"))
-            history: list[dict[str, Any]] = []
-            container = None
-            previous = body.get("previous_response_id")
-            if previous is not None:
-                stored = self.stored.get(previous) if isinstance(previous, str) else None
-                if stored is None:
-                    raise GatewayError(404, f"previous response {previous!r} not found (this gateway keeps the last "
-                                            f"{MAX_STORED_RESPONSES} responses stored with store=true)",
-                                       code="previous_response_not_found", param="previous_response_id")
-                history, container = list(stored["messages"]), stored["container"]
-            for tool in body.get("tools") or []:
-                if tool.get("type") == "code_interpreter" and isinstance(tool.get("container"), str):
-                    container = tool["container"]
-            instructions = body.get("instructions")
-            messages = history + _responses_input(body.get("input"))
-            extra = {k: v for k, v in body.items() if k in ("temperature", "top_p", "enable_thinking", "seed")}
-            if body.get("max_output_tokens") is not None:
-                extra["max_tokens"] = body["max_output_tokens"]
-            conv = _Conversation(self._model(body),
-                                 ([{"role": "system", "content": str(instructions)}] if instructions else []) + messages,
-                                 own, extra, enabled, container)
-            render = _ResponsesRender(body, conv.model, "code_interpreter_call.outputs" in (body.get("include") or []),
-                                      self.max_steps, self._store(body, bool(instructions)))
-            if body.get("stream"):
+            with _validating():
+                conv, render = self._responses_request(body)
+            if body.get("stream") is True:
                 return await self._stream(self._converse(conv, stream=True), render.events, render.error)
             async for event in self._converse(conv, stream=False):
                 render.events(event)
             return self.JSONResponse(render.response)
         except GatewayError as exc:
             return self._openai_error(exc)
+
+    def _responses_request(self, body: dict[str, Any]) -> tuple["_Conversation", "_ResponsesRender"]:
+        enabled, own = _function_tools(body.get("tools"))
+        history: list[dict[str, Any]] = []
+        container = None
+        previous = body.get("previous_response_id")
+        if previous is not None:
+            stored = self.stored.get(previous) if isinstance(previous, str) else None
+            if stored is None:
+                raise GatewayError(404, f"previous response {previous!r} not found (this gateway keeps the last "
+                                        f"{MAX_STORED_RESPONSES} responses stored with store=true)",
+                                   code="previous_response_not_found", param="previous_response_id")
+            history, container = list(stored["messages"]), stored["container"]
+        for tool in body.get("tools") or []:
+            if tool.get("type") == "code_interpreter" and isinstance(tool.get("container"), str):
+                container = tool["container"]
+        instructions = body.get("instructions")
+        messages = history + _responses_input(body.get("input"))
+        extra = {k: v for k, v in body.items() if k in ("temperature", "top_p", "enable_thinking", "seed")}
+        if body.get("max_output_tokens") is not None:
+            extra["max_tokens"] = body["max_output_tokens"]
+        conv = _Conversation(self._model(body),
+                             ([{"role": "system", "content": str(instructions)}] if instructions else []) + messages,
+                             own, extra, enabled, container)
+        include = body.get("include") or []
+        if not isinstance(include, list) or not all(isinstance(i, str) for i in include):
+            raise GatewayError(400, "'include' must be a list of strings", param="include")
+        _check_flag(body, "stream")
+        _check_flag(body, "store")
+        return conv, _ResponsesRender(body, conv.model, "code_interpreter_call.outputs" in include,
+                                      self.max_steps, self._store(body, bool(instructions)))
 
     def _store(self, body: dict[str, Any], has_instructions: bool) -> Callable[[str, ToolLoopResult, Any], None]:
         def store(response_id: str, out: ToolLoopResult, container: str | None) -> None:
@@ -455,28 +510,8 @@ class Gateway:
         request_id = str(uuid.uuid4())
         try:
             body = await self._body(request)
-            params = body.get("parameters") or {}
-            inp = body.get("input")
-            if not isinstance(params, dict) or not isinstance(inp, dict):
-                raise GatewayError(400, "'input' and 'parameters' must be objects", param="input")
-            if "messages" in inp:
-                messages = _messages(inp["messages"], "input.messages")
-            elif isinstance(inp.get("prompt"), str) and inp["prompt"]:
-                messages = [{"role": "user", "content": inp["prompt"]}]
-            else:
-                raise GatewayError(400, "'input' needs 'messages' (a list) or 'prompt' (a string)", param="input")
-            enabled, own = _function_tools(params.get("tools"), "parameters.tools")
-            fmt = params.get("result_format", "message")
-            if fmt not in ("message", "text"):
-                raise GatewayError(400, f"parameters.result_format must be 'message' or 'text', not {fmt!r}")
-            container = params.get("container")
-            if container is not None and not isinstance(container, str):
-                raise GatewayError(400, "parameters.container must be a container id string")
-            extra = {k: params[k] for k in ("temperature", "top_p", "max_tokens", "seed", "stop", "enable_thinking",
-                                            "thinking_budget", "presence_penalty") if k in params}
-            conv = _Conversation(self._model(body), messages, own, extra,
-                                 enabled or bool(params.get("enable_code_interpreter")), container)
-            render = _DashScopeRender(request_id, fmt, bool(params.get("incremental_output")))
+            with _validating():
+                conv, render = self._dashscope_request(body, request_id)
             if request.headers.get("x-dashscope-sse", "").lower() == "enable":
                 return await self._stream(self._converse(conv, stream=True), render.sse, render.sse_error)
             async for event in self._converse(conv, stream=False):
@@ -485,6 +520,30 @@ class Gateway:
         except GatewayError as exc:
             return self.JSONResponse({"request_id": request_id, "code": _dashscope_code(exc), "message": exc.message},
                                      status_code=exc.status)
+
+    def _dashscope_request(self, body: dict[str, Any], request_id: str) -> tuple["_Conversation", "_DashScopeRender"]:
+        params = body.get("parameters") or {}
+        inp = body.get("input")
+        if not isinstance(params, dict) or not isinstance(inp, dict):
+            raise GatewayError(400, "'input' and 'parameters' must be objects", param="input")
+        if "messages" in inp:
+            messages = _messages(inp["messages"], "input.messages")
+        elif isinstance(inp.get("prompt"), str) and inp["prompt"]:
+            messages = [{"role": "user", "content": inp["prompt"]}]
+        else:
+            raise GatewayError(400, "'input' needs 'messages' (a list) or 'prompt' (a string)", param="input")
+        enabled, own = _function_tools(params.get("tools"), "parameters.tools")
+        fmt = params.get("result_format", "message")
+        if fmt not in ("message", "text"):
+            raise GatewayError(400, f"parameters.result_format must be 'message' or 'text', not {fmt!r}")
+        container = params.get("container")
+        if container is not None and not isinstance(container, str):
+            raise GatewayError(400, "parameters.container must be a container id string")
+        extra = {k: params[k] for k in ("temperature", "top_p", "max_tokens", "seed", "stop", "enable_thinking",
+                                        "thinking_budget", "presence_penalty") if k in params}
+        conv = _Conversation(self._model(body), messages, own, extra,
+                             enabled or bool(params.get("enable_code_interpreter")), container)
+        return conv, _DashScopeRender(request_id, fmt, bool(params.get("incremental_output")))
 
 
 # ------------------------------------------------------------------------------------------------

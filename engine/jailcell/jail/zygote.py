@@ -334,6 +334,25 @@ def copy_tree(src: str, dst: str) -> None:
         os.chmod(path, mode)
 
 
+HOLDER_OPS = ("spare", "cell_exit", "forked", "fork_failed")
+
+
+def holder_report_problem(msg, fds) -> str | None:
+    """What is wrong with a report from a session's holder (a former cell: it may be forged), or None."""
+    if not isinstance(msg, dict):
+        return f"a {type(msg).__name__}, not an object"
+    op, pid = msg.get("op"), msg.get("pid")
+    if op not in HOLDER_OPS:
+        return f"unknown op {str(op)[:40]!r}"
+    if not (isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 1 << 22):
+        return f"op {op!r} without a valid pid"
+    if fds and (op != "spare" or len(fds) != 4):
+        return f"{len(fds)} file descriptors with op {op!r}"
+    if op == "spare" and len(fds) != 4:
+        return "a spare without its 4 channels"
+    return None
+
+
 def _number(value) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e12 else 0.0
 
@@ -781,14 +800,12 @@ class Sessions:
         # A holder is a former cell: the program's own process, which holds this socket too and
         # may write anything into it.  Only well-formed reports are taken; anything else is noted
         # in the log (rate-limited) and dropped, with its file descriptors.
-        op = msg.get("op") if isinstance(msg, dict) else None
-        pid = msg.get("pid") if isinstance(msg, dict) else None
-        if not (isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 1 << 22) or \
-                op not in ("spare", "cell_exit", "forked", "fork_failed") or \
-                (fds and (op != "spare" or len(fds) != 4)):
+        problem = holder_report_problem(msg, fds)
+        if problem:
             Channels.close(fds)
-            log(f"session {head.hid}: dropped a malformed report from its holder (op {str(op)[:40]!r})")
+            log(f"session {head.hid}: dropped a malformed report from its holder ({problem})")
             return
+        op, pid = msg["op"], msg["pid"]
         if op == "spare":
             try:
                 pidfd = os.pidfd_open(pid)
