@@ -320,6 +320,7 @@ class Suite:
         ]
         if not self.quick:
             steps.append(("leak_soak", self.leak_soak))
+        steps.append(("hostile_soak", self.hostile_soak))
         for name, step in steps:
             if self.wanted(name):
                 step()
@@ -577,6 +578,18 @@ class Suite:
                 raise RuntimeError("leak: " + m.note)
         self.measure("leak_soak", "jailcell", True, soak)
 
+    def hostile_soak(self) -> None:
+        seconds = 20.0 if self.quick else 600.0
+
+        def soak(m: Measurement) -> None:
+            tick = self.progress(f"hostile soak ({seconds:g} s, 8 sessions)", int(seconds))
+            out = hostile_soak(seconds, sessions=8, tick=tick)
+            m.samples_s = out.pop("latencies_s")
+            m.note = "; ".join(f"{k} {v}" for k, v in out.items())
+            if out["lost"] or out["unexpected"] or out["growth"]:
+                raise RuntimeError("hostile soak: " + m.note)
+        self.measure("hostile_soak", "jailcell", True, soak)
+
     # -- report ------------------------------------------------------------------------------
 
     def find(self, workload: str, system: str) -> Measurement | None:
@@ -644,6 +657,107 @@ class Suite:
             "ratios": self.ratios(),
             "samples": [{"workload": m.workload, "system": m.system, "samples_s": m.samples_s} for m in self.results],
         }
+
+
+# Programs of the hostile soak: (name, code, statuses it may end with).  A session's counter `n`
+# must advance by one exactly when a "count" run succeeds: its state survives everything else.
+SOAK_PROGRAMS = [
+    ("count", "n += 1\nprint(n)", {"ok"}),
+    ("compute", "print(sum(range(100000)))", {"ok"}),
+    ("spin", "while True:\n    pass", {"timeout"}),
+    ("memory", "x = bytearray(1 << 30)", {"memory_limit"}),
+    ("flood", "print('x' * 20_000_000)", {"output_limit"}),
+    ("suicide", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", {"killed"}),
+    ("forks", "import os\nfor _ in range(200):\n    try:\n        if os.fork() == 0:\n            import time\n"
+              "            time.sleep(30)\n    except OSError:\n        break\nprint('forked')", {"ok"}),
+    ("orphan", "import os, time\nif os.fork() == 0:\n    os.setsid()\n    while True:\n        time.sleep(0.01)\n"
+               "print('left one')", {"ok"}),
+    ("prlimit", "import os, resource\nfor p in os.listdir('/proc'):\n    if p.isdigit() and int(p) != os.getpid():\n"
+                "        try:\n            resource.prlimit(int(p), resource.RLIMIT_FSIZE, (0, 0))\n"
+                "            print('changed')\n        except (PermissionError, ProcessLookupError, ValueError):\n"
+                "            pass\nprint('tried')", {"ok"}),
+    ("killall", "import os, signal\nos.kill(-1, signal.SIGKILL)", {"error"}),
+    ("raise", "raise ValueError('boom')", {"error"}),
+    ("files", "open('f.txt', 'w').write('x' * 1000)\nprint(len(open('f.txt').read()))", {"ok"}),
+]
+
+
+def hostile_soak(seconds: float, sessions: int = 8, tick: Callable[[], None] = lambda: None,
+                 seed: int = 7) -> dict[str, Any]:
+    """``sessions`` threads, each with its own session, run a random mix of ordinary and hostile
+    programs until ``seconds`` pass.  Every run must come back as a Result with one of the statuses
+    its program may end with (no exception, none lost), each session's counter must advance exactly
+    once per successful "count" run, and the host must not grow: fds, child processes, cgroups,
+    temp dirs, live jails and this process's memory."""
+    import random
+    import threading
+
+    from jailcell import Policy, Sandbox
+    from jailcell.jail._host import _live, _teardown
+
+    policy = Policy(name="soak").with_overrides(timeout=2, memory=128, pids=32, output_bytes=1 << 20)
+
+    def rss_mib() -> float:
+        with open("/proc/self/status") as f:
+            return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+
+    gc.collect()
+    before, rss_before, live_before = _host_footprint(), rss_mib(), len(_live)
+    deadline = time.monotonic() + seconds
+    lock = threading.Lock()
+    stats: dict[str, Any] = {"submitted": 0, "returned": 0, "lost": 0, "unexpected": 0}
+    by_status: dict[str, int] = {}
+    latencies: list[float] = []
+    problems: list[str] = []
+
+    def worker(k: int) -> None:
+        rng = random.Random(seed + k)
+        with Sandbox(policy) as sb, sb.session() as s:
+            s.run("n = 0")
+            n = 0
+            while time.monotonic() < deadline:
+                name, code, allowed = rng.choice(SOAK_PROGRAMS)
+                with lock:
+                    stats["submitted"] += 1
+                t0 = time.monotonic()
+                try:
+                    r = s.run(code)
+                except Exception as exc:  # noqa: BLE001 - counted: a lost result
+                    with lock:
+                        stats["lost"] += 1
+                        problems.append(f"{name}: {type(exc).__name__}: {exc}"[:200])
+                    return
+                took = time.monotonic() - t0
+                ok = r.status in allowed and "changed" not in r.stdout
+                if name == "count" and r.status == "ok":
+                    n += 1
+                    ok = ok and r.stdout == f"{n}\n"
+                with lock:
+                    stats["returned"] += 1
+                    latencies.append(took)
+                    by_status[r.status] = by_status.get(r.status, 0) + 1
+                    if not ok:
+                        stats["unexpected"] += 1
+                        problems.append(f"{name}: {r.status} {r.stdout[:60]!r} {r.error}"[:300])
+                tick() if k == 0 and int(time.monotonic()) != int(time.monotonic() - took) else None
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    _teardown.join()
+    gc.collect()
+    after, rss_after = _host_footprint(), rss_mib()
+    growth = [f"{k} {before[k]} -> {after[k]}" for k in before
+              if after[k] > before[k] + (2 if k == "open fds" else 0)]
+    if len(_live) > live_before:
+        growth.append(f"live jails {live_before} -> {len(_live)}")
+    if rss_after - rss_before > 64:
+        growth.append(f"host RSS {rss_before:.0f} -> {rss_after:.0f} MiB")
+    stats.update(by_status=by_status, growth=growth, problems=problems[:5], latencies_s=latencies,
+                 host_rss_mib=f"{rss_before:.0f} -> {rss_after:.0f}")
+    return stats
 
 
 def _host_footprint() -> dict[str, int]:

@@ -11,7 +11,8 @@ from typing import Any
 
 from ._errors import BackendUnavailable
 
-WORKLOADS = ["warm_print", "b2b_print", "numpy", "session_cell", "cold_start", "memory_heavy", "humaneval", "leak_soak"]
+WORKLOADS = ["warm_print", "b2b_print", "numpy", "session_cell", "cold_start", "memory_heavy", "humaneval", "leak_soak",
+             "hostile_soak"]
 
 
 def load_suite() -> ModuleType:

@@ -392,7 +392,7 @@ class Session:
                 raise JailError(f"the session's jail stopped answering ({type(exc).__name__}); the session is lost") from None
         if reply.get("op") == "error":
             if reply.get("type") == "HeadLost":
-                self._closed = True
+                self._lost = str(reply.get("message", "its holder process is gone"))
             raise_reply_error(reply)
         return reply
 
@@ -416,7 +416,7 @@ class Session:
             try:
                 result, usable = self._engine.execute(self._shared.jail, req, head=self._head)
             except HeadLost as exc:
-                self._closed = True
+                self._lost = str(exc)
                 raise JailError(f"{exc}; create a new session") from None
         if not usable:
             self._lost = (result.error or {}).get("message") or "its jail broke during a run"

@@ -81,3 +81,17 @@ def test_fork_floor_runs_each_program_in_a_fresh_child_and_counts_failures():
     # state does not carry over between programs (each is a fork of the same parent), and failures count
     with pytest.raises(RuntimeError, match="2 programs failed"):
         suite_mod.fork_floor("minimal", ["y = 1", "y", "1 / 0"], "b2b")
+
+
+def test_hostile_soak_short():
+    """The bench's hostile soak, short: 8 sessions mixing ordinary and hostile programs; every run
+    comes back with a status its program may end with, each session's state advances exactly once
+    per successful counting run, and nothing on the host grows."""
+    from jailcell._bench import load_suite
+
+    out = load_suite().hostile_soak(8.0, sessions=8)
+    latencies = out.pop("latencies_s")
+    assert out["submitted"] == out["returned"] == len(latencies) > 40, out
+    assert out["lost"] == 0 and out["unexpected"] == 0, out["problems"]
+    assert out["growth"] == [], out["growth"]
+    assert {"ok", "timeout", "memory_limit", "output_limit", "killed", "error"} <= set(out["by_status"]), out

@@ -264,9 +264,21 @@ PROBE = ("import os, sys; print('ok' if os.getpid() == 1 and not os.path.exists(
          "and set(os.listdir('/')) <= set(sys.argv[1].split(',')) else 'not isolated: ' + repr(os.listdir('/')))")
 
 
-@functools.lru_cache(maxsize=1)
+_probed: list[tuple[bool, str]] = []
+
+
 def nsjail_probe() -> tuple[bool, str]:
-    """Can nsjail build a jail for this Python here, and is it isolated?  (cached per process)"""
+    """Can nsjail build a jail for this Python here, and is it isolated?  A success is kept for
+    the process; a failure is not (it may pass: no file descriptors left, a fix applied)."""
+    if _probed:
+        return _probed[0]
+    result = _probe()
+    if result[0]:
+        _probed.append(result)
+    return result
+
+
+def _probe() -> tuple[bool, str]:
     try:
         backend = NsjailBackend()
         layout = python_layout()

@@ -39,6 +39,7 @@ from ._supervisor import Spare, outcome, supervise
 START_TIMEOUT_S = 120.0  # preloading pandas+matplotlib on a cold disk can take a while
 SPARE_TIMEOUT_S = 60.0   # a spare cell must be ready within this (a nursery restart included)
 REPLY_TIMEOUT_S = 30.0   # the zygote answers control requests and sweeps within this
+STOPPED_CHECK_S = 1.0    # a wait this long looks for jail processes stopped from outside
 REPLY_LIMIT = 512 * 1024 * 1024
 
 _live: "weakref.WeakSet[Jail]" = weakref.WeakSet()
@@ -124,6 +125,22 @@ _control = _ControlLoop()
 
 
 log = logging.getLogger("jailcell")
+
+
+def _start_failure(backend: str, exc: BaseException, jail_log: str) -> str:
+    """Why a jail did not start, and what to do about it."""
+    import errno as _errno
+
+    if isinstance(exc, OSError) and exc.errno in (_errno.EMFILE, _errno.ENFILE):
+        return (f"cannot start a jail: this process has no file descriptors left ({exc.strerror}); a jail needs "
+                "about a dozen. Close what the application no longer uses, or raise the limit (`ulimit -n`).")
+    if isinstance(exc, OSError) and exc.errno in (_errno.ENOSPC, _errno.EDQUOT):
+        return (f"cannot start a jail: the host's disk is full ({exc.strerror}: {exc.filename or ''}); jailcell "
+                "keeps each jail's log in the temporary directory (TMPDIR). Free some space.")
+    return (f"the {backend} jail failed to start ({type(exc).__name__}: {exc}).\n{jail_log}\n"
+            "Run `jailcell check` to see what isolation works on this machine.")
+
+
 _preload_warned: set[tuple[str, ...]] = set()
 
 
@@ -215,10 +232,15 @@ class Jail:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def _start(self) -> None:
-        host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise JailError(_start_failure(self.backend.name, exc, "")) from None
         self.ctl = host
         try:
             spawned = self.backend.spawn(self.policy, session=self.session, stderr=self._stderr, channel=child.fileno())
+        except OSError as exc:  # e.g. creating its cgroup, or no file descriptors left
+            raise JailError(_start_failure(self.backend.name, exc, "")) from None
         finally:
             child.close()
         self._spawned = spawned
@@ -235,11 +257,7 @@ class Jail:
             self.backend.after_ready(spawned, self.policy)
             self._oom_seen = self.backend.oom_kills(spawned)
         except (JailTimeout, EOFError, OSError, proto.ProtocolError) as exc:
-            log = self.log()
-            raise JailError(
-                f"the {self.backend.name} jail failed to start ({type(exc).__name__}: {exc}).\n{log}\n"
-                "Run `jailcell check` to see what isolation works on this machine."
-            ) from None
+            raise JailError(_start_failure(self.backend.name, exc, self.log())) from None
 
     @property
     def pid(self) -> int | None:
@@ -383,17 +401,47 @@ class Jail:
         return True
 
     def _wait(self, until: Callable[[], bool], deadline: float) -> None:
-        """Until ``until()`` holds (checked under the lock) -- or raise why it cannot."""
+        """Until ``until()`` holds (checked under the lock) -- or raise why it cannot.  A wait
+        that takes more than a moment looks whether the jail's own processes on the host (nsjail,
+        the zygote) were stopped -- nothing inside the jail can stop them, something on the host
+        did -- and continues them, so a stray SIGSTOP costs a second, not the whole timeout."""
+        checked = time.monotonic()
         with self._cv:
             while not until():
                 if self.closed:
                     raise JailError("the jail is closed")
                 if self._broken is not None:
                     raise EOFError(f"the jail's control channel broke ({self._broken})")
-                remaining = deadline - time.monotonic()
+                now = time.monotonic()
+                remaining = deadline - now
                 if remaining <= 0:
                     raise JailTimeout()
-                self._cv.wait(remaining)
+                if now - checked >= STOPPED_CHECK_S:
+                    checked = now
+                    self._continue_stopped()
+                self._cv.wait(min(remaining, STOPPED_CHECK_S))
+
+    def _continue_stopped(self) -> None:
+        spawned = self._spawned
+        if spawned is None:
+            return
+        pids = [spawned.proc.pid]
+        try:
+            pids += [int(p) for p in open(f"/proc/{pids[0]}/task/{pids[0]}/children").read().split()]
+        except OSError:
+            pass
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    state = f.read().rpartition(b")")[2].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state in (b"T", b"t"):
+                log.warning("jailcell: a process of a jail (host pid %d) was stopped from outside; continuing it", pid)
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except OSError:
+                    pass
 
     def _reply(self, deadline: float) -> dict[str, Any]:
         self._wait(lambda: bool(self._replies), deadline)
@@ -506,7 +554,9 @@ class Jail:
                 except OSError:
                     pass
                 raise
-            if seen.finished:
+            # A cell the host killed (output cap, limits, interrupt) never holds a session's state,
+            # even if its report came in before it died.
+            if seen.finished and seen.killed_for is None:
                 result = outcome(seen, req, None, spare.usage(), cap)
                 self._done(spare, True)  # the zygote sweeps while the caller gets its result
                 return result

@@ -221,6 +221,45 @@ def kill_strays(keep, first: tuple[int, ...] = ()) -> None:
             except ProcessLookupError:
                 pass
     _reap_nohang()
+    if len(killed) > len(first) + 1:
+        # A run that left processes behind: until they are reaped they still count against the
+        # jail's pids limit, and the next run's fork() would fail.  (A run that left nothing but
+        # its cell does not wait: the usual case stays off the next request's path.)
+        _wait_reaped(killed, GONE_WAIT_S)
+
+
+GONE_WAIT_S = 2.0
+
+
+def _wait_reaped(pids, timeout: float) -> None:
+    """Until the zygote's own children among ``pids`` are reaped (a session holder reaps its own
+    when it forks its next spare; the nursery reaps its cells)."""
+    me = os.getpid()
+    deadline = time.monotonic() + timeout
+    waiting = set(pids)
+    while waiting and time.monotonic() < deadline:
+        _reap_nohang()
+        left = set()
+        for pid in waiting:
+            try:
+                if int(_stat_fields(pid)[1]) == me:
+                    left.add(pid)
+            except (OSError, ValueError, IndexError):
+                pass
+        waiting = left
+        if waiting:
+            time.sleep(0.0005)
+
+
+def _reap_children() -> None:
+    """Reap every child that has ended (a holder: the processes its program left, killed by the sweep)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 RECHECK_S = (0.005, 0.05)  # a stop signal sent just before a sweep can land after its SIGCONT
@@ -404,6 +443,26 @@ class Channels:
                 pass
 
 
+FORK_RETRY_S = 10.0  # a fork that finds every pid of the jail taken (a run's leftovers) tries again
+
+
+def _fork(reap: bool) -> int:
+    """os.fork(), again after a moment while the jail's pids are all taken (EAGAIN): the sweep
+    after a fork-happy run frees them.  ``reap``: this process (a session holder, which has no
+    other child it waits for) first reaps what its program left, killed by the sweep."""
+    deadline, delay = time.monotonic() + FORK_RETRY_S, 0.001
+    while True:
+        if reap:
+            _reap_children()
+        try:
+            return os.fork()
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+
 def _fork_spare(glb_factory, parent_sock: socket, session: bool, rehearse: bool = True):
     """Fork a spare cell; returns ``(pid, channels)`` in the parent.
 
@@ -411,7 +470,11 @@ def _fork_spare(glb_factory, parent_sock: socket, session: bool, rehearse: bool 
     after a finished run: the process is now the holder of the new state, talking to the
     zygote over ``socket`` (the holder's channel, moved out of the way of the cell's fds)."""
     ch = Channels()
-    pid = os.fork()
+    try:
+        pid = _fork(reap=session)
+    except OSError:
+        Channels.close([*ch.host_ends(), *ch.cell_ends()])
+        raise
     if pid == 0:
         Channels.close(ch.host_ends())
         sock_fd = parent_sock.detach()  # the fd is re-numbered (or closed) by become()
@@ -795,7 +858,7 @@ class Sessions:
         try:
             msg, fds = proto.recv(head.sock)
         except (OSError, EOFError, proto.ProtocolError):
-            self._lose(head)
+            self._lose(head, "its holder's channel broke")
             return
         # A holder is a former cell: the program's own process, which holds this socket too and
         # may write anything into it.  Only well-formed reports are taken; anything else is noted
@@ -901,14 +964,11 @@ class Sessions:
     def done(self, req: dict) -> None:
         head = self.heads.get(req.get("head"))
         used = int(req["cell"])
-        if req.get("finished"):
+        finished = bool(req.get("finished"))
+        if finished:
             if head is not None and not head.lost:
                 kill(head.pid)  # the old state's holder is no longer needed
                 head.pid, head.spare = used, None
-                try:
-                    proto.send(head.sock, {"op": "spawn"})
-                except OSError:
-                    self._lose(head)
         else:
             # How the cell ended: as its holder saw it, or, if the program killed the holder, as
             # the zygote saw its orphan.
@@ -918,26 +978,40 @@ class Sessions:
             self.zygote.send({"op": "exit", "cell": used,
                               **{k: info.get(k) for k in ("status", "utime", "stime", "maxrss")}})
             if head is not None and not head.lost:
-                head.spare = None
+                if head.spare == used:  # (its holder may have announced the next one already)
+                    head.spare = None
                 if not idle(head.pid):  # the program killed the holder: nothing holds the state
-                    self._lose(head)
-        if head is not None and not head.lost:
-            try:  # the holder forks its next spare now; wait for it, so the sweep knows every process
-                self._wait(head, lambda: head.spare is not None, SPARE_WAIT_S, "spare")
-            except HeadLost:
-                self._lose(head)
+                    self._lose(head, "its holder is gone (the program killed it)")
+        # The sweep comes before the holder's next spare: what the run left may hold every pid the
+        # jail may have, and the spare's fork would fail.  After a killed run the holder may have
+        # forked its next spare already: a holder's direct children are its spares (a cell cannot
+        # make one: clone(CLONE_PARENT) is denied), so that holder's are kept without being known
+        # yet.  After a finished run the new holder has forked nothing yet: its children are the
+        # program's, and go.
         keep: set[int] = set()
         for h in self.heads.values():
             if not h.lost:
                 keep |= h.pids()
-        kill_strays(lambda pid, ppid: pid in keep)
+        forking = head.pid if head is not None and not head.lost and not finished else -1
+        kill_strays(lambda pid, ppid: pid in keep or ppid == forking)
+        if head is not None and not head.lost:
+            if finished:
+                try:
+                    proto.send(head.sock, {"op": "spawn"})
+                except OSError:
+                    self._lose(head, "its holder's channel broke")
+            try:  # the holder forks its next spare now
+                self._wait(head, lambda: head.spare is not None, SPARE_WAIT_S, "spare")
+            except HeadLost:
+                self._lose(head, "its holder did not fork a spare")
         wipe(CONFIG["tmp"])
         self.zygote.send({"op": "clean", "cell": used})
         now = time.monotonic()
         self.rechecks = [now + delay for delay in RECHECK_S]
 
-    def _lose(self, head: Head) -> None:
+    def _lose(self, head: Head, why: str) -> None:
         if not head.lost:
+            log(f"session {head.hid} lost: {why}")
             head.lost = True
             self.zygote.send({"op": "lost", "head": head.hid})
 
