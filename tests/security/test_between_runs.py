@@ -330,3 +330,53 @@ def test_jail_modules_are_not_reachable_by_name(session, sandbox):
             assert s.run(code).stdout == "[] []\n"
     else:
         assert sandbox.run(code).stdout == "[] []\n"
+
+
+def test_nothing_of_a_run_stays_on_the_directories_the_sweep_keeps(sandbox):
+    """Extended attributes and times of the workspace and /tmp (kept, not removed) would carry data
+    to the next run."""
+    r = sandbox.run("import os\nfor p in ('.', '/tmp'):\n    os.setxattr(p, 'user.leak', b'secret')\n"
+                    "    os.utime(p, (123456, 123456))\n    os.chmod(p, 0o700)")
+    assert r.ok, r
+    for _ in range(2):
+        r = sandbox.run("import os\nprint([(os.listxattr(p), os.stat(p).st_mtime == 123456, oct(os.stat(p).st_mode & 0o7777))"
+                        " for p in ('.', '/tmp')])")
+        assert r.stdout == "[([], False, '0o755'), ([], False, '0o1777')]\n", r.stdout
+
+
+KILLED = [
+    "while True:\n    pass",
+    "import os\nos.kill(os.getppid(), 9)\nwhile True:\n    pass",
+    "import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)\nwhile True:\n    pass",
+    "import os\nif os.fork() == 0:\n    while True:\n        pass\nwhile True:\n    pass",
+    "import threading\nfor _ in range(4):\n    threading.Thread(target=lambda: [0 for _ in iter(int, 1)]).start()\nwhile True:\n    pass",
+    "import signal\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGXCPU):\n    signal.signal(s, signal.SIG_IGN)\n"
+    "while True:\n    pass",
+]
+
+
+KILLED_IDS = ["spin", "kill-parent", "stop-parent", "forked", "threads", "ignores"]
+# (in a session the parent is the holder of the state: killing it loses the state, by design --
+# test_hostile.py::test_session_cells_that_stop_or_kill_their_holder)
+CASES = [(code, session) for code in KILLED for session in (False, True) if not (session and "getppid(), 9" in code)]
+
+
+@pytest.mark.parametrize("code, session", CASES,
+                         ids=[f"{KILLED_IDS[KILLED.index(c)]}-{'session' if s else 'stateless'}" for c, s in CASES])
+def test_killed_runs_return_right_after_their_limit(sandbox, code, session):
+    import time
+
+    def run(target):
+        t0 = time.monotonic()
+        r = target.run(code, timeout=1)
+        return r, time.monotonic() - t0
+
+    if session:
+        with sandbox.session() as s:
+            s.run("x = 1")
+            r, took = run(s)
+            assert s.run("x").result == "1"
+    else:
+        r, took = run(sandbox)
+    assert r.status in ("timeout", "memory_limit"), r
+    assert took < 2.6, took  # the limit is 1 s: no second-long wait for an exit status after it

@@ -506,6 +506,10 @@ def outcome(seen: Observed, req: dict[str, Any], exit_info: dict[str, Any] | Non
     if result["exit_code"] not in (None, 0):
         return fail("error", "SystemExit", f"the program exited with code {result['exit_code']}")
     if exit_info and wait_status is None:
+        # No wait status (the program stopped or killed the process that reaps it): a cell that
+        # died at its time limit was killed by RLIMIT_CPU (SIGXCPU, then SIGKILL).
+        if seen.duration_s >= min(float(req["timeout"]), cpu_limit) - 0.05:
+            return fail("timeout", "Timeout", f"CPU-time limit of {cpu_limit:g} s reached")
         return fail("killed", "JailDied", "the cell ended and its exit status could not be read")
     result["status"] = "ok"
     return result

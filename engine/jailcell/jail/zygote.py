@@ -301,6 +301,8 @@ def wipe(path: str) -> None:
                     except OSError as exc:
                         if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):  # a path to a mount point
                             raise
+                        os.chmod(here, 0o755)  # kept: nothing of the run may stay on it
+                        scrub(here)
                 continue
             name = names.pop()
             try:
@@ -320,6 +322,25 @@ def wipe(path: str) -> None:
     finally:
         os.fchdir(home)
         os.close(home)
+    scrub(path)
+
+
+def scrub(path: str) -> None:
+    """A directory the sweep keeps (the workspace, /tmp, the way to a bind mount) keeps nothing of
+    the run: no extended attributes (a program can set user.* ones on tmpfs: data for the next
+    run), and fixed times (a program can set them too)."""
+    try:
+        for name in os.listxattr(path, follow_symlinks=False):
+            try:
+                os.removexattr(path, name, follow_symlinks=False)
+            except OSError:
+                pass
+    except OSError:
+        pass
+    try:
+        os.utime(path, (0, 0), follow_symlinks=False)
+    except OSError:
+        pass
 
 
 def stat_isdir(mode: int) -> bool:
@@ -736,7 +757,9 @@ class Stateless:
 
     def _exit_of(self, pid: int) -> dict:
         """How a cell that did not finish ended: as its parent (the nursery) saw it, or, if a
-        program killed the nursery, as the zygote saw its orphan."""
+        program killed the nursery, as the zygote saw its orphan.  A nursery the program stopped is
+        continued first: it cannot report while it is stopped."""
+        continue_stopped([self.nursery_pid])
         self.zygote.pump(time.monotonic() + EXIT_WAIT_S, lambda: pid in self.exits or pid in REAPED)
         info = self.exits.pop(pid, None) or REAPED.pop(pid, {})
         return {"cell": pid, **{k: info.get(k) for k in ("status", "utime", "stime", "maxrss")}}
@@ -973,6 +996,8 @@ class Sessions:
             # How the cell ended: as its holder saw it, or, if the program killed the holder, as
             # the zygote saw its orphan.
             exits = head.exits if head is not None else {}
+            if head is not None:
+                continue_stopped([head.pid])  # a holder the program stopped cannot report
             self.zygote.pump(time.monotonic() + EXIT_WAIT_S, lambda: used in exits or used in REAPED)
             info = exits.pop(used, None) or REAPED.pop(used, {})
             self.zygote.send({"op": "exit", "cell": used,
