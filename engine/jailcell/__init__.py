@@ -6,12 +6,18 @@
 45
 """
 
-from ._errors import BackendUnavailable, InputError, JailcellError, JailError, PolicyError, SandboxClosed, UsageError
-from ._policy import Policy
-from ._result import STATUSES, Result
+from ._errors import (BackendUnavailable, InputError, JailcellError, JailError, MissingExtra, PolicyError, SandboxClosed,
+                      UsageError)
+from ._policy import Imports, Limits, Policy
+from ._result import STATUSES, Result, Status
 from ._sandbox import AsyncSandbox, AsyncSession, Pool, Sandbox, Session
 
-__version__ = "0.1.0"
+try:  # one version source: the distribution's metadata (pyproject.toml)
+    from importlib.metadata import PackageNotFoundError, version
+
+    __version__ = version("jailcell")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Sandbox",
@@ -22,6 +28,9 @@ __all__ = [
     "Result",
     "STATUSES",
     "Policy",
+    "Limits",
+    "Imports",
+    "Status",
     "JailcellError",
     "PolicyError",
     "InputError",
@@ -29,4 +38,5 @@ __all__ = [
     "JailError",
     "SandboxClosed",
     "UsageError",
+    "MissingExtra",
 ]

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from ._errors import BackendUnavailable
+from ._errors import BackendUnavailable, MissingExtra
 
 WORKLOADS = ["warm_print", "b2b_print", "numpy", "session_cell", "cold_start", "memory_heavy", "humaneval", "leak_soak",
              "hostile_soak"]
@@ -32,8 +32,8 @@ def run_bench(quick: bool, only: list[str] | None, json_path: str | None, plot_p
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.table import Table
-    except ImportError:
-        raise BackendUnavailable('jailcell bench needs the bench extra: pip install "jailcell[bench]"') from None
+    except ImportError as exc:
+        raise MissingExtra("jailcell bench", "bench", exc.name) from None
     suite_mod = load_suite()
     console = Console(stderr=True)
     # No refresh thread: it would take the GIL in the middle of timed samples.  The bar is redrawn

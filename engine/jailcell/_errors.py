@@ -10,7 +10,8 @@ problems of jailcell itself, and each message says how to fix it::
     ├── BackendUnavailable   the requested isolation cannot be set up here
     ├── JailError            a jail broke in a way jailcell could not recover from
     ├── SandboxClosed        the Sandbox / Session / Pool was already closed
-    └── UsageError           a call jailcell cannot serve (run() from inside one of its own runs)
+    ├── UsageError           a call jailcell cannot serve (run() from inside one of its own runs)
+    └── MissingExtra         an optional part needs an extra that is not installed (also an ImportError)
 """
 
 from __future__ import annotations
@@ -43,3 +44,13 @@ class SandboxClosed(JailcellError, RuntimeError):
 class UsageError(JailcellError, RuntimeError):
     """jailcell was called in a way it cannot serve, e.g. ``run()`` on a Sandbox from inside one
     of its own host functions (which run inside that Sandbox's run)."""
+
+
+class MissingExtra(JailcellError, ImportError):
+    """An optional part of jailcell (the gateway, MCP, an agent adapter, the benchmark) needs an extra
+    that is not installed; the message says which (``pip install "jailcell[serve]"``)."""
+
+    def __init__(self, what: str, extra: str, missing: str | None = None) -> None:
+        self.extra = extra
+        detail = f" ({missing} is missing)" if missing else ""
+        super().__init__(f'{what} needs the {extra} extra{detail}: pip install "jailcell[{extra}]"')

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-__all__ = ["Result", "STATUSES"]
+__all__ = ["Result", "STATUSES", "Status"]
 
 Status = Literal["ok", "error", "timeout", "memory_limit", "output_limit", "killed", "policy_violation"]
-STATUSES: tuple[str, ...] = ("ok", "error", "timeout", "memory_limit", "output_limit", "killed", "policy_violation")
+STATUSES: tuple[str, ...] = get_args(Status)
 
 
 @dataclass

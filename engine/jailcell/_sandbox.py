@@ -372,6 +372,10 @@ class Session:
             reply = shared.jail.request({"op": "new"})
             if reply.get("op") != "ok":
                 raise_reply_error(reply)
+        except (JailTimeout, EOFError, OSError, ProtocolError) as exc:
+            shared.jail.kill()
+            raise JailError(f"the session's jail did not start a session ({type(exc).__name__}: {exc}); "
+                            "try again, and run `jailcell check` if it keeps failing") from None
         except Exception:
             shared.jail.close()
             raise

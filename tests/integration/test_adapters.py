@@ -165,4 +165,33 @@ def test_missing_framework_gives_a_clear_error():
     code = ("import sys; sys.modules['langchain_core'] = None\n"
             "try:\n    import jailcell.integrations.langchain\nexcept Exception as e:\n    print(type(e).__name__, e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
-    assert out.startswith("BackendUnavailable") and 'pip install "jailcell[adapters]"' in out
+    assert out.startswith("MissingExtra") and 'pip install "jailcell[adapters]"' in out
+
+
+MISSING = r"""
+import runpy, sys
+for name in sys.argv[1].split(","):
+    sys.modules[name] = None  # as if the extra were not installed
+sys.argv = ["jailcell", *sys.argv[2:]]
+runpy.run_module("jailcell", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("blocked, args, extra", [
+    ("uvicorn", ["serve", "--upstream", "http://127.0.0.1:9/v1", "--policy", "minimal"], "serve"),
+    ("starlette", ["serve", "--upstream", "http://127.0.0.1:9/v1", "--policy", "minimal"], "serve"),
+    ("mcp", ["mcp", "--policy", "minimal"], "mcp"),
+    ("rich", ["bench", "--quick", "--only", "warm_print"], "bench"),
+])
+def test_every_missing_extra_is_one_clear_error(blocked, args, extra):
+    """The same exception type (MissingExtra, a JailcellError and an ImportError) and the same
+    message shape everywhere; the CLI prints it without a traceback and exits 2."""
+    r = subprocess.run([sys.executable, "-c", MISSING, blocked, *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert f'pip install "jailcell[{extra}]"' in r.stderr and "Traceback" not in r.stderr, r.stderr
+    code = ("import sys\nsys.modules['mcp'] = None\nfrom jailcell import MissingExtra, JailcellError\n"
+            "from jailcell.integrations.mcp import build_server\n"
+            "try:\n    build_server('minimal')\nexcept MissingExtra as e:\n"
+            "    print(isinstance(e, ImportError), isinstance(e, JailcellError), e.extra)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert out.strip() == "True True mcp"

@@ -16,15 +16,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any, List
 
-from .._errors import BackendUnavailable
+from .._errors import MissingExtra
 from .._sandbox import Sandbox, Session
 
 try:
     from autogen_core import CancellationToken
     from autogen_core.code_executor import CodeBlock, CodeExecutor, CodeResult
-except ImportError:  # pragma: no cover - exercised by the import-error test
-    raise BackendUnavailable('jailcell.integrations.autogen needs autogen-core: pip install "jailcell[adapters]"') \
-        from None
+except ImportError as exc:  # pragma: no cover - exercised by the import-error test
+    raise MissingExtra("jailcell.integrations.autogen", "adapters", exc.name) from None
 
 __all__ = ["JailcellCodeExecutor"]
 

@@ -30,7 +30,7 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Callable
 
-from .._errors import BackendUnavailable, InputError, JailcellError
+from .._errors import InputError, JailcellError, MissingExtra
 from .._result import Result
 from .._sandbox import Sandbox, Session
 from .tools import TOOL_NAME, ExecutedCall, ToolLoopResult, _loop, format_result
@@ -57,8 +57,8 @@ def _deps():
         from starlette.applications import Starlette
         from starlette.responses import JSONResponse, StreamingResponse
         from starlette.routing import Route
-    except ImportError:
-        raise BackendUnavailable('jailcell serve needs the serve extra: pip install "jailcell[serve]"') from None
+    except ImportError as exc:
+        raise MissingExtra("jailcell serve", "serve", exc.name) from None
     return httpx, Starlette, JSONResponse, StreamingResponse, Route
 
 
@@ -912,7 +912,10 @@ def _responses_input(inp: Any) -> list[dict[str, Any]]:
 
 def serve(upstream: str, *, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> None:
     """Run the gateway with uvicorn until interrupted; every container is closed on the way out."""
-    import uvicorn
+    try:
+        import uvicorn
+    except ImportError as exc:
+        raise MissingExtra("jailcell serve", "serve", exc.name) from None
 
     gateway = Gateway(upstream, **kwargs)
     try:

@@ -17,16 +17,15 @@ import asyncio
 import threading
 from typing import Any
 
-from .._errors import BackendUnavailable
+from .._errors import MissingExtra
 from .._sandbox import Sandbox, Session
 from .tools import TOOL_DESCRIPTION, TOOL_NAME, format_result
 
 try:
     from langchain_core.tools import BaseTool
     from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
-except ImportError:  # pragma: no cover - exercised by the import-error test
-    raise BackendUnavailable('jailcell.integrations.langchain needs langchain-core: pip install "jailcell[adapters]"') \
-        from None
+except ImportError as exc:  # pragma: no cover - exercised by the import-error test
+    raise MissingExtra("jailcell.integrations.langchain", "adapters", exc.name) from None
 
 __all__ = ["JailcellTool"]
 

@@ -14,7 +14,7 @@ import threading
 import uuid
 from typing import Any
 
-from .._errors import BackendUnavailable, JailcellError
+from .._errors import JailcellError, MissingExtra
 from .._sandbox import Sandbox, Session
 from .tools import format_result
 
@@ -26,8 +26,8 @@ def _mcp():
         from mcp.server import MCPServer
         from mcp.server.mcpserver.exceptions import ToolError
         from mcp.types import ImageContent, TextContent
-    except ImportError:
-        raise BackendUnavailable('the MCP server needs the mcp extra: pip install "jailcell[mcp]"') from None
+    except ImportError as exc:
+        raise MissingExtra("the MCP server", "mcp", exc.name) from None
     return MCPServer, ToolError, TextContent, ImageContent
 
 

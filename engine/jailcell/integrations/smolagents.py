@@ -17,14 +17,13 @@ import json
 from typing import Any
 
 from .._bridge import HostFunctions
-from .._errors import BackendUnavailable, InputError
+from .._errors import InputError, MissingExtra
 from .._sandbox import Sandbox, Session
 
 try:
     from smolagents.local_python_executor import CodeOutput, InterpreterError, PythonExecutor
-except ImportError:  # pragma: no cover - exercised by the import-error test
-    raise BackendUnavailable('jailcell.integrations.smolagents needs smolagents: pip install "jailcell[adapters]"') \
-        from None
+except ImportError as exc:  # pragma: no cover - exercised by the import-error test
+    raise MissingExtra("jailcell.integrations.smolagents", "adapters", exc.name) from None
 
 __all__ = ["JailcellExecutor"]
 
