@@ -605,8 +605,11 @@ class Suite:
                   higher_is_better: bool = True) -> None:
             a, b = self.find(*num), self.find(*den)
             if a is None or b is None:
-                out.append({"ratio": label, "value": None, "target": target, "met": None,
-                            "reason": "a side was skipped or failed"})
+                ran = {(m.workload, m.system) for m in self.results}
+                missing = [side for side in (num, den) if side not in ran]
+                reason = ("not run (" + ", ".join("/".join(side) for side in missing) + ")" if missing
+                          else "a side was skipped or failed")
+                out.append({"ratio": label, "value": None, "target": target, "met": None, "reason": reason})
                 return
             if stat == "throughput":
                 value = (a.throughput_per_s or 0) / (b.throughput_per_s or 1)

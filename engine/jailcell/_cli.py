@@ -169,8 +169,45 @@ def _safe_names() -> list[str]:
         return ["minimal", "standard", "restricted"]
 
 
+def _unknown_option(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[str, argparse.ArgumentParser] | None:
+    """The first option the chosen command does not know, with the nearest one it does: argparse
+    alone reports a misspelled ``--polcy minimal -c ...`` as "-c: not allowed with argument FILE"
+    (it took ``minimal`` for the FILE)."""
+    import difflib
+
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    command = next((t for t in argv if not t.startswith("-")), None)
+    target = sub.choices.get(command) if sub is not None and command else None
+    if target is None:
+        return None
+    known = target._option_string_actions
+    tokens = argv[argv.index(command) + 1:]
+    skip = False
+    for token in tokens:
+        if skip:
+            skip = False
+            continue
+        if token == "--":
+            return None
+        name = token.split("=", 1)[0]
+        if name in known:
+            skip = "=" not in token and known[name].nargs != 0
+            continue
+        if name.startswith("-") and len(name) > 1 and not name[1:].replace(".", "", 1).isdigit():
+            close = difflib.get_close_matches(name, [o for o in known if o.startswith("--")], n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else f"; see `jailcell {command} --help`"
+            return f"unknown option {name!r} for `jailcell {command}`{hint}", target
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    unknown = _unknown_option(parser, list(sys.argv[1:] if argv is None else argv))
+    if unknown:
+        message, command_parser = unknown
+        command_parser.print_usage(sys.stderr)
+        print(f"jailcell: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -38,6 +38,8 @@ def test_bench_quick_cli_writes_json_and_png(tmp_path):
     samples = {(s["workload"], s["system"]): s["samples_s"] for s in report["samples"]}
     assert len(samples[("warm_print", "jailcell")]) == systems[("warm_print", "jailcell")]["n"]
     labels = [r["ratio"] for r in report["ratios"]]
+    b2b = next(r for r in report["ratios"] if r["ratio"].startswith("back-to-back print(1)"))
+    assert b2b["value"] is None and b2b["reason"] == "not run (b2b_print/jailcell)", b2b  # --only left it out
     assert any("python -c pass" in label for label in labels) and any("HumanEval" in label for label in labels)
     share = next(r for r in report["ratios"] if r["ratio"].startswith("HumanEval Pool.map / fork floor"))
     assert 0 < share["value"] and share["target"] is None

@@ -104,3 +104,21 @@ def test_help_explains():
     assert r.returncode == 0 and b"check" in r.stdout and b"examples" in r.stdout
     r = jailcell("run", "--help")
     assert b"exit status" in r.stdout and b"--json" in r.stdout
+
+
+@pytest.mark.parametrize("args, wrong, right", [
+    (["run", "--polcy", "minimal", "-c", "print(1)"], "--polcy", "--policy"),
+    (["run", "--timout", "3", "-c", "print(1)"], "--timout", "--timeout"),
+    (["serve", "--upstrem", "http://127.0.0.1:9/v1"], "--upstrem", "--upstream"),
+])
+def test_a_misspelled_option_is_named_with_the_right_one(args, wrong, right):
+    r = jailcell(*args)
+    assert r.returncode == 2 and r.stdout == b""
+    err = r.stderr.decode()
+    assert f"unknown option '{wrong}'" in err and f"did you mean {right}?" in err, err
+    assert "not allowed with argument" not in err
+
+
+def test_option_values_that_look_like_options_are_values():
+    r = jailcell("run", "--policy", "minimal", "-c", "-1")
+    assert r.returncode == 0, r.stderr
