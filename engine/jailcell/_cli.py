@@ -48,11 +48,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jailcell", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"jailcell {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    # The commands are listed once, in DESCRIPTION (argparse's own list would repeat them in other words).
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, help=argparse.SUPPRESS)
 
     run = sub.add_parser(
-        "run", help="run a program in a sandbox",
-        description="Run a Python program in a fresh sandbox. Prints the program's stdout and stderr as it "
+        "run", description="Run a Python program in a fresh sandbox. Prints the program's stdout and stderr as it "
                     "produced them; with --json prints exactly one JSON object (the Result) instead.\n\n"
                     "exit status: 0 if the program succeeded, 1 if not (error, timeout, memory_limit, "
                     "output_limit, killed, policy_violation), 2 on a usage error.",
@@ -68,15 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--file", dest="files", action="append", default=[], metavar="NAME=PATH",
                      help="copy a host file into the workspace as NAME before running (repeatable)")
 
-    sub.add_parser("check", help="show what isolation works here",
-                   description="Probe nsjail, namespaces, seccomp, cgroups and limits on this machine; for "
+    sub.add_parser("check", description="Probe nsjail, namespaces, seccomp, cgroups and limits on this machine; for "
                                "each feature that does not work, say why and how to fix it. Exit 0 when "
                                "programs run jailed here (missing extras such as cgroups are reported as "
                                "degraded), 1 when they cannot run jailed.")
 
     srv = sub.add_parser(
-        "serve", help="OpenAI-compatible code-interpreter gateway",
-        description="Serve an OpenAI-compatible code interpreter in front of any OpenAI-compatible "
+        "serve", description="Serve an OpenAI-compatible code interpreter in front of any OpenAI-compatible "
                     "chat-completions server (vLLM, Ollama, llama.cpp, a hosted API): POST /v1/responses, "
                     "POST /v1/chat/completions (streaming and not) and the DashScope-native "
                     "POST /api/v1/services/aigc/text-generation/generation. Requests with "
@@ -98,8 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sandbox_options(srv)
 
     mcp = sub.add_parser(
-        "mcp", help="serve the sandbox over MCP",
-        description="Serve jailcell as an MCP server: tools run_python, create_session, close_session, "
+        "mcp", description="Serve jailcell as an MCP server: tools run_python, create_session, close_session, "
                     "upload_file, download_file. stdio by default (stdout is the protocol channel); "
                     "--transport http serves streamable HTTP at http://HOST:PORT/mcp (127.0.0.1 unless told).")
     mcp.add_argument("--transport", choices=["stdio", "http"], default="stdio")
@@ -108,8 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sandbox_options(mcp)
 
     bench = sub.add_parser(
-        "bench", help="benchmark jailcell against the alternatives",
-        description="Run every system on the same workloads in one run and report p50/p99, throughput, peak RSS "
+        "bench", description="Run every system on the same workloads in one run and report p50/p99, throughput, peak RSS "
                     "and ratios against the baselines (absolute times are noise on shared machines). Peers "
                     "that cannot run are reported as skipped or failed, with the reason.")
     bench.add_argument("--quick", action="store_true", help="fewer samples and a HumanEval subset (under a minute)")
@@ -117,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", dest="plot_path", metavar="FILE", help="write a PNG chart of the latency distributions")
     bench.add_argument("--only", nargs="+", metavar="NAME", help="run only these workloads: " + ", ".join(_workloads()))
 
-    pol = sub.add_parser("policy", help="list or show policies", description="Inspect policies.")
+    pol = sub.add_parser("policy", description="Inspect policies.")
     pol_sub = pol.add_subparsers(dest="policy_command", metavar="ACTION", parser_class=_Parser, required=True)
     pol_sub.add_parser("list", help="list the built-in policies")
     show = pol_sub.add_parser("show", help="print a policy's effective settings (after extends) as TOML")
@@ -319,6 +315,9 @@ def _run(args: argparse.Namespace) -> int:
             print(f"jailcell: {len(result.outputs)} rich output(s) (images) not shown; use --json", file=sys.stderr)
         if result.status != "ok":
             message = (result.error or {}).get("message", "")
+            traceback = (result.error or {}).get("traceback") or ""
+            if message and traceback.rstrip().endswith(message):
+                message = ""  # the traceback's last line said it already: once is enough
             print(f"jailcell: {result.status}" + (f": {message}" if message else ""), file=sys.stderr)
     return EXIT_OK if result.status == "ok" else EXIT_FAILED
 

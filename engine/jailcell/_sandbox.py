@@ -26,6 +26,7 @@ from ._threads import LazyThread
 from .backends import get_backend
 from .jail._host import HeadLost, Jail, JailTimeout, close_all
 from .jail._protocol import ProtocolError
+from .jail._supervisor import RAISE_MEMORY
 
 __all__ = ["Sandbox", "AsyncSandbox", "Session", "AsyncSession", "Pool"]
 
@@ -232,12 +233,12 @@ class _Engine:
         if status == "killed" and reply.get("signal") == "SIGKILL" and jail.new_oom_kill():
             status = "memory_limit"
             error = {"type": "MemoryLimit", "message": f"memory limit of {self.policy.limits.memory_mib} MiB reached; "
-                     "the program was killed", "traceback": ""}
+                     f"the program was killed{RAISE_MEMORY}", "traceback": ""}
         elif status == "error" and error and error.get("type") == "ModuleNotFoundError":
             error = missing_module_hint(error)
         elif status == "memory_limit" and error and error.get("type") == "MemoryError":
             error = dict(error, message=error.get("message") or
-                         f"MemoryError: memory limit of {self.policy.limits.memory_mib} MiB reached")
+                         f"MemoryError: memory limit of {self.policy.limits.memory_mib} MiB reached{RAISE_MEMORY}")
         return Result(
             status=status, stdout=reply.get("stdout", ""), stderr=reply.get("stderr", ""), result=reply.get("result"),
             error=error, outputs=reply.get("outputs") or [], files=reply.get("files") or [],

@@ -122,3 +122,24 @@ def test_a_misspelled_option_is_named_with_the_right_one(args, wrong, right):
 def test_option_values_that_look_like_options_are_values():
     r = jailcell("run", "--policy", "minimal", "-c", "-1")
     assert r.returncode == 0, r.stderr
+
+
+def test_limit_messages_say_how_to_raise_the_limit_and_the_error_is_said_once():
+    r = jailcell("run", "--policy", "minimal", "--timeout", "1", "-c", "while True: pass")
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "wall-clock limit of 1 s reached (raise it:" in err and "--timeout" in err
+    r = jailcell("run", "--policy", "minimal", "--memory", "64", "-c", "x = bytearray(1 << 30)")
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "memory limit of 64 MiB" in err and "--memory" in err, err
+    r = jailcell("run", "--policy", "minimal", "-c", "import os")
+    err = r.stderr.decode()
+    assert err.count("blocked by policy 'minimal'") == 1, err  # the traceback says it; the summary does not repeat
+    assert " more (`jailcell policy show minimal`)" in err and ", ..." not in err
+    assert err.rstrip().endswith("jailcell: policy_violation")
+
+
+def test_help_lists_each_command_once():
+    out = jailcell("--help").stdout.decode()
+    for command in ("run", "check", "policy", "serve", "mcp", "bench"):
+        lines = [line for line in out.splitlines() if line.strip().startswith(command + " ")]
+        assert len(lines) == 1, (command, lines)

@@ -60,6 +60,9 @@ async def exercise(client):
 def test_mcp_over_stdio():
     async def main():
         async with Client(stdio_params("--policy", "standard")) as client:
+            import jailcell
+
+            assert client.server_info.name == "jailcell" and client.server_info.version == jailcell.__version__
             await exercise(client)
 
     asyncio.run(main())

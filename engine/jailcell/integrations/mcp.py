@@ -63,8 +63,11 @@ def build_server(policy: Any = "standard", *, backend: str | None = None, max_se
             except (JailcellError, ValueError) as exc:
                 raise ToolError(str(exc)) from None
         return wrapper
+    from .. import __version__
+
     server = MCPServer(
         "jailcell",
+        version=__version__,
         instructions="Run Python in an isolated sandbox. Use run_python for one-off code; create_session "
                      "to keep variables between runs (pass its session_id to run_python).",
     )

@@ -70,10 +70,14 @@ def import_blocked(module: str) -> bool:
 def _blocked_message(module: str) -> str:
     imports = CONFIG.get("imports", {})
     policy = CONFIG.get("policy_name", "?")
+    def listed(names: list) -> str:  # complete, or saying how many more there are
+        more = len(names) - 30
+        return ", ".join(names[:30]) + (f" and {more} more (`jailcell policy show {policy}`)" if more > 0 else "")
+
     if imports.get("allow"):
-        allowed = ", ".join(imports["allow"][:30]) + (", ..." if len(imports["allow"]) > 30 else "")
+        allowed = listed(imports["allow"])
     else:
-        allowed = "everything except " + ", ".join(imports.get("deny", [])[:30])
+        allowed = "everything except " + listed(imports.get("deny", []))
     return (
         f"import of {module!r} is blocked by policy {policy!r}; allowed: {allowed} "
         f"(to allow it, use a policy that extends {policy!r} with imports.allow_add/deny_remove)"

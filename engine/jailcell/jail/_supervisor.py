@@ -375,6 +375,13 @@ def supervise(spare: Spare, req: dict[str, Any], *, output_cap: int, interrupt_f
 
 CORRUPTED = object()
 
+# How to raise each limit, said where it is hit (for the person reading the Result; the model
+# learns the limit itself from the first part).
+RAISE_WALL = " (raise it: run(..., timeout=S), jailcell run --timeout S, or limits.wall_s in a policy)"
+RAISE_CPU = " (raise it: limits.cpu_s in a policy; it follows the wall-clock limit by default)"
+RAISE_OUTPUT = " (raise it: limits.output_bytes in a policy, or output_bytes=N)"
+RAISE_MEMORY = " (raise it: Sandbox(memory=MiB), jailcell run --memory MiB, or limits.memory_mib in a policy)"
+
 
 # JSON from a cell is decoded only after its shape is bounded: each JSON array or object becomes a
 # Python object of ~60 bytes or more, so "[],[],..." would cost the host ~30x its size in memory
@@ -470,9 +477,9 @@ def outcome(seen: Observed, req: dict[str, Any], exit_info: dict[str, Any] | Non
     if killed_for == "interrupted":
         return fail("killed", "Interrupted", "the run was interrupted by the host")
     if killed_for == "timeout":
-        return fail("timeout", "Timeout", f"wall-clock limit of {float(req['timeout']):g} s reached")
+        return fail("timeout", "Timeout", f"wall-clock limit of {float(req['timeout']):g} s reached{RAISE_WALL}")
     if killed_for == "cpu":
-        return fail("timeout", "Timeout", f"CPU-time limit of {cpu_limit:g} s reached")
+        return fail("timeout", "Timeout", f"CPU-time limit of {cpu_limit:g} s reached{RAISE_CPU}")
     if killed_for == "bridge":
         return fail("error", "HostFunctionMisuse", f"the program was killed: {seen.misuse}")
     if killed_for == "corrupt":
@@ -482,9 +489,9 @@ def outcome(seen: Observed, req: dict[str, Any], exit_info: dict[str, Any] | Non
         return fail("output_limit", "OutputLimit",
                     f"the program wrote over {proto.MAX_REPORT} bytes into jailcell's result channel")
     if killed_for == "output":
-        return fail("output_limit", "OutputLimit", f"output exceeded {output_cap} bytes; the head is kept")
+        return fail("output_limit", "OutputLimit", f"output exceeded {output_cap} bytes; the head is kept{RAISE_OUTPUT}")
     if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= cpu_limit - 0.05):
-        return fail("timeout", "Timeout", f"CPU-time limit of {cpu_limit:g} s reached")
+        return fail("timeout", "Timeout", f"CPU-time limit of {cpu_limit:g} s reached{RAISE_CPU}")
     if sig is not None:
         try:
             desc = signal.strsignal(sig) or ""
@@ -509,7 +516,7 @@ def outcome(seen: Observed, req: dict[str, Any], exit_info: dict[str, Any] | Non
         # No wait status (the program stopped or killed the process that reaps it): a cell that
         # died at its time limit was killed by RLIMIT_CPU (SIGXCPU, then SIGKILL).
         if seen.duration_s >= min(float(req["timeout"]), cpu_limit) - 0.05:
-            return fail("timeout", "Timeout", f"CPU-time limit of {cpu_limit:g} s reached")
+            return fail("timeout", "Timeout", f"CPU-time limit of {cpu_limit:g} s reached{RAISE_CPU}")
         return fail("killed", "JailDied", "the cell ended and its exit status could not be read")
     result["status"] = "ok"
     return result
