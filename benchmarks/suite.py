@@ -232,7 +232,7 @@ def fork_floor(policy_name: str, programs: list[str], mode: str, workers: int = 
     from jailcell.backends._layout import python_layout
 
     policy = Policy.load(policy_name)
-    env = {**os.environ, **BASE_ENV, **dict(policy.env), "PYTHONPATH": os.pathsep.join(python_layout().site_dirs)}
+    env = {**os.environ, **BASE_ENV, **dict(policy.env), "PYTHONPATH": os.pathsep.join(python_layout().sys_path)}
     proc = subprocess.run([sys.executable, "-s", "-S", "-c", FORK_FLOOR, mode, str(workers), ",".join(policy.preload)],
                           input=json.dumps(programs), capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from jailcell import Policy, PolicyError
 from jailcell.jail import _protocol as proto
-from jailcell.jail._host import _malformed, _seconds
+from jailcell.jail._host import _malformed
 from jailcell.jail._supervisor import CORRUPTED, _Bridge, parse_report, too_many_containers
 
 JAIL_SRC = os.path.join(os.path.dirname(proto.__file__))
@@ -108,7 +108,7 @@ def test_host_message_check_takes_anything(msg, nfds):
 
 @given(value=json_values)
 def test_seconds_are_finite_and_not_negative(value):
-    got = _seconds(value)
+    got = proto.seconds(value)
     assert isinstance(got, float) and 0 <= got < 1e12
 
 
@@ -133,10 +133,9 @@ def test_zygote_check_of_holder_reports_takes_anything(zygote_module, msg, nfds)
     assert problem is None or isinstance(problem, str)
     if problem is None:
         assert msg["op"] in zygote_module.HOLDER_OPS and type(msg["pid"]) is int
-        info = zygote_module._exit_info(msg["pid"], zygote_module._wait_status(msg.get("status")),
-                                        zygote_module._number(msg.get("utime")),
-                                        zygote_module._number(msg.get("stime")),
-                                        int(zygote_module._number(msg.get("maxrss"))))
+        info = zygote_module._exit_info(msg["pid"], proto.wait_status(msg.get("status")),
+                                        proto.seconds(msg.get("utime")), proto.seconds(msg.get("stime")),
+                                        int(proto.seconds(msg.get("maxrss"))))
         assert _malformed({"op": "exit", "cell": info["pid"], "status": info["status"]}, []) is None
 
 

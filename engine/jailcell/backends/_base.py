@@ -81,7 +81,7 @@ class Backend:
             "cpu_s": policy.limits.effective_cpu_s,
             "trusted_paths": [*layout.mounts, str(JAIL_SRC) if not pid_namespace else JAIL_SRC_MOUNT],
             "rlimit_as_mib": policy.limits.memory_mib if rlimit_as else None,
-            "site_dirs": list(layout.site_dirs),
+            "sys_path": list(layout.sys_path),
             # a request carries the code and the input files (base64: 4/3 of their size), which
             # the policy bounds by code_bytes and the workspace's size
             "max_request": policy.limits.code_bytes + (policy.limits.workspace_mib * MIB * 4) // 3 + 2 * MIB,

@@ -69,7 +69,7 @@ class PythonLayout:
     python: str                  # the interpreter binary the jail executes (real path)
     version: str
     mounts: tuple[str, ...]      # read-only binds, outermost first (the stdlib, site dirs, .pth dirs)
-    site_dirs: tuple[str, ...]   # what the zygote adds to sys.path (it processes their .pth files)
+    sys_path: tuple[str, ...]    # what the zygote adds to sys.path: site dirs, each followed by its .pth dirs
     skipped: tuple[str, ...]     # paths the host's Python uses that are not bound, and why
 
     def describe(self) -> str:
@@ -132,14 +132,12 @@ def python_layout() -> PythonLayout:
     for key in ("stdlib", "platstdlib"):
         wanted.append(sysconfig.get_paths()[key])
     wanted.append(python)
-    sites = _site_dirs()
-    wanted += sites
     own = _own_source_root()
-    for d in sites:
-        for extra in pth_dirs(d):
-            if own and _real(extra) == _real(own):
-                continue
-            wanted.append(extra)
+    sys_path: list[str] = []  # site.py's order: a site directory, then what its .pth files name
+    for d in _site_dirs():
+        sys_path.append(d)
+        sys_path += [extra for extra in pth_dirs(d) if not (own and _real(extra) == _real(own))]
+    wanted += sys_path
     mounts = []
     for path in outermost(wanted):
         if path in broad:
@@ -149,4 +147,4 @@ def python_layout() -> PythonLayout:
         else:
             mounts.append(path)
     version = ".".join(map(str, sys.version_info[:3]))
-    return PythonLayout(python, version, tuple(mounts), tuple(sites), tuple(skipped))
+    return PythonLayout(python, version, tuple(mounts), tuple(dict.fromkeys(sys_path)), tuple(skipped))

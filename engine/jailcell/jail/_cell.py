@@ -215,9 +215,6 @@ def hide_jail() -> None:
     for name in JAIL_MODULES:
         sys.modules.pop(name, None)
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
-    import importlib
-
-    importlib.invalidate_caches()
 
 
 def hide_blocked_modules() -> None:
@@ -626,7 +623,17 @@ def _set_memory_limit(session: bool) -> None:
         pass
 
 
-PR_SET_DUMPABLE = 4
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 1, 4, 36
+
+
+def prctl(option: int, arg: int) -> None:
+    """prctl(2) through ctypes, best effort (hardening that an odd libc cannot give is skipped)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
+    except Exception:  # pragma: no cover
+        pass
 
 
 def prepare() -> None:
@@ -636,10 +643,7 @@ def prepare() -> None:
     The jail's processes are not dumpable (no /proc/<pid>/mem, no ptrace), and a non-dumpable
     process's /proc files belong to root, so this process writes its own while it is dumpable
     for a moment (it runs no user code, and nothing else runs in it)."""
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+    prctl(PR_SET_DUMPABLE, 1)
     try:
         fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
         try:
@@ -649,7 +653,7 @@ def prepare() -> None:
     except OSError:
         pass
     finally:
-        prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+        prctl(PR_SET_DUMPABLE, 0)
     fresh_stdio()
 
 

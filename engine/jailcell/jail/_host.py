@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import logging
 import os
 import select
@@ -129,12 +130,10 @@ log = logging.getLogger("jailcell")
 
 def _start_failure(backend: str, exc: BaseException, jail_log: str) -> str:
     """Why a jail did not start, and what to do about it."""
-    import errno as _errno
-
-    if isinstance(exc, OSError) and exc.errno in (_errno.EMFILE, _errno.ENFILE):
+    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
         return (f"cannot start a jail: this process has no file descriptors left ({exc.strerror}); a jail needs "
                 "about a dozen. Close what the application no longer uses, or raise the limit (`ulimit -n`).")
-    if isinstance(exc, OSError) and exc.errno in (_errno.ENOSPC, _errno.EDQUOT):
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return (f"cannot start a jail: the host's disk is full ({exc.strerror}: {exc.filename or ''}); jailcell "
                 "keeps each jail's log in the temporary directory (TMPDIR). Free some space.")
     return (f"the {backend} jail failed to start ({type(exc).__name__}: {exc}).\n{jail_log}\n"
@@ -162,17 +161,6 @@ def _warn_missing_preload(policy: Policy, ready: dict[str, Any]) -> None:
 LOG_CAP, LOG_KEEP = 1 << 20, 64 << 10  # a jail's log file: trimmed to its tail past this size
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _seconds(value: Any) -> float:
-    """A non-negative finite number from a report, else 0 (reports may come from a program)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e12:
-        return float(value)
-    return 0.0
-
-
 # What the zygote may send on its own, and the fields the host relies on.  A session's holder
 # is a former cell (a program's process) and the zygote relays its reports: nothing is trusted.
 def _malformed(msg: Any, fds: list[int]) -> str | None:
@@ -182,16 +170,16 @@ def _malformed(msg: Any, fds: list[int]) -> str | None:
     if fds and op != "spare":
         return f"{len(fds)} file descriptors with op {op!r}"
     if op == "spare":
-        if len(fds) != 5 or not _is_int(msg.get("pid")) or msg["pid"] <= 0:
+        if len(fds) != 5 or not proto.is_int(msg.get("pid")) or msg["pid"] <= 0:
             return "a spare without a pid or its 5 channels"
         if msg.get("head") is not None and not isinstance(msg.get("head"), str):
             return "a spare whose head is not a name"
     elif op == "exit":
         status = msg.get("status")
-        if not _is_int(msg.get("cell")) or not (status is None or (_is_int(status) and 0 <= status <= 0xFFFF)):
+        if not proto.is_int(msg.get("cell")) or (status is not None and proto.wait_status(status) is None):
             return "an exit record whose cell or wait status is not an integer"
     elif op in ("drop", "clean"):
-        if not _is_int(msg.get(op == "drop" and "pid" or "cell")):
+        if not proto.is_int(msg.get(op == "drop" and "pid" or "cell")):
             return f"a {op} record without a pid"
     elif op == "lost" and not isinstance(msg.get("head"), str):
         return "a lost record without a head"
@@ -564,7 +552,8 @@ class Jail:
             self._wait(lambda: spare.pid in self._exits, time.monotonic() + REPLY_TIMEOUT_S)
             with self._cv:
                 info = self._exits.pop(spare.pid)
-            usage = (_seconds(info.get("utime")) + _seconds(info.get("stime")), int(_seconds(info.get("maxrss"))) * 1024)
+            usage = (proto.seconds(info.get("utime")) + proto.seconds(info.get("stime")),
+                     int(proto.seconds(info.get("maxrss"))) * 1024)
             if seen.started or head is not None:
                 return outcome(seen, req, info, usage, cap)
         raise JailError("no spare cell of this jail could take the run (they kept dying)")

@@ -138,6 +138,23 @@ def parse_header(header: bytes, limit: int) -> int:
     return length
 
 
+# -- fields of untrusted reports (a session's holder is a former cell) -----------------------------
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def seconds(value: object) -> float:
+    """A non-negative finite number (seconds, KiB) from a report, else 0."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e12 \
+        else 0.0
+
+
+def wait_status(value: object) -> int | None:
+    """A wait status from a report (it fits 16 bits), else None."""
+    return value if is_int(value) and 0 <= value <= 0xFFFF else None
+
+
 def decode(body: bytes) -> dict:
     try:
         obj = _loads(body.decode("utf-8", "surrogatepass"))

@@ -52,21 +52,11 @@ REHEARSE_AFTER_S = 0.01  # ... this long
 MAX_EXITS = 1000
 
 CONFIG: dict = {}
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 1, 4, 36
 
 
 # ----------------------------------------------------------------------------------------------
 # small OS helpers
 # ----------------------------------------------------------------------------------------------
-
-def _prctl(option: int, arg: int) -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
-    except Exception:  # pragma: no cover - best effort hardening
-        pass
-
 
 def _read_proc(path: str, size: int = 4096) -> bytes:
     fd = os.open(path, os.O_RDONLY)
@@ -154,8 +144,9 @@ REAPED: dict[int, dict] = {}  # how the zygote's own children ended (orphans inc
 
 
 def _reap_nohang() -> None:
-    """Reap the zygote's children that have ended -- the nursery, holders, and orphans: what a
-    killed cell left, or a cell whose parent a program killed -- and remember how they ended."""
+    """Reap the children that have ended and remember how -- in the zygote: the nursery, holders,
+    and orphans (what a killed cell left, or a cell whose parent a program killed); in a session
+    holder: the processes its program left, killed by the sweep."""
     while True:
         try:
             pid, wstatus, ru = os.wait4(-1, os.WNOHANG)
@@ -249,17 +240,6 @@ def _wait_reaped(pids, timeout: float) -> None:
         waiting = left
         if waiting:
             time.sleep(0.0005)
-
-
-def _reap_children() -> None:
-    """Reap every child that has ended (a holder: the processes its program left, killed by the sweep)."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
 
 
 RECHECK_S = (0.005, 0.05)  # a stop signal sent just before a sweep can land after its SIGCONT
@@ -404,21 +384,13 @@ def holder_report_problem(msg, fds) -> str | None:
     op, pid = msg.get("op"), msg.get("pid")
     if op not in HOLDER_OPS:
         return f"unknown op {str(op)[:40]!r}"
-    if not (isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 1 << 22):
+    if not (proto.is_int(pid) and 0 < pid < 1 << 22):
         return f"op {op!r} without a valid pid"
     if fds and (op != "spare" or len(fds) != 4):
         return f"{len(fds)} file descriptors with op {op!r}"
     if op == "spare" and len(fds) != 4:
         return "a spare without its 4 channels"
     return None
-
-
-def _number(value) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e12 else 0.0
-
-
-def _wait_status(value):
-    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0xFFFF else None
 
 
 def _exit_info(pid: int, wstatus: int, utime: float, stime: float, maxrss: int) -> dict:
@@ -474,7 +446,7 @@ def _fork(reap: bool) -> int:
     deadline, delay = time.monotonic() + FORK_RETRY_S, 0.001
     while True:
         if reap:
-            _reap_children()
+            _reap_nohang()
         try:
             return os.fork()
         except BlockingIOError:
@@ -904,8 +876,8 @@ class Sessions:
             return
         Channels.close(fds)
         if op == "cell_exit":
-            head.exits[pid] = _exit_info(pid, _wait_status(msg.get("status")), _number(msg.get("utime")),
-                                         _number(msg.get("stime")), int(_number(msg.get("maxrss"))))
+            head.exits[pid] = _exit_info(pid, proto.wait_status(msg.get("status")), proto.seconds(msg.get("utime")),
+                                         proto.seconds(msg.get("stime")), int(proto.seconds(msg.get("maxrss"))))
             while len(head.exits) > MAX_EXITS:
                 head.exits.pop(next(iter(head.exits)))
         elif op == "forked":
@@ -1274,34 +1246,18 @@ def _harden() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_DFL)
 
-    _prctl(PR_SET_DUMPABLE, 0)  # no /proc/1/mem, no ptrace from cells (seccomp denies it too)
+    cell.prctl(cell.PR_SET_DUMPABLE, 0)  # no /proc/1/mem, no ptrace from cells (seccomp denies it too)
     if not CONFIG.get("pid_namespace"):
-        _prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans come back to us, so strays can be found
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        cell.prctl(cell.PR_SET_CHILD_SUBREAPER, 1)  # orphans come back to us, so strays can be found
+        cell.prctl(cell.PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _add_site_dirs(dirs: list[str]) -> None:
-    """What site.main() would add, minus the executable `import` lines of .pth files."""
-    for d in dirs:
-        if d not in sys.path:
-            sys.path.append(d)
-        try:
-            names = sorted(n for n in os.listdir(d) if n.endswith(".pth"))
-        except OSError:
-            continue
-        for name in names:
-            try:
-                with open(os.path.join(d, name), encoding="utf-8") as f:
-                    lines = f.read().splitlines()
-            except (OSError, UnicodeDecodeError):
-                continue
-            for line in lines:
-                line = line.strip()
-                if not line or line.startswith("#") or line.startswith(("import ", "import\t")):
-                    continue
-                path = os.path.join(d, line)
-                if os.path.isdir(path) and path not in sys.path:
-                    sys.path.append(path)
+def _add_site_dirs(paths: list[str]) -> None:
+    """What site.main() would add -- the host computed it (site directories and the plain path lines
+    of their .pth files, in order; never the executable ``import`` lines)."""
+    for path in paths:
+        if path not in sys.path and os.path.isdir(path):
+            sys.path.append(path)
     import site  # with -S, importing site does not run it; it still provides exit/quit/help
 
     site.setquit()
@@ -1318,7 +1274,7 @@ def main() -> None:
     os.close(devnull)
     CONFIG, _ = proto.recv(ctl)
     cell.CONFIG.update(CONFIG)
-    _add_site_dirs(CONFIG.get("site_dirs", []))
+    _add_site_dirs(CONFIG.get("sys_path", []))
     cell.STATE["trusted_prefixes"] = tuple(p.rstrip("/") + "/" for p in CONFIG.get("trusted_paths", [])) \
         or ("/nonexistent/",)
     _harden()
