@@ -125,9 +125,10 @@ def test_option_values_that_look_like_options_are_values():
 
 
 def test_limit_messages_say_how_to_raise_the_limit_and_the_error_is_said_once():
-    r = jailcell("run", "--policy", "minimal", "--timeout", "1", "-c", "while True: pass")
+    # a sleeping program: the wall clock ends it, never the CPU limit (a spinning one could hit either)
+    r = jailcell("run", "--policy", "minimal", "--timeout", "1", "-c", "import time\ntime.sleep(30)")
     err = r.stderr.decode()
-    assert r.returncode == 1 and "wall-clock limit of 1 s reached (raise it:" in err and "--timeout" in err
+    assert r.returncode == 1 and "wall-clock limit of 1 s reached (raise it:" in err and "--timeout" in err, err
     r = jailcell("run", "--policy", "minimal", "--memory", "64", "-c", "x = bytearray(1 << 30)")
     err = r.stderr.decode()
     assert r.returncode == 1 and "memory limit of 64 MiB" in err and "--memory" in err, err
