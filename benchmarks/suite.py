@@ -567,7 +567,8 @@ class Suite:
                 for _ in range(4000):
                     tick()
             gc.collect()
-            from jailcell.jail._host import _live, _teardown
+            from jailcell._host._jail import _live
+            from jailcell._host._teardown import teardown as _teardown
 
             _teardown.join()  # close() returns at once; the last jails' processes are reaped in the background
             after = _host_footprint()
@@ -696,7 +697,8 @@ def hostile_soak(seconds: float, sessions: int = 8, tick: Callable[[], None] = l
     import threading
 
     from jailcell import Policy, Sandbox
-    from jailcell.jail._host import _live, _teardown
+    from jailcell._host._jail import _live
+    from jailcell._host._teardown import teardown as _teardown
 
     policy = Policy(name="soak").with_overrides(timeout=2, memory=128, pids=32, output_bytes=1 << 20)
 
@@ -749,8 +751,8 @@ def hostile_soak(seconds: float, sessions: int = 8, tick: Callable[[], None] = l
         t.start()
     for t in threads:
         t.join()
+    gc.collect()  # first: a collected Sandbox or Session closes its jail, whose teardown the join waits for
     _teardown.join()
-    gc.collect()
     after, rss_after = _host_footprint(), rss_mib()
     growth = [f"{k} {before[k]} -> {after[k]}" for k in before
               if after[k] > before[k] + (2 if k == "open fds" else 0)]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from jailcell import Policy, Sandbox
-from jailcell.jail._host import close_all
+from jailcell._host._jail import close_all
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,7 +55,7 @@ def jail_processes() -> list[int]:
             cmd = Path(d, "cmdline").read_bytes()
         except OSError:
             continue
-        if b"jailcell/jail/zygote.py" in cmd or (b"nsjail" in cmd and b"jailcell" in cmd):
+        if b"jailcell/_injail/zygote.py" in cmd or (b"nsjail" in cmd and b"jailcell" in cmd):
             if _descends_from_us(int(d[6:]), parents):
                 out.append(int(d[6:]))
     return out
@@ -86,6 +86,24 @@ def jail_tmpdirs() -> list[str]:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def busiest_cpu_s(jail_pid: int, seconds: float = 0.5) -> float:
+    """The most CPU time any process of the jail used over ``seconds`` (a spinning cell: ~seconds).
+    Processes that end meanwhile (a killed cell still exiting) count for what they used until then."""
+    import psutil
+
+    def used(proc) -> float | None:
+        try:
+            return sum(proc.cpu_times()[:2])
+        except psutil.Error:
+            return None
+
+    procs = psutil.Process(jail_pid).children(recursive=True)
+    before = {p.pid: used(p) for p in procs}
+    time.sleep(seconds)
+    spent = [(used(p) or before[p.pid]) - before[p.pid] for p in procs if before[p.pid] is not None]
+    return max(spent, default=0.0)
 
 
 def wait_for(predicate, timeout: float = 5.0) -> bool:

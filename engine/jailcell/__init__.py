@@ -10,7 +10,9 @@ from ._errors import (BackendUnavailable, InputError, JailcellError, JailError, 
                       UsageError)
 from ._policy import Imports, Limits, Policy
 from ._result import STATUSES, Result, Status
-from ._sandbox import AsyncSandbox, AsyncSession, Pool, Sandbox, Session
+from ._async import AsyncSandbox, AsyncSession
+from ._pool import Pool
+from ._sandbox import Sandbox, Session
 
 try:  # one version source: the distribution's metadata (pyproject.toml)
     from importlib.metadata import PackageNotFoundError, version

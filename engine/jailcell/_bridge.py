@@ -1,7 +1,7 @@
 """Host functions: plain Python callables on the host that sandboxed code calls like local functions.
 
 Inside the cell, ``search("x")`` sends ``{"call": "search", "args": ["x"], "kwargs": {}}`` up the
-run's result channel; the host's supervisor (``jail/_supervisor.py``) checks the name, shapes, size
+run's result channel; the host's supervisor (``_host/_supervisor.py``) checks the name, shapes, size
 and count, then looks the name up in the mapping it was given and calls that function -- nothing
 else the cell sends is ever evaluated.  The value (JSON) or the exception (type name and message)
 goes back down, and the time spent counts against the run's wall-clock limit (a run whose limit

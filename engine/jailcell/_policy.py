@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import PolicyError
-from .jail._patterns import blocked, matcher
+from ._injail._protocol import blocked, matcher
 
 __all__ = ["Policy", "Limits", "Imports", "builtin_policy_names", "policies_dir"]
 
@@ -115,7 +115,7 @@ class Imports:
 
     def blocks(self, module: str) -> bool:
         """True if an import of ``module`` by user code is refused (the rule the jail applies:
-        ``jail/_patterns.py``)."""
+        ``_injail/_protocol.py``)."""
         return blocked(module, matcher(self.deny), matcher(self.allow))
 
 

@@ -1,250 +1,25 @@
-"""The public API: Sandbox, AsyncSandbox, Session, Pool.
+"""The public sync API: Sandbox (stateless runs on a warm jail) and Session (a stateful one).
 
-One engine does the work (:class:`_Engine`: requests, jails, results); the sync classes call it
-directly and the async twins run the same calls in worker threads -- only the I/O differs.
-"""
+Both hand their work to :class:`~jailcell._engine._Engine`; the async twins (``_async.py``) call
+the same methods in worker threads, with a cancel token that really stops the run."""
 
 from __future__ import annotations
 
-import asyncio
-import atexit
 import base64
 import os
-import queue
-import sys
 import threading
 import time
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping
 
-from ._bridge import HostFunctions
-from ._errors import InputError, JailError, SandboxClosed, UsageError
+from ._engine import FILE_CHUNK, RunLock, _check_files, _Engine, check_file_name, raise_reply_error
+from ._errors import JailError, SandboxClosed
+from ._host._jail import Cancel, HeadLost, Jail, JailTimeout
+from ._injail._protocol import ProtocolError
 from ._policy import MIB, Policy
 from ._result import Result
 from ._threads import LazyThread
-from .backends import get_backend
-from .jail._host import HeadLost, Jail, JailTimeout, close_all
-from .jail._protocol import ProtocolError
-from .jail._supervisor import RAISE_MEMORY
 
-__all__ = ["Sandbox", "AsyncSandbox", "Session", "AsyncSession", "Pool"]
-
-MAX_NAME = 1024
-FILE_CHUNK = 4 * MIB  # session uploads and downloads travel in pieces of this size
-atexit.register(close_all)
-
-
-def _check_code(code: Any, policy: Policy) -> str:
-    if isinstance(code, (bytes, bytearray)):
-        try:
-            code = bytes(code).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InputError(f"code is not valid UTF-8 (byte {exc.start}); pass text or UTF-8 bytes") from None
-    if not isinstance(code, str):
-        raise InputError(f"code must be a str, got {type(code).__name__}")
-    if "\0" in code:
-        raise InputError(f"code contains a NUL byte at offset {code.index(chr(0))}; Python source cannot contain NUL")
-    try:
-        size = len(code.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise InputError("code contains lone surrogate characters; pass valid Unicode text") from None
-    if size > policy.limits.code_bytes:
-        raise InputError(
-            f"code is {size} bytes, over the limit of {policy.limits.code_bytes} bytes of policy {policy.name!r} "
-            "(limits.code_bytes)"
-        )
-    return code
-
-
-def check_file_name(name: Any) -> str:
-    """A workspace-relative file name: no absolute paths, ``..``, NUL or control characters."""
-    if not isinstance(name, str) or not name:
-        raise InputError(f"file name must be a non-empty string, got {name!r}")
-    bad = [c for c in name if ord(c) < 32 or c == "\x7f"]
-    if bad or len(name) > MAX_NAME:
-        raise InputError(f"file name {name!r} has control characters or is longer than {MAX_NAME}")
-    if name.startswith("/") or name.startswith("\\"):
-        raise InputError(f"file name {name!r} is absolute; use a path relative to the workspace, like 'data/in.csv'")
-    parts = name.split("/")
-    if any(p in ("", ".", "..") for p in parts) or any(len(p.encode()) > 255 for p in parts):
-        raise InputError(f"file name {name!r} must be a relative path without '.', '..' or empty parts")
-    return name
-
-
-def _check_files(files: Mapping[str, Any] | None, policy: Policy) -> dict[str, str]:
-    """Validate names and sizes before anything is encoded; returns {name: base64}."""
-    if not files:
-        return {}
-    if not isinstance(files, Mapping):
-        raise InputError("files must be a mapping of {name: bytes or str}")
-    per_file = min(policy.limits.workspace_mib, policy.limits.file_size_mib) * MIB
-    raw: dict[str, bytes] = {}
-    for name, data in files.items():
-        check_file_name(name)
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise InputError(f"file {name!r}: content must be bytes or str, got {type(data).__name__}")
-        raw[name] = bytes(data)
-    total = sum(len(d) for d in raw.values())
-    if total > policy.limits.workspace_mib * MIB or any(len(d) > per_file for d in raw.values()):
-        raise InputError(
-            f"files are too large: {total} bytes in all; each file may be at most {per_file} bytes and all together "
-            f"{policy.limits.workspace_mib} MiB (policy {policy.name!r})"
-        )
-    return {name: base64.b64encode(d).decode("ascii") for name, d in raw.items()}
-
-
-def raise_reply_error(reply: dict[str, Any]) -> None:
-    """Map an error reply of the zygote onto jailcell's exceptions."""
-    kind, message = reply.get("type", ""), reply.get("message", "the jail refused the request")
-    if kind in ("ValueError", "FileNotFoundError", "IsADirectoryError", "NotADirectoryError", "KeyError"):
-        raise InputError(message)
-    raise JailError(f"{kind}: {message}" if kind else message)
-
-
-# Modules a built-in policy uses, and the extra of jailcell that installs them.
-EXTRAS = {"numpy": "datascience", "pandas": "datascience", "matplotlib": "datascience"}
-
-
-def missing_module_hint(error: dict[str, Any]) -> dict[str, Any]:
-    """``No module named 'numpy'`` plus what to install on the host, in the message the model reads:
-    the jail sees exactly the packages of the Python that runs jailcell."""
-    import importlib.util
-    import re
-
-    message = str(error.get("message", ""))
-    found = re.fullmatch(r"No module named '([\w.]+)'", message)
-    if not found:
-        return error
-    name = found.group(1)
-    top = name.partition(".")[0]
-    try:
-        on_host = importlib.util.find_spec(top) is not None
-    except (ImportError, ValueError):
-        on_host = False
-    if on_host and name != top:
-        return error  # the package is there; the submodule is not
-    exe = sys.executable
-    if on_host:
-        hint = (f"{top!r} is installed on the host but not visible in the jail; jailcell binds only the "
-                "interpreter's site directories and the paths their .pth files name (`jailcell check` lists them)")
-    elif top in EXTRAS:
-        hint = (f"{top} is not installed for the Python that runs jailcell ({exe}); install it on the host with "
-                f'`{exe} -m pip install "jailcell[{EXTRAS[top]}]"`')
-    else:
-        hint = (f"{top!r} is not installed for the Python that runs jailcell ({exe}); the sandbox can import "
-                f"only what is installed there (`{exe} -m pip install PACKAGE` for the package that provides it)")
-    new = f"{message}: {hint}"
-    tb = str(error.get("traceback", ""))
-    last = f"ModuleNotFoundError: {message}"
-    if tb.rstrip("\n").endswith(last):
-        tb = tb.rstrip("\n")[: -len(last)] + f"ModuleNotFoundError: {new}\n"
-    return dict(error, message=new, traceback=tb)
-
-
-class RunLock:
-    """The lock a jail's runs take turns on.  Host functions run in the thread that called
-    ``run``, inside the run: one that calls ``run`` (or a session call) on the same object would
-    wait for itself forever, so that is an error at once instead."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._owner: int | None = None
-
-    def __enter__(self) -> "RunLock":
-        if self._owner == threading.get_ident():
-            raise UsageError("run() was called on a Sandbox or Session from inside one of its own runs (a host "
-                             "function calling back into it); use another Sandbox, Session or Pool for that")
-        self._lock.acquire()
-        self._owner = threading.get_ident()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._owner = None
-        self._lock.release()
-
-
-class _Engine:
-    """Everything the sync and async classes share: policy, backend, requests, results."""
-
-    def __init__(self, policy: str | os.PathLike[str] | Policy | None, backend: str | None, overrides: dict[str, Any],
-                 functions: Mapping[str, Callable[..., Any]] | None = None) -> None:
-        self.policy = Policy.load(policy).with_overrides(**overrides)
-        self.backend = get_backend(backend)
-        self.functions = HostFunctions(functions)
-        self._isolation: dict[str, Any] | None = None
-
-    def isolation(self) -> dict[str, Any]:
-        if self._isolation is None:
-            iso = self.backend.isolation(self.policy)
-            lim = self.policy.limits
-            iso["policy"] = self.policy.name
-            iso["limits"] = {
-                "wall_s": lim.wall_s, "cpu_s": lim.effective_cpu_s, "memory_mib": lim.memory_mib, "pids": lim.pids,
-                "file_size_mib": lim.file_size_mib, "open_files": lim.open_files, "output_bytes": lim.output_bytes,
-                "workspace_mib": lim.workspace_mib,
-            }
-            iso["import_policy"] = bool(self.policy.imports.allow or self.policy.imports.deny)
-            iso["code_mode"] = self.policy.code_mode
-            self._isolation = iso
-        return self._isolation
-
-    def new_jail(self, session: bool) -> Jail:
-        return Jail(self.backend, self.policy, session=session)
-
-    def run_request(self, code: Any, timeout: float | None, files: Mapping[str, Any] | None) -> dict[str, Any]:
-        code = _check_code(code, self.policy)
-        lim = self.policy.limits
-        wall = float(timeout) if timeout is not None else lim.wall_s
-        if not 0 < wall <= 86400:
-            raise InputError(f"timeout must be between 0 and 86400 seconds, got {timeout!r}")
-        # Without an explicit cpu_s the CPU limit follows the wall-clock limit.
-        cpu = lim.cpu_s if lim.cpu_s is not None else wall
-        req = {"code": code, "timeout": wall, "cpu_s": cpu, "files": _check_files(files, self.policy)}
-        if self.functions:
-            req["functions"] = self.functions.names
-        return req
-
-    def execute(self, jail: Jail, req: dict[str, Any], head: str | None = None) -> tuple[Result, bool]:
-        """Run ``req`` in ``jail``.  Returns the Result and whether the jail is still usable."""
-        t0 = time.monotonic()
-        try:
-            reply = jail.run(req, head=head, on_call=self.functions)
-        except HeadLost:
-            raise
-        except (JailTimeout, EOFError, OSError, JailError, ProtocolError) as exc:
-            jail.kill()
-            why = "it stopped answering" if isinstance(exc, JailTimeout) else f"{type(exc).__name__}: {exc}"
-            again = "; the program had started, so it was not run again" if jail.delivered else ""
-            return self._host_failure("killed", "JailDied", f"the jail broke during the run ({why}){again}", t0), False
-        if "input_error" in reply:
-            raise InputError(reply["input_error"])
-        return self.to_result(reply, jail), True
-
-    def _host_failure(self, status: str, etype: str, message: str, t0: float) -> Result:
-        return Result(status=status, error={"type": etype, "message": message, "traceback": ""},
-                      duration_s=time.monotonic() - t0, isolation=dict(self.isolation()))
-
-    def to_result(self, reply: dict[str, Any], jail: Jail) -> Result:
-        status = reply.get("status", "error")
-        error = reply.get("error")
-        if status == "killed" and reply.get("signal") == "SIGKILL" and jail.new_oom_kill():
-            status = "memory_limit"
-            error = {"type": "MemoryLimit", "message": f"memory limit of {self.policy.limits.memory_mib} MiB reached; "
-                     f"the program was killed{RAISE_MEMORY}", "traceback": ""}
-        elif status == "error" and error and error.get("type") == "ModuleNotFoundError":
-            error = missing_module_hint(error)
-        elif status == "memory_limit" and error and error.get("type") == "MemoryError":
-            error = dict(error, message=error.get("message") or
-                         f"MemoryError: memory limit of {self.policy.limits.memory_mib} MiB reached{RAISE_MEMORY}")
-        return Result(
-            status=status, stdout=reply.get("stdout", ""), stderr=reply.get("stderr", ""), result=reply.get("result"),
-            error=error, outputs=reply.get("outputs") or [], files=reply.get("files") or [],
-            duration_s=float(reply.get("duration_s", 0.0)), cpu_s=float(reply.get("cpu_s", 0.0)),
-            peak_memory_bytes=int(reply.get("peak_memory_bytes", 0)), isolation=dict(self.isolation()),
-        )
+__all__ = ["Sandbox", "Session"]
 
 
 class Sandbox:
@@ -297,13 +72,23 @@ class Sandbox:
             self._jail = self._engine.new_jail(session=False)
         return self._jail
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def run(self, code: str, *, timeout: float | None = None, files: Mapping[str, Any] | None = None) -> Result:
-        """Run ``code`` in a fresh cell; errors in the code come back in the Result."""
+        """Run ``code`` in a fresh cell; errors in the code come back in the Result.  Raises
+        InputError (bad code, files or timeout), SandboxClosed, BackendUnavailable (the first run
+        starts the jail) or JailError (the jail could not be started)."""
+        return self._run(code, timeout, files)
+
+    def _run(self, code: str, timeout: float | None, files: Mapping[str, Any] | None,
+             cancel: Cancel | None = None) -> Result:
         req = self._engine.run_request(code, timeout, files)
         with self._lock:
             for attempt in (1, 2):
                 jail = self._ensure_jail()
-                result, usable = self._engine.execute(jail, req)
+                result, usable = self._engine.execute(jail, req, cancel=cancel)
                 if not usable:
                     self._jail = None
                 # A jail that broke before the request reached a cell: run on a fresh jail.  Once
@@ -312,8 +97,18 @@ class Sandbox:
                     break
         return result
 
+    def interrupt(self) -> None:
+        """Stop the run in progress (from another thread): its cell is killed, the run returns
+        status ``killed`` (error type ``Interrupted``) and the jail stays warm for the next run.
+        Does nothing when no run is going on (a run waiting for its turn is not affected)."""
+        jail = self._jail
+        if jail is not None and not self._closed:
+            jail.interrupt()
+
     def session(self, *, idle_timeout: float | None = None) -> "Session":
-        """A stateful session (its own jail): globals persist between runs."""
+        """A stateful session (its own jail): globals persist between runs.  ``idle_timeout``
+        closes it after that many seconds without a call.  Raises SandboxClosed, BackendUnavailable
+        or JailError (the session's jail did not start)."""
         if self._closed:
             raise SandboxClosed("this Sandbox is closed; create a new one")
         return Session._create(self._engine, idle_timeout)
@@ -411,6 +206,12 @@ class Session:
         self._last_used = time.monotonic()
 
     def run(self, code: str, *, timeout: float | None = None, files: Mapping[str, Any] | None = None) -> Result:
+        """Run ``code`` with the session's globals; a finished run's state is kept, a killed run's is
+        discarded.  Raises InputError, SandboxClosed, or JailError when the session is lost."""
+        return self._run(code, timeout, files)
+
+    def _run(self, code: str, timeout: float | None, files: Mapping[str, Any] | None,
+             cancel: Cancel | None = None) -> Result:
         self._check_open()
         req = self._engine.run_request(code, timeout, files)
         # Files of a session run are uploaded into the session's workspace first.
@@ -419,7 +220,7 @@ class Session:
         req["files"] = {}
         with self._shared.lock:
             try:
-                result, usable = self._engine.execute(self._shared.jail, req, head=self._head)
+                result, usable = self._engine.execute(self._shared.jail, req, head=self._head, cancel=cancel)
             except HeadLost as exc:
                 self._lost = str(exc)
                 raise JailError(f"{exc}; create a new session") from None
@@ -540,132 +341,3 @@ class _Reaper:
 
 
 _reaper = _Reaper()
-
-
-class Pool:
-    """N warm jails running programs in parallel (default: one per CPU).
-
-    ``map`` keeps the order of its input and consumes it lazily with bounded look-ahead, so a
-    generator of a million programs is fine.  A jail that dies is replaced.
-    """
-
-    def __init__(self, size: int | None = None, policy: str | os.PathLike[str] | Policy | None = "standard", *,
-                 backend: str | None = None, warm: bool = True, functions: Mapping[str, Callable[..., Any]] | None = None,
-                 **overrides: Any) -> None:
-        size = size if size is not None else (os.cpu_count() or 1)
-        if not isinstance(size, int) or size < 1:
-            raise InputError(f"Pool size must be a positive integer, got {size!r}")
-        self.size = size
-        self._sandboxes: queue.SimpleQueue[Sandbox] = queue.SimpleQueue()
-        self._all: list[Sandbox] = []
-        self._closed = False
-        engine_policy = Policy.load(policy).with_overrides(**overrides)
-        starters = [lambda: Sandbox(engine_policy, backend=backend, warm=warm, functions=functions) for _ in range(size)]
-        with ThreadPoolExecutor(max_workers=size) as ex:
-            for sb in ex.map(lambda f: f(), starters):
-                self._all.append(sb)
-                self._sandboxes.put(sb)
-        self._executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="jailcell-pool")
-
-    @property
-    def policy(self) -> Policy:
-        return self._all[0].policy
-
-    def run(self, code: str, *, timeout: float | None = None, files: Mapping[str, Any] | None = None) -> Result:
-        if self._closed:
-            raise SandboxClosed("this Pool is closed")
-        sb = self._sandboxes.get()
-        try:
-            return sb.run(code, timeout=timeout, files=files)
-        finally:
-            self._sandboxes.put(sb)
-
-    def map(self, codes: Iterable[str], *, timeout: float | None = None) -> list[Result]:
-        """Run every program; results in input order."""
-        if self._closed:
-            raise SandboxClosed("this Pool is closed")
-        results: list[Result] = []
-        pending: list = []
-        window = self.size * 2  # backpressure: at most this many submitted and not collected
-        for code in codes:
-            pending.append(self._executor.submit(self.run, code, timeout=timeout))
-            if len(pending) >= window:
-                results.append(pending.pop(0).result())
-        results.extend(f.result() for f in pending)
-        return results
-
-    async def amap(self, codes: Iterable[str], *, timeout: float | None = None) -> list[Result]:
-        return await asyncio.to_thread(self.map, codes, timeout=timeout)
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._executor.shutdown(wait=True)
-        for sb in self._all:
-            sb.close()
-
-    def __enter__(self) -> "Pool":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class AsyncSandbox:
-    """The asyncio twin of :class:`Sandbox`: same arguments, coroutine methods."""
-
-    def __init__(self, policy: str | os.PathLike[str] | Policy | None = "standard", *, backend: str | None = None,
-                 warm: bool = False, functions: Mapping[str, Callable[..., Any]] | None = None,
-                 **overrides: Any) -> None:
-        self._sync = Sandbox(policy, backend=backend, warm=warm, functions=functions, **overrides)
-
-    @property
-    def policy(self) -> Policy:
-        return self._sync.policy
-
-    async def run(self, code: str, *, timeout: float | None = None, files: Mapping[str, Any] | None = None) -> Result:
-        return await asyncio.to_thread(self._sync.run, code, timeout=timeout, files=files)
-
-    async def session(self, *, idle_timeout: float | None = None) -> "AsyncSession":
-        return AsyncSession(await asyncio.to_thread(self._sync.session, idle_timeout=idle_timeout))
-
-    async def close(self) -> None:
-        await asyncio.to_thread(self._sync.close)
-
-    async def __aenter__(self) -> "AsyncSandbox":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-
-class AsyncSession:
-    """The asyncio twin of :class:`Session`."""
-
-    def __init__(self, session: Session) -> None:
-        self._sync = session
-
-    async def run(self, code: str, *, timeout: float | None = None, files: Mapping[str, Any] | None = None) -> Result:
-        return await asyncio.to_thread(self._sync.run, code, timeout=timeout, files=files)
-
-    def interrupt(self) -> None:
-        self._sync.interrupt()
-
-    async def upload(self, name: str, data: bytes | str) -> None:
-        await asyncio.to_thread(self._sync.upload, name, data)
-
-    async def download(self, name: str) -> bytes:
-        return await asyncio.to_thread(self._sync.download, name)
-
-    async def fork(self) -> "AsyncSession":
-        return AsyncSession(await asyncio.to_thread(self._sync.fork))
-
-    async def close(self) -> None:
-        await asyncio.to_thread(self._sync.close)
-
-    async def __aenter__(self) -> "AsyncSession":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()

@@ -102,7 +102,7 @@ for keep in (0, 2, 4, 6, 8, 12, 20):
         os.close(fd)
 with Sandbox("minimal") as sb:
     out.append(sb.run("print('after')").stdout.strip())
-from jailcell.jail._host import close_all
+from jailcell._host._jail import close_all
 close_all()
 import json
 print(json.dumps([out, glob.glob(f"/sys/fs/cgroup/*/jailcell/{os.getpid()}-*")]))

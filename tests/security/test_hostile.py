@@ -124,7 +124,7 @@ print(res)
 def test_nothing_written_outside_workspace(open_sandbox):
     import sys
 
-    targets = [sys.prefix + "/evil.txt", "/usr/lib/evil.txt", "/jailcell/jail/evil.py", "/evil.txt",
+    targets = [sys.prefix + "/evil.txt", "/usr/lib/evil.txt", "/jailcell/injail/evil.py", "/evil.txt",
                "/dev/evil", "/proc/sys/kernel/hostname"]
     code = (
         "res = []\n"
@@ -283,7 +283,7 @@ def test_forged_protocol_bytes_do_not_confuse_the_engine(open_sandbox):
 def test_report_nested_too_deeply_is_corrupted_not_a_host_crash(open_sandbox):
     """A well-framed report whose JSON nests past the parser's recursion limit: the host refuses it
     as a corrupted channel (it used to raise RecursionError out of Sandbox.run)."""
-    from jailcell.jail import _protocol as proto
+    from jailcell._injail import _protocol as proto
 
     depth = 200_000
     body = b'{"status": ' + b"[" * depth + b"]" * depth + b"}"
@@ -318,7 +318,7 @@ def test_host_killing_the_jail_is_recovered(open_sandbox):
 def test_closing_right_after_a_run_leaves_no_process():
     """close() just after a run races the zygote's sweep of that run; nothing may survive it.  (The
     process backend's version of this test runs as an unprivileged user: test_unprivileged.py.)"""
-    from jailcell.jail._host import _teardown
+    from jailcell._host._teardown import teardown as _teardown
 
     from ..conftest import _parents, jail_processes, wait_for
 

@@ -112,7 +112,7 @@ def test_names_cover_submodules_and_globs_match_in_the_jail(tmp_path):
             assert r.status == "policy_violation", (module, r)
         assert sb.run("import htmlx").error["type"] == "ModuleNotFoundError"  # a prefix is not a parent
         # The host's view of the policy (`jailcell policy show`, Policy.imports) and the jail's guard
-        # are one rule (jail/_patterns.py): the same answer for names, globs, ? and [...] classes.
+        # are one rule (_injail/_protocol.py): the same answer for names, globs, ? and [...] classes.
         for module in ("xml.dom", "xml.dom.minidom", "email.mime.text", "html.parser", "csv", "queue",
                        "json", "json.decoder", "json.encoder", "json.tool", "xml.sax", "string"):
             r = sb.run(f"import {module}")

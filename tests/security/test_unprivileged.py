@@ -128,7 +128,7 @@ def test_process_backend_by_name_as_nobody(copy_root, root_only_secret):
 CLOSE_RACE = r"""
 import ctypes, glob, os, time
 from jailcell import Sandbox
-from jailcell.jail._host import _teardown
+from jailcell._host._teardown import teardown as _teardown
 ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # a subreaper: orphans of the jails come back here
 
 def zygotes():  # this script's (a subreaper: its jails' orphans stay its descendants)

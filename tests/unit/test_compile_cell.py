@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "engine" / "jailcell" / "jail"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "engine" / "jailcell" / "_injail"))
 import _cell  # noqa: E402  (the in-jail module, imported by file as the zygote does)
 
 CASES = [

@@ -10,15 +10,16 @@ import socket
 import struct
 import sys
 import tempfile
+import types
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jailcell import Policy, PolicyError
-from jailcell.jail import _protocol as proto
-from jailcell.jail._host import _malformed
-from jailcell.jail._supervisor import CORRUPTED, _Bridge, parse_report, too_many_containers
+from jailcell._injail import _protocol as proto
+from jailcell._host._jail import _malformed
+from jailcell._host._supervisor import CORRUPTED, _Bridge, parse_report, too_many_containers
 
 JAIL_SRC = os.path.join(os.path.dirname(proto.__file__))
 
@@ -114,12 +115,15 @@ def test_seconds_are_finite_and_not_negative(value):
 
 @pytest.fixture(scope="module")
 def zygote_module():
-    """The in-jail zygote module, imported as the jail imports it (its own directory on the path)."""
+    """The in-jail modules that read a holder's reports, imported as the jail imports them (their own
+    directory on the path)."""
     sys.path.insert(0, JAIL_SRC)
     try:
-        import zygote
+        import _procs
+        import _sessions
 
-        yield zygote
+        yield types.SimpleNamespace(holder_report_problem=_sessions.holder_report_problem,
+                                    HOLDER_OPS=_sessions.HOLDER_OPS, exit_info=_procs.exit_info)
     finally:
         sys.path.remove(JAIL_SRC)
 
@@ -133,7 +137,7 @@ def test_zygote_check_of_holder_reports_takes_anything(zygote_module, msg, nfds)
     assert problem is None or isinstance(problem, str)
     if problem is None:
         assert msg["op"] in zygote_module.HOLDER_OPS and type(msg["pid"]) is int
-        info = zygote_module._exit_info(msg["pid"], proto.wait_status(msg.get("status")),
+        info = zygote_module.exit_info(msg["pid"], proto.wait_status(msg.get("status")),
                                         proto.seconds(msg.get("utime")), proto.seconds(msg.get("stime")),
                                         int(proto.seconds(msg.get("maxrss"))))
         assert _malformed({"op": "exit", "cell": info["pid"], "status": info["status"]}, []) is None

@@ -12,8 +12,8 @@ from typing import Any
 from .._policy import MIB, Policy
 from ._layout import python_layout
 
-JAIL_SRC = Path(__file__).resolve().parent.parent / "jail"
-JAIL_SRC_MOUNT = "/jailcell/jail"  # where a jail with its own mount namespace sees JAIL_SRC
+JAIL_SRC = Path(__file__).resolve().parent.parent / "_injail"
+JAIL_SRC_MOUNT = "/jailcell/injail"  # where a jail with its own mount namespace sees JAIL_SRC
 
 # Thread pools must be single-threaded before fork; matplotlib must not look for a display.
 # glibc asks for transparent huge pages for its heap (numpy's arrays, large objects).  Python's own

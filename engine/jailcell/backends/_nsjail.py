@@ -33,7 +33,7 @@ TMP = "/tmp"
 # with CLONE_PARENT (0x8000) is denied too: its child would be the nursery's, which the sweep
 # keeps.  SysV IPC and POSIX message queues live in the jail's IPC namespace, which outlives a
 # run (data would cross runs; a large segment would count against later runs' memory): denied.
-# Each cell stacks a stricter filter of its own on top (jail/_seccomp.py).
+# Each cell stacks a stricter filter of its own on top (_injail/_seccomp.py).
 SECCOMP_POLICY = """
 ERRNO(1) {
   ptrace, process_vm_readv, process_vm_writev, process_madvise, pidfd_getfd,

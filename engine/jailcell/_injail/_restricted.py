@@ -24,6 +24,10 @@ from RestrictedPython.Guards import (
     safer_getattr,
 )
 
+# Builtins of its own (as every in-jail module): a program that replaces builtins.len does not change
+# what this code sees.
+__builtins__ = dict(builtins.__dict__)
+
 # Attribute names that reach interpreter internals: refused everywhere, whatever the object.
 _FORBIDDEN_ATTRS = frozenset({
     "gi_frame", "gi_code", "gi_yieldfrom", "cr_frame", "cr_code", "cr_await", "ag_frame", "ag_code",

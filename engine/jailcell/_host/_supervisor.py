@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import _protocol as proto
+from .._injail import _protocol as proto
 
 DRAIN_INTERVAL_S = 0.02
 READ_SIZE = 1 << 16  # os.read allocates this much first: 1 MiB would be an mmap + munmap per read

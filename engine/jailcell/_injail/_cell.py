@@ -22,10 +22,10 @@ import fcntl
 import io
 import os
 import resource
-import stat
 import sys
 
-import _patterns
+import _files as files
+import _guard as guard
 import _protocol as proto
 
 # jailcell's code in a cell looks builtins up in a copy of its own, made before any program exists
@@ -36,11 +36,6 @@ import _protocol as proto
 # matplotlib) needs them, and the paths that call it put them back first.
 __builtins__ = dict(builtins.__dict__)
 
-# The first spare of a jail starts from these imports alone (C modules, small ones): no ``re``,
-# ``enum``, ``ast``, ``json``, ``traceback`` -- ~10 ms of imports off every jail's first run.
-# Modules only some runs need are imported when needed; ``complete_image`` loads them into the
-# nursery once its first spare exists, so later cells have them already.
-LATER_IMPORTS = ("linecache", "traceback")
 _import = builtins.__import__  # the interpreter's own: the program may replace builtins.__import__
 
 CELL_FILENAME = "<cell>"
@@ -49,185 +44,7 @@ MAX_REQUEST = 64 * 1024 * 1024    # code + base64 input files
 MAX_IMAGES_BYTES = 16 * 1024 * 1024
 
 CONFIG: dict = {}                 # the jail's config frame (set by the zygote)
-STATE: dict = {"hide": [], "trusted_prefixes": ("/nonexistent/",)}
-
-
-# ----------------------------------------------------------------------------------------------
-# the import policy
-# ----------------------------------------------------------------------------------------------
-
-class PolicyViolation(ImportError):
-    """An import refused by the jail's policy (an ImportError, so `except ImportError` works)."""
-
-
-def import_blocked(module: str) -> bool:
-    if "deny" not in STATE:  # compiled once, in the zygote; cells inherit them
-        imports = CONFIG.get("imports", {})
-        STATE["deny"], STATE["allow"] = _patterns.matcher(imports.get("deny")), _patterns.matcher(imports.get("allow"))
-    return _patterns.blocked(module, STATE["deny"], STATE["allow"])
-
-
-def _blocked_message(module: str) -> str:
-    imports = CONFIG.get("imports", {})
-    policy = CONFIG.get("policy_name", "?")
-    def listed(names: list) -> str:  # complete, or saying how many more there are
-        more = len(names) - 30
-        return ", ".join(names[:30]) + (f" and {more} more (`jailcell policy show {policy}`)" if more > 0 else "")
-
-    if imports.get("allow"):
-        allowed = listed(imports["allow"])
-    else:
-        allowed = "everything except " + listed(imports.get("deny", []))
-    return (
-        f"import of {module!r} is blocked by policy {policy!r}; allowed: {allowed} "
-        f"(to allow it, use a policy that extends {policy!r} with imports.allow_add/deny_remove)"
-    )
-
-
-def _trusted_frame(frame) -> bool:
-    """True when ``frame`` runs library code: a file under the interpreter's install, or a
-    stdlib module frozen into the interpreter (``<frozen os>``)."""
-    filename = frame.f_code.co_filename
-    return filename.startswith(STATE["trusted_prefixes"]) or filename.startswith("<frozen ")
-
-
-def install_import_guard() -> None:
-    """Refuse imports made *by user code* that the policy blocks.
-
-    Imports made by library code (numpy importing ctypes) are not blocked.  This is defence in
-    depth and a clear message for the model; the OS jail is the boundary, not this hook.
-    """
-    if not CONFIG.get("imports", {}).get("deny") and not CONFIG.get("imports", {}).get("allow"):
-        return
-    import importlib
-
-    import_blocked("")  # compile the policy's patterns now, before the hooks are in place
-    real_import = builtins.__import__
-    real_import_module = importlib.import_module
-    getframe = sys._getframe
-    stdlib = os.path.dirname(os.__file__) + "/"
-    helpers = tuple(stdlib + f for f in ("importlib/", "pkgutil.py", "pydoc.py", "imp.py", "runpy.py"))
-
-    def deciding(frame):
-        """The frame that asked for an import: past the import machinery, the stdlib's import-by-name
-        helpers (importlib.import_module, pkgutil.resolve_name, pydoc.locate, imp, runpy) and the
-        module-level code of blocked modules being executed (a blocked module loaded by hand
-        through a loader object imports its own dependencies)."""
-        while frame is not None:
-            code = frame.f_code
-            filename = code.co_filename
-            if not (filename.startswith(helpers) or filename.startswith("<frozen importlib")
-                    or filename.startswith("<frozen runpy")
-                    or (code.co_name == "<module>" and import_blocked(str(frame.f_globals.get("__name__", ""))))):
-                return frame
-            frame = frame.f_back
-        return None
-
-    def check(name: str, frame) -> None:
-        if frame is None or not name or not import_blocked(name):
-            return
-        if _trusted_frame(frame):
-            frame = deciding(frame)
-            if frame is None or _trusted_frame(frame):
-                return
-        raise PolicyViolation(_blocked_message(name), name=name)
-
-    def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
-        if level == 0:
-            check(name, getframe(1))
-            if fromlist and not _trusted_frame(getframe(1)):
-                for sub in fromlist:
-                    if isinstance(sub, str) and sub != "*" and import_blocked(f"{name}.{sub}"):
-                        check(f"{name}.{sub}", getframe(1))
-        return real_import(name, globals, locals, fromlist, level)
-
-    def guarded_import_module(name, package=None):
-        if not name.startswith("."):
-            check(name, getframe(1))
-        return real_import_module(name, package)
-
-    builtins.__import__ = guarded_import
-    importlib.import_module = guarded_import_module
-    sys.meta_path.insert(0, _PolicyFinder(os.path.dirname(importlib.__file__) + "/", check))
-
-
-class _PolicyFinder:
-    """A meta-path finder that refuses blocked modules not yet loaded, whatever route was taken
-    (``importlib.util.find_spec``, a restored ``__import__``, loaders): it looks at the first frame
-    outside the import machinery.  The ``__import__`` wrapper covers modules already loaded."""
-
-    def __init__(self, importlib_dir: str, check) -> None:
-        self.importlib_dir = importlib_dir
-        self.check = check
-
-    def find_spec(self, name, path=None, target=None):
-        frame = sys._getframe(1)
-        while frame is not None:
-            filename = frame.f_code.co_filename
-            if not (filename.startswith("<frozen importlib") or filename.startswith(self.importlib_dir)):
-                break
-            frame = frame.f_back
-        self.check(name, frame)
-        return None
-
-
-def blocked_loaded_modules() -> list[str]:
-    """Loaded modules the policy blocks that can safely be dropped from sys.modules (computed once,
-    in the zygote; interpreter built-ins such as sys, posix or _signal cannot be loaded twice)."""
-    builtin = set(sys.builtin_module_names)
-    return [n for n, m in list(sys.modules.items())
-            if n not in builtin and getattr(m, "__file__", None) and import_blocked(n)]
-
-
-# Modules the process that forks cells uses itself: os.wait4 imports `resource` at every call,
-# so a nursery without it in sys.modules would load it again for each cell it reaps.
-FORKER_NEEDS = ("resource",)
-
-
-def complete_image(nursery: bool = False) -> None:
-    """In the nursery once its first spare exists (in the zygote of a session jail): load
-    LATER_IMPORTS, so later cells do not each import them, and list what the policy blocks among
-    the modules that came with them.  A nursery hides those from its own sys.modules at once (but
-    FORKER_NEEDS), so its cells inherit them hidden instead of each paying for it."""
-    for name in LATER_IMPORTS:
-        try:
-            _import(name)
-        except ImportError:
-            pass
-    STATE["hide"] = blocked_loaded_modules()
-    if nursery:
-        STATE["hide_left"] = [name for name in STATE["hide"] if name in FORKER_NEEDS]
-        for name in STATE["hide"]:
-            if name not in FORKER_NEEDS:
-                sys.modules.pop(name, None)
-        STATE["hidden_at"] = len(sys.modules)
-
-
-JAIL_MODULES = ("zygote", "_cell", "_protocol", "_seccomp", "_patterns", "_restricted")
-
-
-def hide_jail() -> None:
-    """In a process that forks cells, before any exists: jailcell's own modules leave sys.modules
-    and their directory leaves sys.path, so a program cannot pick them up by name (the code that
-    serves a cell keeps its references).  A program can still reach this process's memory by other
-    means: nothing there is trusted (the host validates what a cell sends; see the README)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for name in JAIL_MODULES:
-        sys.modules.pop(name, None)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
-
-
-def hide_blocked_modules() -> None:
-    """Take modules the policy blocks out of sys.modules before user code runs, so `sys.modules[...]`
-    does not hand them over.  Libraries keep their own references; a later import by library
-    code loads them again through the import guard (which lets library code through).
-
-    A cell whose nursery hid them already, and that has loaded nothing since (sys.modules is as
-    long as it was then), has only what the nursery kept to hide: each pop writes to a module and
-    its name, memory pages an idle cell would otherwise hold copies of."""
-    names = STATE["hide_left"] if len(sys.modules) == STATE.get("hidden_at") else STATE["hide"]
-    for name in names:
-        sys.modules.pop(name, None)
+STATE: dict = {}                  # run_restricted, the cpu limit set, a session's own builtins
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +110,7 @@ def _trim_traceback(exc: BaseException, code: str) -> str:
 
 
 def _format_traceback(exc: BaseException, code: str) -> str:
-    _import("linecache")  # loaded already in all but a jail's first cell (LATER_IMPORTS)
+    _import("linecache")  # loaded already in all but a jail's first cell (guard.LATER_IMPORTS)
     traceback = _import("traceback")
     _register_source(code)
     tb = exc.__traceback__
@@ -393,7 +210,7 @@ def execute(code: str, glb: dict, session: bool = False) -> dict:
             if run_restricted is None:
                 from _restricted import run_restricted
 
-            run = lambda: run_restricted(code, glb, CELL_FILENAME, lambda m: not import_blocked(m))  # noqa: E731
+            run = lambda: run_restricted(code, glb, CELL_FILENAME, lambda m: not guard.import_blocked(m))  # noqa: E731
         else:
             body_code, last_code = compile_cell(code)
             run = lambda: (_exec(body_code, glb), _eval(last_code, glb) if last_code is not None else None)[1]  # noqa: E731
@@ -420,7 +237,7 @@ def execute(code: str, glb: dict, session: bool = False) -> dict:
         status = "error"
         if isinstance(exc, MemoryError):
             status = "memory_limit"
-        elif isinstance(exc, PolicyViolation) or getattr(exc, "jailcell_policy", False):
+        elif isinstance(exc, guard.PolicyViolation) or getattr(exc, "jailcell_policy", False):
             status = "policy_violation"
         report["status"] = status
         report["error"] = {"type": type(exc).__name__, "message": _safe_str(exc), "traceback": _trim_traceback(exc, code)}
@@ -476,111 +293,6 @@ def _host_exception(kind: str, message: str) -> BaseException:
         return cls(message)
     except Exception:
         return RuntimeError(f"{kind}: {message}")
-
-
-# ----------------------------------------------------------------------------------------------
-# workspace files
-# ----------------------------------------------------------------------------------------------
-
-def list_files(root: str) -> dict[str, tuple[int, int]]:
-    """Regular files below ``root``: relative name -> (size, mtime_ns)."""
-    out: dict[str, tuple[int, int]] = {}
-    stack = [root]
-    while stack and len(out) < proto.MAX_LISTED_FILES:
-        d = stack.pop()
-        try:
-            it = list(os.scandir(d))
-        except OSError:
-            continue
-        for e in it:
-            try:
-                st = e.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                stack.append(e.path)
-            elif stat.S_ISREG(st.st_mode):
-                out[os.path.relpath(e.path, root)] = (st.st_size, st.st_mtime_ns)
-    return out
-
-
-def safe_join(root: str, name: str) -> str:
-    """``root/name`` after checking ``name`` stays inside ``root`` (the host checked it too)."""
-    if not name or "\0" in name or name.startswith("/") or len(name) > 1024:
-        raise ValueError(f"invalid file name {name!r}")
-    parts = name.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"invalid file name {name!r}")
-    return os.path.join(root, *parts)
-
-
-def write_file(root: str, name: str, data: bytes, offset: int = 0) -> None:
-    """Write ``data`` into workspace file ``name``: offset 0 creates (or empties) it; a later chunk
-    of an upload extends it, at ``offset`` = the file's size so far."""
-    path = safe_join(root, name)
-    cur = root
-    for part in name.split("/")[:-1]:
-        cur = os.path.join(cur, part)
-        try:
-            os.mkdir(cur, 0o755)
-        except FileExistsError:
-            if not stat.S_ISDIR(os.lstat(cur).st_mode):
-                raise ValueError(f"{name!r}: {part!r} is not a directory") from None
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        mode = stat.S_IFREG
-    if not stat.S_ISREG(mode):  # a FIFO the program made would block the writer: never opened
-        raise ValueError(f"{name!r} exists and is not a regular file")
-    # O_NONBLOCK: should a FIFO appear between the check and the open, the open fails at once.
-    flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-    flags |= (os.O_CREAT | os.O_TRUNC) if offset == 0 else os.O_APPEND
-    fd = os.open(path, flags, 0o644)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{name!r} is not a regular file")
-        if offset and st.st_size != offset:
-            raise ValueError(f"{name!r} changed during its upload ({st.st_size} bytes, expected {offset})")
-        try:
-            proto.write_all(fd, data)
-        except OSError as exc:  # ENOSPC (workspace full), EFBIG (over the file size limit)
-            raise ValueError(f"cannot write {name!r}: {exc.strerror}") from None
-    finally:
-        os.close(fd)
-
-
-def read_file(root: str, name: str, limit: int, offset: int = 0, length: int | None = None):
-    """Workspace file ``name`` (no symbolic link on its path, a regular file, at most ``limit``
-    bytes): all of it, or with ``length`` the chunk at ``offset`` and the file's size."""
-    path = safe_join(root, name)
-    # Refuse symlinks anywhere on the path: a cell may have planted one.
-    cur = root
-    for part in name.split("/"):
-        cur = os.path.join(cur, part)
-        if stat.S_ISLNK(os.lstat(cur).st_mode):
-            raise ValueError(f"{name!r} is a symbolic link")
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{name!r} is not a regular file")
-        if st.st_size > limit:
-            raise ValueError(f"{name!r} is {st.st_size} bytes, over the limit of {limit}")
-        if length is not None:
-            return os.pread(fd, min(length, max(0, st.st_size - offset)), offset), st.st_size
-        chunks, total = [], 0
-        while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > limit:
-                raise ValueError(f"{name!r} is over the limit of {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -689,7 +401,7 @@ def warm_up(session: bool) -> None:
     finally:
         os.close(devnull)
         STATE["user_builtins"] = users
-    hide_blocked_modules()
+    guard.hide_blocked_modules()
 
 
 def fresh_stdio() -> None:
@@ -741,14 +453,14 @@ def serve(req_fd: int, glb: dict, session: bool, res_fd: int = RES_FD) -> None:
     os.close(req_fd)
     try:
         for name, b64 in (req.get("files") or {}).items():
-            write_file(".", name, binascii.a2b_base64(b64))
+            files.write_file(".", name, binascii.a2b_base64(b64))
     except (OSError, ValueError) as exc:
         finish({"input_error": f"cannot write input file: {exc}"}, res_fd, session)
         return
     # A stateless cell starts in the empty workspace the sweep left (plus its input files); if the
     # run creates nothing, the directory's mtime does not change and there is nothing to list.
     listed = session or bool(req.get("files"))
-    before = list_files(".") if listed else {}
+    before = files.list_files(".") if listed else {}
     mtime = os.stat(".").st_mtime_ns
     set_cpu_limit(req.get("cpu_s", 30), session)
     _set_memory_limit(session)
@@ -756,7 +468,7 @@ def serve(req_fd: int, glb: dict, session: bool, res_fd: int = RES_FD) -> None:
         install_host_functions(glb, req["functions"], res_fd)
     report = execute(req["code"], glb, session)
     if listed or os.stat(".").st_mtime_ns != mtime:
-        after = list_files(".")
+        after = files.list_files(".")
         report["files"] = [{"name": n, "size": v[0]} for n, v in sorted(after.items()) if before.get(n) != v]
     else:
         report["files"] = []

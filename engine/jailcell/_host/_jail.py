@@ -20,7 +20,6 @@ import contextlib
 import errno
 import logging
 import os
-import select
 import signal
 import socket
 import tempfile
@@ -30,12 +29,13 @@ import weakref
 from typing import Any, Callable
 
 from .._errors import JailError
+from .._injail import _protocol as proto
 from .._policy import Policy
-from .._threads import LazyThread
 from ..backends import Backend
 from ..backends._base import Spawned
-from . import _protocol as proto
+from ._control import control as _control
 from ._supervisor import Spare, outcome, supervise
+from ._teardown import killpg, teardown
 
 START_TIMEOUT_S = 120.0  # preloading pandas+matplotlib on a cold disk can take a while
 SPARE_TIMEOUT_S = 60.0   # a spare cell must be ready within this (a nursery restart included)
@@ -51,78 +51,43 @@ class JailTimeout(Exception):
     """The jail did not answer in time."""
 
 
+class RunCancelled(Exception):
+    """A run cancelled before its program started (it never ran).  Internal: the async twins turn
+    a cancelled run into CancelledError."""
+
+
+class Cancel:
+    """Cancels one run from another thread: before it starts (then it never starts) or while it
+    runs (its cell is killed, as by an interrupt).  Only the run it was given to is touched."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jail: Jail | None = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            if self._jail is not None:
+                self._jail.interrupt()
+
+    def enter(self, jail: "Jail") -> bool:
+        """The run is about to start on ``jail``: False if it was cancelled already."""
+        with self._lock:
+            if self.cancelled:
+                return False
+            self._jail = jail
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self._jail = None
+
+
 class HeadLost(JailError):
     """A session's state is gone (a program killed the process that held it)."""
 
 
-class _ControlLoop:
-    """One daemon thread that reads every jail's control channel as messages arrive, so what the
-    zygote sends after a run (its sweep, the next spare) is taken in while the caller is busy
-    elsewhere, not at the start of the next run."""
-
-    def __init__(self) -> None:
-        self._wake_r = self._wake_w = -1
-        self._thread = LazyThread("jailcell-control", self._loop, after_fork=self._fresh)
-        self._fresh()
-
-    def _fresh(self) -> None:
-        """At start, and in a forked child: the parent's jails are not the child's to read, and
-        its wake-up pipe must not steal the parent's wake-ups."""
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                os.close(fd)
-        self._lock = threading.Lock()
-        self._jails: dict[int, weakref.ref[Jail]] = {}  # ctl fd -> jail
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-
-    def add(self, jail: "Jail") -> None:
-        with self._lock:
-            self._thread.ensure()
-            self._jails[jail.ctl.fileno()] = weakref.ref(jail)
-        self._wake()
-
-    def remove(self, fd: int) -> None:
-        with self._lock:
-            self._jails.pop(fd, None)
-        self._wake()
-
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
-
-    def _loop(self) -> None:
-        while True:
-            with self._lock:
-                fds = list(self._jails)
-            poller = select.poll()
-            poller.register(self._wake_r, select.POLLIN)
-            for fd in fds:
-                poller.register(fd, select.POLLIN)
-            for fd, _ev in poller.poll():
-                if fd == self._wake_r:
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except OSError:
-                        pass
-                    continue
-                with self._lock:
-                    ref = self._jails.get(fd)
-                jail = ref() if ref is not None else None
-                try:
-                    alive = jail is not None and jail.on_readable()
-                except Exception as exc:  # noqa: BLE001 - one jail's failure never stops the others'
-                    log.warning("jailcell: a jail's control channel failed (%s: %s); that jail is replaced",
-                                type(exc).__name__, exc)
-                    if jail is not None:
-                        jail.mark_broken(f"its control channel failed ({type(exc).__name__}: {exc})")
-                    alive = False
-                if not alive:
-                    self.remove(fd)
-
-
-_control = _ControlLoop()
 
 
 log = logging.getLogger("jailcell")
@@ -298,13 +263,13 @@ class Jail:
         except OSError:
             pass
         if spawned is not None and owner:
-            _teardown.add(self.backend, spawned)
+            teardown.add(self.backend, spawned)
         _live.discard(self)
 
     def kill(self) -> None:
         """Hard stop (used when the jail does not answer)."""
         if self._spawned is not None and self._pid == os.getpid():
-            _killpg(self._spawned.proc.pid)
+            killpg(self._spawned.proc.pid)
         self.close()
 
     def __del__(self) -> None:
@@ -515,11 +480,15 @@ class Jail:
         proto.send(self.ctl, {"op": "done", "cell": spare.pid, "head": spare.head, "finished": finished})
 
     def run(self, req: dict[str, Any], *, head: str | None = None,
-            on_call: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:
+            on_call: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+            cancel: Cancel | None = None) -> dict[str, Any]:
         """Run ``req`` in a spare cell (of session ``head``, or a fresh one) and return the
-        result's fields.  Raises JailTimeout / EOFError / OSError when the jail is broken."""
+        result's fields.  Raises JailTimeout / EOFError / OSError when the jail is broken, and
+        RunCancelled when ``cancel`` came before the program started."""
         if self.closed or self.ctl is None:
             raise JailError("the jail is closed")
+        if cancel is not None and cancel.cancelled:
+            raise RunCancelled("cancelled before it started")
         self.delivered = False
         cap = self.policy.limits.output_bytes
         for _attempt in range(3):
@@ -532,6 +501,8 @@ class Jail:
                 except BlockingIOError:
                     pass
             try:
+                if cancel is not None and not cancel.enter(self):  # cancelled while it waited for a spare
+                    raise RunCancelled("cancelled before it started")
                 self.delivered = True  # from here on the program may run: never run it again
                 seen = supervise(spare, req, output_cap=cap, interrupt_fd=self._interrupt_r, on_call=on_call)
                 self.delivered = seen.started
@@ -542,6 +513,9 @@ class Jail:
                 except OSError:
                     pass
                 raise
+            finally:
+                if cancel is not None:
+                    cancel.leave()
             # A cell the host killed (output cap, limits, interrupt) never holds a session's state,
             # even if its report came in before it died.
             if seen.finished and seen.killed_for is None:
@@ -559,77 +533,8 @@ class Jail:
         raise JailError("no spare cell of this jail could take the run (they kept dying)")
 
 
-class _Teardown:
-    """Waits for closed jails to end and removes what their backend created, in the background:
-    ``close()`` returns at once (the jail's first process is already exiting, which ends every
-    process of the jail), and interpreter exit (:func:`close_all`) waits until all are gone."""
-
-    def __init__(self) -> None:
-        self._thread = LazyThread("jailcell-teardown", self._loop, after_fork=self._fresh)
-        self._fresh()
-
-    def _fresh(self) -> None:
-        """At start, and in a forked child: the parent's jails are the parent's to end."""
-        self._cv = threading.Condition()
-        self._queue: collections.deque[tuple[Backend, Spawned]] = collections.deque()
-        self._busy = 0
-
-    def add(self, backend: Backend, spawned: Spawned) -> None:
-        with self._cv:
-            self._thread.ensure()
-            self._queue.append((backend, spawned))
-            self._busy += 1
-            self._cv.notify_all()
-
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self._queue:
-                    self._cv.wait()
-                backend, spawned = self._queue.popleft()
-            try:
-                _end(backend, spawned)
-            finally:
-                with self._cv:
-                    self._busy -= 1
-                    self._cv.notify_all()
-
-    def join(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        with self._cv:
-            while self._busy and time.monotonic() < deadline:
-                self._cv.wait(max(0.0, deadline - time.monotonic()))
-
-
-def _end(backend: Backend, spawned: Spawned) -> None:
-    """trio's rule: the channel is closed (the zygote exits on EOF), wait briefly, kill; then
-    remove the backend's cgroups and temp dirs."""
-    proc = spawned.proc
-    try:
-        proc.wait(timeout=2.0)  # off the caller's path: time for a process-backend zygote's sweep
-    except Exception:
-        _killpg(proc.pid)
-        try:
-            proc.wait(timeout=5)
-        except Exception:
-            pass
-    if backend.name == "process":
-        _killpg(proc.pid)  # anything the zygote's session left
-    backend.teardown(spawned)
-
-
-_teardown = _Teardown()
-
-
-def _killpg(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def close_all() -> None:
     """Tear down every jail of this process and wait until they are gone (atexit)."""
     for jail in list(_live):
         jail.close()
-    _teardown.join()
+    teardown.join()

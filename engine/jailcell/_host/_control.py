@@ -1,0 +1,88 @@
+"""The host's control loop: one daemon thread reading the control channel of every jail of this
+process as messages arrive."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+import weakref
+from typing import TYPE_CHECKING
+
+from .._threads import LazyThread
+
+if TYPE_CHECKING:
+    from ._jail import Jail
+
+log = logging.getLogger("jailcell")
+
+
+class ControlLoop:
+    """One daemon thread that reads every jail's control channel as messages arrive, so what the
+    zygote sends after a run (its sweep, the next spare) is taken in while the caller is busy
+    elsewhere, not at the start of the next run."""
+
+    def __init__(self) -> None:
+        self._wake_r = self._wake_w = -1
+        self._thread = LazyThread("jailcell-control", self._loop, after_fork=self._fresh)
+        self._fresh()
+
+    def _fresh(self) -> None:
+        """At start, and in a forked child: the parent's jails are not the child's to read, and
+        its wake-up pipe must not steal the parent's wake-ups."""
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._lock = threading.Lock()
+        self._jails: dict[int, weakref.ref[Jail]] = {}  # ctl fd -> jail
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def add(self, jail: Jail) -> None:
+        with self._lock:
+            self._thread.ensure()
+            self._jails[jail.ctl.fileno()] = weakref.ref(jail)
+        self._wake()
+
+    def remove(self, fd: int) -> None:
+        with self._lock:
+            self._jails.pop(fd, None)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                fds = list(self._jails)
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
+            for fd in fds:
+                poller.register(fd, select.POLLIN)
+            for fd, _ev in poller.poll():
+                if fd == self._wake_r:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except OSError:
+                        pass
+                    continue
+                with self._lock:
+                    ref = self._jails.get(fd)
+                jail = ref() if ref is not None else None
+                try:
+                    alive = jail is not None and jail.on_readable()
+                except Exception as exc:  # noqa: BLE001 - one jail's failure never stops the others'
+                    log.warning("jailcell: a jail's control channel failed (%s: %s); that jail is replaced",
+                                type(exc).__name__, exc)
+                    if jail is not None:
+                        jail.mark_broken(f"its control channel failed ({type(exc).__name__}: {exc})")
+                    alive = False
+                if not alive:
+                    self.remove(fd)
+
+
+control = ControlLoop()

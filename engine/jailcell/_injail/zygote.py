@@ -1,0 +1,239 @@
+"""The in-jail zygote: the first process of a jail.  Stdlib only; runs *inside* the jail.
+
+It reads a config frame from the host on its control socket (fd 0), imports the policy's
+preload modules once, answers READY, then manages processes.  It never runs user code and
+never relays a run: the host talks to each cell directly (request down a pipe, report and
+host-function calls up a socket), so a run costs two wake-ups, not four.
+
+Processes (in the jail's pid namespace when nsjail is used)::
+
+    zygote (pid 1)  -- fd 0: control socket to the host
+      ├── nursery          preloaded copy; forks spare cells ahead of demand (stateless jails)
+      │     └── spare      blocked on its request pipe; runs one request, reports, parks
+      └── holder           a session's globals (session jails); forks one spare at a time
+            └── spare      runs one request; if it finishes it becomes the next holder,
+                           if it is killed the holder forks a new spare from the old state
+
+Each spare is announced to the host with its channels: ``{"op": "spare", "head", "pid"}`` plus
+the request pipe's write end, the stdout/stderr pipes' read ends, the host end of the result
+socket and a pidfd (which the host polls for the cell's death and uses to kill it).  After a run
+the host sends ``{"op": "done", "cell", "finished"}``; the zygote answers with the cell's exit
+status if it died (``exit``), kills every process the run left, wipes /tmp (and the workspace
+of a stateless jail) and confirms with ``clean``.  Spares that a previous program stopped or
+killed are withdrawn with ``drop`` before that.
+"""
+
+from __future__ import annotations
+
+import _signal as signal  # not signal.py, whose enums cost ~4 ms at every jail start
+import builtins
+import gc
+import os
+import select
+import sys
+import time
+from _socket import socket
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cell as cell  # noqa: E402  (what runs inside a cell)
+import _guard as guard  # noqa: E402  (the import policy)
+import _protocol as proto  # noqa: E402  (stdlib-only framing shared with the host)
+from _nursery import Stateless  # noqa: E402
+from _procs import kill_strays, log, reap_nohang  # noqa: E402
+from _sessions import Sessions  # noqa: E402
+from _spares import Channels  # noqa: E402
+
+# Builtins of its own (as every in-jail module): a program that replaces builtins.len does not change
+# what this code sees.
+__builtins__ = dict(builtins.__dict__)
+
+CONFIG: dict = {}
+
+
+def host_gone() -> None:
+    """The host closed the jail (or died): so goes everything in it.  In a pid namespace the kernel
+    kills every process of the jail when its first process exits; without one, the zygote does."""
+    if not CONFIG.get("pid_namespace"):
+        kill_strays(lambda pid, ppid: False)
+    os._exit(0)
+
+
+class Zygote:
+    def __init__(self, ctl: socket) -> None:
+        self.ctl = ctl
+        self.engine: Stateless | Sessions | None = None
+        # SIGCHLD wakes the event loop (through this pipe), which reaps at once: no zombie lingers
+        # into the next run, and the exit of an orphaned cell is known.
+        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+
+    def send(self, obj: dict, fds=()) -> None:
+        try:
+            proto.send(self.ctl, obj, fds)
+        except OSError:
+            host_gone()
+
+    def pump(self, deadline: float, until) -> None:
+        """Serve the engine's sockets and reap children (not the host's channel) until ``until()``
+        or the deadline."""
+        while not until():
+            socks = self.engine.watch()
+            readable, _, _ = select.select([*socks, self.wake_r], [], [], max(0.0, deadline - time.monotonic()))
+            if not readable:
+                return
+            for sock in readable:
+                if sock is self.wake_r:
+                    self._reap()
+                else:
+                    self.engine.on_readable(sock)
+
+    def _reap(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        reap_nohang()
+
+    def handle(self, req: dict) -> dict | None:
+        op = req.get("op")
+        engine = self.engine
+        if op == "done":
+            try:
+                engine.done(req)
+            except Exception as exc:  # noqa: BLE001 - the sweep failed: this jail cannot be trusted
+                self.send({"op": "broken", "message": f"{type(exc).__name__}: {exc}"})
+            return None
+        if op in ("new", "fork", "close", "upload", "download") and isinstance(engine, Sessions):
+            return getattr(engine, op)(req)
+        if op == "ping":
+            return {"op": "pong"}
+        if op == "shutdown":
+            self.send({"op": "bye"})
+            os._exit(0)
+        return {"op": "error", "type": "ValueError", "message": f"unknown request {op!r}"}
+
+    def serve_forever(self) -> None:
+        while True:
+            socks = {s.fileno(): s for s in self.engine.watch()}
+            poller = select.poll()
+            poller.register(self.ctl.fileno(), select.POLLIN)
+            poller.register(self.wake_r, select.POLLIN)
+            for fd in socks:
+                poller.register(fd, select.POLLIN)
+            timeout = self.engine.timeout()
+            events = poller.poll(None if timeout is None else timeout * 1000)
+            try:
+                if not events:
+                    self.engine.on_timer()
+                for fd, _ev in events:
+                    if fd in socks:
+                        self.engine.on_readable(socks[fd])
+                    elif fd == self.wake_r:
+                        self._reap()
+            except Exception as exc:  # noqa: BLE001 - never die of a child's misbehaviour
+                log(f"{type(exc).__name__}: {exc}")
+            if not any(fd == self.ctl.fileno() for fd, _ev in events):
+                continue
+            try:
+                req, fds = proto.recv(self.ctl)
+            except (EOFError, OSError, proto.ProtocolError):
+                host_gone()
+            Channels.close(fds)
+            try:
+                reply = self.handle(req)
+            except Exception as exc:  # noqa: BLE001 - a bad request must never take the zygote down
+                reply = {"op": "error", "type": type(exc).__name__, "message": str(exc)}
+            if reply is not None:
+                self.send(reply)
+
+
+# ----------------------------------------------------------------------------------------------
+# start-up
+# ----------------------------------------------------------------------------------------------
+
+
+def _preload(modules: list[str]) -> dict:
+    loaded, failed = [], {}
+    for name in modules:
+        try:
+            __import__(name)
+            loaded.append(name)
+        except Exception as exc:  # noqa: BLE001 - report, do not die: the policy says "if installed"
+            failed[name] = f"{type(exc).__name__}: {exc}"
+    return {"loaded": loaded, "failed": failed}
+
+
+def _batch_scheduling() -> None:
+    """Every process of the jail runs as SCHED_BATCH (children inherit it): woken by the host, it
+    never preempts the host on its CPU -- a sweep or a fork after a run waits until the host has
+    handed the result over (or uses another CPU) instead of delaying it.  Cells are scheduled the
+    same way, as batch work."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (OSError, AttributeError):
+        pass
+
+
+def _harden() -> None:
+    # The host controls the zygote; cells must not.  Default dispositions make pid 1 of a pid
+    # namespace immune to signals sent from inside it; Python's SIGINT handler would undo that.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
+
+    cell.prctl(cell.PR_SET_DUMPABLE, 0)  # no /proc/1/mem, no ptrace from cells (seccomp denies it too)
+    if not CONFIG.get("pid_namespace"):
+        cell.prctl(cell.PR_SET_CHILD_SUBREAPER, 1)  # orphans come back to us, so strays can be found
+        cell.prctl(cell.PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _add_site_dirs(paths: list[str]) -> None:
+    """What site.main() would add -- the host computed it (site directories and the plain path lines
+    of their .pth files, in order; never the executable ``import`` lines)."""
+    for path in paths:
+        if path not in sys.path and os.path.isdir(path):
+            sys.path.append(path)
+    import site  # with -S, importing site does not run it; it still provides exit/quit/help
+
+    site.setquit()
+    site.setcopyright()
+    site.sethelper()
+
+
+def main() -> None:
+    global CONFIG
+    ctl = socket(fileno=os.dup(0))
+    devnull = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1):  # the control socket is only ever used through ``ctl``
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    CONFIG, _ = proto.recv(ctl)
+    cell.CONFIG.update(CONFIG)
+    _add_site_dirs(CONFIG.get("sys_path", []))
+    guard.configure(CONFIG)
+    _harden()
+    _batch_scheduling()
+    os.chdir(CONFIG["workspace"])
+    t0 = time.monotonic()
+    preload = _preload(CONFIG.get("preload", []))
+    if CONFIG.get("code_mode") == "restricted":
+        import _restricted  # compile RestrictedPython once, not per cell
+
+        cell.STATE["run_restricted"] = _restricted.run_restricted
+    guard.install_import_guard()
+    guard.STATE["hide"] = guard.blocked_loaded_modules()
+    cell.PRISTINE_BUILTINS.update(__import__("builtins").__dict__)  # as cells start (guard included)
+    if CONFIG.get("session"):
+        guard.complete_image()  # a stateless jail's nursery does it once its first spare is out
+    gc.collect()
+    gc.freeze()  # preloaded objects: never scanned by a cell's GC, so never copied on write
+    zygote = Zygote(ctl)
+    zygote.engine = Sessions(zygote) if CONFIG.get("session") else Stateless(zygote)
+    zygote.send({"op": "ready", "version": proto.VERSION, "pid": os.getpid(), "preload": preload,
+                 "preload_s": round(time.monotonic() - t0, 4), "python": sys.version.split()[0]})
+    zygote.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
