@@ -55,6 +55,16 @@ def _retrieve(fut: asyncio.Future) -> None:
         fut.exception()
 
 
+def twin(obj: Sandbox | Session) -> AsyncSandbox | AsyncSession:
+    """The async twin of an existing Sandbox or Session: the same jail, coroutine methods (for the
+    integrations, which serve sync and async callers from one object)."""
+    if isinstance(obj, Session):
+        return AsyncSession(obj)
+    sandbox = AsyncSandbox.__new__(AsyncSandbox)
+    sandbox._sync = obj
+    return sandbox
+
+
 class AsyncSandbox:
     """The asyncio twin of :class:`Sandbox`: same arguments, coroutine methods, same attributes.
     Cancelling ``run`` kills the program at once."""

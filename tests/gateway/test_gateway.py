@@ -15,7 +15,7 @@ import uvicorn
 from jailcell import Policy
 from jailcell.integrations.gateway import MAX_BODY, Gateway
 
-from ..conftest import wait_for
+from ..conftest import busiest_cpu_s, wait_for
 from ..fake_upstream import FakeUpstream, code_call, function_call, last_tool_output
 
 
@@ -529,6 +529,41 @@ def test_a_client_that_goes_away_mid_stream_frees_its_container():
             assert wait_for(lambda: all(busy == 0 for _, busy in g.gateway.containers.items.values()), 10)
             r = http.post("/v1/responses", json=body)  # the only container slot is free again
             assert r.status_code == 200 and r.json()["output"][-1]["content"][0]["text"] == "done [stdout]\nslow"
+    finally:
+        g.close()
+        up.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_goes_away_stops_its_code_at_once(stream):
+    """Whether the client streams or waits for the whole answer: when it disconnects, the code it
+    started is killed (not left spinning until its 60 s limit) and its container keeps its state."""
+    up = FakeUpstream([{"role": "assistant", "content": None, "tool_calls": [code_call("c0", "x = 5")]},
+                       {"role": "assistant", "content": "ready"},
+                       {"role": "assistant", "content": None, "tool_calls": [code_call("c1", "x = 6\nwhile True: pass")]},
+                       {"role": "assistant", "content": None, "tool_calls": [code_call("c2", "print(x)")]},
+                       lambda body: {"role": "assistant", "content": last_tool_output(body)}])
+    g = Running(up.url, policy=Policy.load("minimal").with_overrides(timeout=60))
+    tools = [{"type": "code_interpreter"}]
+    try:
+        with httpx.Client(base_url=g.base, timeout=60) as http:
+            first = http.post("/v1/responses", json={"model": "m", "input": "x", "tools": tools}).json()
+            container = first["output"][0]["container_id"]
+            session = g.gateway.containers.items[container][0]
+            jail_pid = session._sync._shared.jail.pid
+            body = {"model": "m", "input": "spin", "tools": [{"type": "code_interpreter", "container": container}],
+                    "stream": stream}
+            try:
+                with httpx.Client(base_url=g.base, timeout=1.5) as impatient:
+                    with impatient.stream("POST", "/v1/responses", json=body) as r:
+                        for _line in r.iter_lines():
+                            pass
+            except httpx.TimeoutException:
+                pass  # the client gives up and closes its connection while the code spins
+            assert wait_for(lambda: g.gateway.containers.items[container][1] == 0, 10)
+            assert busiest_cpu_s(jail_pid) < 0.2  # the spinning cell is gone
+            last = http.post("/v1/responses", json={**body, "stream": False}).json()
+            assert last["output"][-1]["content"][0]["text"] == "[stdout]\n5"  # the state from before the killed run
     finally:
         g.close()
         up.close()

@@ -161,6 +161,24 @@ def test_langchain_tool_invoke_and_ainvoke():
         tool.close()
 
 
+def test_langchain_ainvoke_cancelled_kills_the_run_and_keeps_the_state():
+    from ..conftest import busiest_cpu_s
+
+    tool = JailcellTool(policy="minimal", sandbox_options={"timeout": 60})
+
+    async def main():
+        await tool.ainvoke({"code": "a = 1"})
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(tool.ainvoke({"code": "a = 2\nwhile True: pass"}), 1.5)
+        assert busiest_cpu_s(tool._session._shared.jail.pid) < 0.2
+        assert (await tool.ainvoke({"code": "print(a)"})).strip() == "[stdout]\n1"
+
+    try:
+        asyncio.run(main())
+    finally:
+        tool.close()
+
+
 def test_missing_framework_gives_a_clear_error():
     code = ("import sys; sys.modules['langchain_core'] = None\n"
             "try:\n    import jailcell.integrations.langchain\nexcept Exception as e:\n    print(type(e).__name__, e)")

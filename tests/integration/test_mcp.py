@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from mcp.client.client import Client
 from mcp.client.stdio import StdioServerParameters
 
@@ -101,3 +103,24 @@ def test_mcp_bad_policy_is_a_usage_error():
     r = subprocess.run([sys.executable, "-m", "jailcell", "mcp", "--policy", "nope"], capture_output=True,
                        stdin=subprocess.DEVNULL, timeout=60)
     assert r.returncode == 2 and b"unknown policy" in r.stderr
+
+
+def test_a_cancelled_mcp_call_stops_its_code():
+    """The client gives up on a call (it sends notifications/cancelled): the server kills the code
+    instead of letting it spin until its limit, and keeps serving."""
+    import psutil
+
+    from ..conftest import busiest_cpu_s
+
+    async def main():
+        async with Client(stdio_params("--policy", "minimal")) as client:
+            await client.call_tool("run_python", {"code": "print(1)"})
+            server = next(p for p in psutil.Process().children() if "mcp" in " ".join(p.cmdline()))
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(client.call_tool("run_python", {"code": "while True: pass", "timeout": 60}), 1.5)
+            await asyncio.sleep(1.0)
+            assert busiest_cpu_s(server.pid) < 0.2  # nothing of the server's spins any more
+            r = await client.call_tool("run_python", {"code": "print(7)"})
+            assert "7" in text(r)
+
+    asyncio.run(main())

@@ -10,7 +10,7 @@ import json
 import uuid
 from typing import Any
 
-from .._sandbox import Sandbox, Session
+from .._async import AsyncSandbox, AsyncSession
 from .tools import TOOL_NAME
 
 
@@ -101,7 +101,7 @@ def _messages(value: Any, where: str) -> list[dict[str, Any]]:
 
 
 class _Containers:
-    def __init__(self, sandbox: Sandbox, idle: float, limit: int) -> None:
+    def __init__(self, sandbox: AsyncSandbox, idle: float, limit: int) -> None:
         self.sandbox, self.idle, self.limit = sandbox, idle, limit
         self.items: collections.OrderedDict[str, list[Any]] = collections.OrderedDict()  # id -> [session, busy]
         self.lock = asyncio.Lock()
@@ -116,7 +116,7 @@ class _Containers:
                                     f"{self.idle:g} s idle); omit it to get a new one",
                                code="container_not_found", param="container")
 
-    async def acquire(self, cid: str | None) -> tuple[str, Session]:
+    async def acquire(self, cid: str | None) -> tuple[str, AsyncSession]:
         async with self.lock:
             if cid is not None:
                 self.check(cid)
@@ -132,9 +132,9 @@ class _Containers:
                     raise GatewayError(429, f"all {self.limit} containers are in use; retry later or raise "
                                             "--max-containers", "rate_limit_error", "too_many_containers")
                 session = self.items.pop(idle)[0]
-                await asyncio.to_thread(session.close)
+                await session.close()
             cid = _new_id("cntr")
-            self.items[cid] = [await asyncio.to_thread(self.sandbox.session, idle_timeout=self.idle), 1]
+            self.items[cid] = [await self.sandbox.session(idle_timeout=self.idle), 1]
             return cid, self.items[cid][0]
 
     def release(self, cid: str) -> None:
@@ -144,7 +144,7 @@ class _Containers:
 
     def close(self) -> None:
         for session, _ in self.items.values():
-            session.close()
+            session._sync.close()
         self.items.clear()
 
 

@@ -17,7 +17,7 @@ import asyncio
 from typing import Any, List
 
 from .._errors import MissingExtra
-from .._sandbox import Sandbox, Session
+from .._async import AsyncSandbox, AsyncSession
 
 try:
     from autogen_core import CancellationToken
@@ -35,26 +35,26 @@ class JailcellCodeExecutor(CodeExecutor):
 
     def __init__(self, policy: Any = "standard", **sandbox_options: Any) -> None:
         self._policy, self._options = policy, sandbox_options
-        self._sandbox: Sandbox | None = None
-        self._session: Session | None = None
+        self._sandbox: AsyncSandbox | None = None
+        self._session: AsyncSession | None = None
 
     async def start(self) -> None:
-        if self._sandbox is None:
-            self._sandbox = await asyncio.to_thread(Sandbox, self._policy, **self._options)
+        if self._sandbox is None:  # a constructor cannot be awaited: it checks the backend in a thread
+            self._sandbox = await asyncio.to_thread(AsyncSandbox, self._policy, **self._options)
         if self._session is None or self._session.closed:
-            self._session = await asyncio.to_thread(self._sandbox.session)
+            self._session = await self._sandbox.session()
 
     async def stop(self) -> None:
         session, sandbox, self._session, self._sandbox = self._session, self._sandbox, None, None
         if session is not None:
-            await asyncio.to_thread(session.close)
+            await session.close()
         if sandbox is not None:
-            await asyncio.to_thread(sandbox.close)
+            await sandbox.close()
 
     async def restart(self) -> None:
         """A fresh session: the state of earlier blocks is gone."""
         if self._session is not None:
-            await asyncio.to_thread(self._session.close)
+            await self._session.close()
             self._session = None
         await self.start()
 
@@ -70,16 +70,10 @@ class JailcellCodeExecutor(CodeExecutor):
                 outputs.append(f"jailcell runs Python only; a {block.language!r} block cannot run here. "
                                "Send the code as a ```python block.")
                 return CodeResult(exit_code=1, output="\n".join(outputs))
-            run = asyncio.ensure_future(asyncio.to_thread(session.run, block.code))
-            cancellation_token.add_callback(lambda run=run: run.done() or session.interrupt())
-            try:
-                result = await asyncio.shield(run)
-            except asyncio.CancelledError:
-                session.interrupt()  # the cell dies; the session keeps its earlier state
-                await asyncio.wait([run])
-                raise
-            if cancellation_token.is_cancelled():
-                raise asyncio.CancelledError("the code execution was cancelled")
+            # Cancelling the token (or this task) kills the running block; the session keeps its earlier state.
+            run = asyncio.ensure_future(session.run(block.code))
+            cancellation_token.link_future(run)
+            result = await run
             text = result.stdout + result.stderr
             if result.result is not None:
                 text += result.result + "\n"

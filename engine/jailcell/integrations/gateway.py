@@ -26,11 +26,11 @@ import contextlib
 import hmac
 import json
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Coroutine
 
 from .._errors import InputError, JailcellError, MissingExtra
 from .._result import Result
-from .._sandbox import Sandbox
+from .._async import AsyncSandbox
 from ._gateway_render import _ChatRender, _DashScopeRender, _dashscope_code, _ResponsesRender
 from ._gateway_requests import (MAX_DEPTH, GatewayError, _check_flag, _Containers, _Conversation, _depth_over,
                                 _function_tools, _messages, _responses_input, _validating)
@@ -40,6 +40,7 @@ __all__ = ["Gateway", "GatewayError", "serve"]
 
 MAX_BODY = 8 * 1024 * 1024
 MAX_STORED_RESPONSES = 1000
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request looks for its client having left
 
 
 def _deps():
@@ -66,7 +67,7 @@ class Gateway:
         self.upstream = upstream.rstrip("/")
         self.model, self.api_key, self.max_steps, self.upstream_timeout = model, api_key, max_steps, upstream_timeout
         self.upstream_headers = {"Authorization": f"Bearer {upstream_api_key}"} if upstream_api_key else {}
-        self.sandbox = Sandbox(policy, backend=backend)
+        self.sandbox = AsyncSandbox(policy, backend=backend)
         self.containers = _Containers(self.sandbox, container_idle, max_containers)
         self.stored: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self.app = Starlette(routes=[
@@ -85,7 +86,7 @@ class Gateway:
 
     def close(self) -> None:
         self.containers.close()
-        self.sandbox.close()
+        self.sandbox._sync.close()
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -124,6 +125,25 @@ class Gateway:
     def _openai_error(self, exc: GatewayError):
         return self.JSONResponse({"error": {"message": exc.message, "type": exc.kind, "param": exc.param,
                                             "code": exc.code}}, status_code=exc.status)
+
+    async def _unless_client_leaves(self, request, work: Coroutine[Any, Any, Any]) -> Any:
+        """Await ``work`` (a non-streaming answer), cancelling it if the client disconnects first: the
+        code it is running is killed and its container freed, instead of running on for nobody.
+        (A streaming answer is cancelled by Starlette itself when its client goes away.)"""
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait([task], timeout=DISCONNECT_POLL_S)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    task.cancel()
+                    await asyncio.wait([task])
+                    return self.JSONResponse({"error": {"message": "the client closed the connection",
+                                                        "type": "client_closed_request"}}, status_code=499)
+        except BaseException:  # this handler was cancelled (server shutdown): so is its work
+            task.cancel()
+            raise
 
     async def _stream(self, events: AsyncIterator[Any], render: Callable[[Any], Any], on_error: Callable[[Any], Any]):
         """Prime the conversation (so failures before the first event are HTTP errors), then stream."""
@@ -249,7 +269,7 @@ class Gateway:
                         if session is None:
                             container, session = await self.containers.acquire(conv.container)
                         try:
-                            reply = await asyncio.to_thread(session.run, code)
+                            reply = await session.run(code)  # cancelled (client gone): the run is killed
                         except InputError as exc:  # e.g. code over the size limit: the model is told
                             reply = Result("error", error={"type": "InputError", "message": str(exc)})
                         except JailcellError as exc:
@@ -281,10 +301,12 @@ class Gateway:
                 conv, render = self._chat_request(body)
             if body.get("stream") is True:
                 return await self._stream(self._converse(conv, stream=True), render.chunks, render.error)
-            done: tuple = ()
-            async for event in self._converse(conv, stream=False):
-                done = event
-            return self.JSONResponse(render.completion(*done[1:]))
+            async def collect():
+                done: tuple = ()
+                async for event in self._converse(conv, stream=False):
+                    done = event
+                return self.JSONResponse(render.completion(*done[1:]))
+            return await self._unless_client_leaves(request, collect())
         except GatewayError as exc:
             return self._openai_error(exc)
 
@@ -308,9 +330,11 @@ class Gateway:
                 conv, render = self._responses_request(body)
             if body.get("stream") is True:
                 return await self._stream(self._converse(conv, stream=True), render.events, render.error)
-            async for event in self._converse(conv, stream=False):
-                render.events(event)
-            return self.JSONResponse(render.response)
+            async def collect():
+                async for event in self._converse(conv, stream=False):
+                    render.events(event)
+                return self.JSONResponse(render.response)
+            return await self._unless_client_leaves(request, collect())
         except GatewayError as exc:
             return self._openai_error(exc)
 
@@ -363,9 +387,11 @@ class Gateway:
                 conv, render = self._dashscope_request(body, request_id)
             if request.headers.get("x-dashscope-sse", "").lower() == "enable":
                 return await self._stream(self._converse(conv, stream=True), render.sse, render.sse_error)
-            async for event in self._converse(conv, stream=False):
-                render.update(event)
-            return self.JSONResponse(render.payload())
+            async def collect():
+                async for event in self._converse(conv, stream=False):
+                    render.update(event)
+                return self.JSONResponse(render.payload())
+            return await self._unless_client_leaves(request, collect())
         except GatewayError as exc:
             return self.JSONResponse({"request_id": request_id, "code": _dashscope_code(exc), "message": exc.message},
                                      status_code=exc.status)

@@ -17,6 +17,7 @@ import asyncio
 import threading
 from typing import Any
 
+from .._async import twin
 from .._errors import MissingExtra
 from .._sandbox import Sandbox, Session
 from .tools import TOOL_DESCRIPTION, TOOL_NAME, format_result
@@ -63,13 +64,17 @@ class JailcellTool(BaseTool):
             return self._session
 
     def _run(self, code: str, run_manager: Any = None) -> tuple[str, dict[str, Any]]:
-        result = self._runner().run(code)
+        return self._answer(self._runner().run(code))
+
+    async def _arun(self, code: str, run_manager: Any = None) -> tuple[str, dict[str, Any]]:
+        """Cancelling the awaiting task kills the run (a session keeps its earlier state)."""
+        runner = await asyncio.to_thread(self._runner)  # may start the session's jail
+        return self._answer(await twin(runner).run(code))
+
+    def _answer(self, result: Any) -> tuple[str, dict[str, Any]]:
         artifact = result.to_dict()
         artifact["images"] = result.outputs
         return format_result(result, self.max_chars), artifact
-
-    async def _arun(self, code: str, run_manager: Any = None) -> tuple[str, dict[str, Any]]:
-        return await asyncio.to_thread(self._run, code)
 
     def close(self) -> None:
         """Close the tool's session and sandbox (a later call starts new ones)."""

@@ -7,7 +7,6 @@ image content per matplotlib figure.  Transports: stdio (default) and streamable
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import threading
@@ -15,7 +14,7 @@ import uuid
 from typing import Any
 
 from .._errors import JailcellError, MissingExtra
-from .._sandbox import Sandbox, Session
+from .._async import AsyncSandbox, AsyncSession
 from .tools import format_result
 
 __all__ = ["build_server", "serve"]
@@ -34,13 +33,13 @@ def _mcp():
 class _State:
     """The sandbox and the sessions of one server (sessions are addressed by opaque ids)."""
 
-    def __init__(self, sandbox: Sandbox, max_sessions: int) -> None:
+    def __init__(self, sandbox: AsyncSandbox, max_sessions: int) -> None:
         self.sandbox = sandbox
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[str, AsyncSession] = {}
         self.max_sessions = max_sessions
         self.lock = threading.Lock()
 
-    def session(self, session_id: str) -> Session:
+    def session(self, session_id: str) -> AsyncSession:
         with self.lock:
             session = self.sessions.get(session_id)
         if session is None or session.closed:
@@ -51,7 +50,7 @@ class _State:
 def build_server(policy: Any = "standard", *, backend: str | None = None, max_sessions: int = 64):
     """An MCPServer whose tools run code in jailcell."""
     MCPServer, ToolError, TextContent, ImageContent = _mcp()
-    state = _State(Sandbox(policy, backend=backend), max_sessions)
+    state = _State(AsyncSandbox(policy, backend=backend), max_sessions)
 
     def reported(fn):
         """Errors the caller can act on (bad names, sizes, unknown sessions) reach the model verbatim;
@@ -83,7 +82,7 @@ def build_server(policy: Any = "standard", *, backend: str | None = None, max_se
     @reported
     async def run_python(code: str, session_id: str | None = None, timeout: float | None = None) -> list:
         target = state.session(session_id) if session_id else state.sandbox
-        result = await asyncio.to_thread(target.run, code, timeout=timeout)
+        result = await target.run(code, timeout=timeout)  # a cancelled request kills the run
         return contents(result)
 
     @server.tool(description="Create a stateful session; returns its session_id.")
@@ -92,7 +91,7 @@ def build_server(policy: Any = "standard", *, backend: str | None = None, max_se
         with state.lock:
             if len(state.sessions) >= state.max_sessions:
                 raise ValueError(f"too many open sessions ({state.max_sessions}); close one first")
-        session = await asyncio.to_thread(state.sandbox.session)
+        session = await state.sandbox.session()
         session_id = uuid.uuid4().hex
         with state.lock:
             state.sessions[session_id] = session
@@ -104,7 +103,7 @@ def build_server(policy: Any = "standard", *, backend: str | None = None, max_se
         session = state.session(session_id)
         with state.lock:
             state.sessions.pop(session_id, None)
-        await asyncio.to_thread(session.close)
+        await session.close()
         return f"closed {session_id}"
 
     @server.tool(description="Write a file (base64 content) into a session's workspace.")
@@ -114,13 +113,13 @@ def build_server(policy: Any = "standard", *, backend: str | None = None, max_se
             data = base64.b64decode(content_base64, validate=True)
         except ValueError:
             raise ValueError("content_base64 is not valid base64") from None
-        await asyncio.to_thread(state.session(session_id).upload, name, data)
+        await state.session(session_id).upload(name, data)
         return f"wrote {name} ({len(data)} bytes)"
 
     @server.tool(description="Read a file from a session's workspace; returns base64 content.")
     @reported
     async def download_file(session_id: str, name: str) -> str:
-        data = await asyncio.to_thread(state.session(session_id).download, name)
+        data = await state.session(session_id).download(name)
         return base64.b64encode(data).decode("ascii")
 
     server.jailcell_state = state  # for shutdown
@@ -141,5 +140,5 @@ def serve(transport: str = "stdio", *, host: str = "127.0.0.1", port: int = 8000
     finally:
         state = server.jailcell_state
         for session in list(state.sessions.values()):
-            session.close()
-        state.sandbox.close()
+            session._sync.close()
+        state.sandbox._sync.close()

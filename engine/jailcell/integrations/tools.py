@@ -191,12 +191,16 @@ def run_tool_loop(client: Any, model: str, messages: list[dict[str, Any]], *, sa
 async def arun_tool_loop(client: Any, model: str, messages: list[dict[str, Any]], *, sandbox: Any = None,
                          tools: list[dict[str, Any]] | None = None, max_steps: int = 8, max_chars: int = 8000,
                          **create_kwargs: Any) -> ToolLoopResult:
-    """:func:`run_tool_loop` for async clients (openai.AsyncOpenAI); the same loop, async I/O."""
-    from .._sandbox import Sandbox
+    """:func:`run_tool_loop` for async clients (openai.AsyncOpenAI); the same loop, async I/O.
+    ``sandbox`` may be a Sandbox or an AsyncSandbox.  Cancelling the loop kills the code it runs."""
+    from .._async import AsyncSandbox, twin
 
     own = sandbox is None
-    sandbox = sandbox or Sandbox()
-    session = await asyncio.to_thread(sandbox.session)
+    if sandbox is None:  # a constructor cannot be awaited: it checks the backend in a thread
+        sandbox = await asyncio.to_thread(AsyncSandbox)
+    elif not isinstance(sandbox, AsyncSandbox):
+        sandbox = twin(sandbox)
+    session = await sandbox.session()
     steps = _loop(model, messages, tools, max_steps, max_chars, create_kwargs)
     try:
         kind, payload = next(steps)
@@ -204,11 +208,11 @@ async def arun_tool_loop(client: Any, model: str, messages: list[dict[str, Any]]
             if kind == "model":
                 reply = await client.chat.completions.create(**payload)
             else:
-                reply = await asyncio.to_thread(session.run, payload[1])
+                reply = await session.run(payload[1])
             kind, payload = steps.send(reply)
     except StopIteration as stop:
         return stop.value
     finally:
-        await asyncio.to_thread(session.close)
+        await session.close()
         if own:
-            await asyncio.to_thread(sandbox.close)
+            await sandbox.close()
