@@ -10,7 +10,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NoReturn
 
 from ._bridge import HostFunctions
 from ._errors import InputError, JailError, UsageError
@@ -87,12 +87,17 @@ def _check_files(files: Mapping[str, Any] | None, policy: Policy) -> dict[str, s
     return {name: base64.b64encode(d).decode("ascii") for name, d in raw.items()}
 
 
-def raise_reply_error(reply: dict[str, Any]) -> None:
-    """Map an error reply of the zygote onto jailcell's exceptions."""
-    kind, message = reply.get("type", ""), reply.get("message", "the jail refused the request")
-    if kind in ("ValueError", "FileNotFoundError", "IsADirectoryError", "NotADirectoryError", "KeyError"):
+def raise_reply_error(reply: dict[str, Any]) -> NoReturn:
+    """Map an error answer of the zygote onto jailcell's exceptions, by its kind (never by the name
+    of a Python class, which the jail chose)."""
+    kind = reply.get("kind")
+    message = str(reply.get("message") or "the jail refused the request")[:2000]
+    if kind == "input":
         raise InputError(message)
-    raise JailError(f"{kind}: {message}" if kind else message)
+    if kind == "lost":
+        raise JailError(f"{message}; create a new session")
+    raise JailError(f"the jail could not serve the request ({str(reply.get('type'))[:60]}: {message}); "
+                    "if this keeps happening, run `jailcell check` and report it")
 
 
 # Modules a built-in policy uses, and the extra of jailcell that installs them.

@@ -191,7 +191,7 @@ class Session:
                 self._shared.jail.kill()
                 raise JailError(f"the session's jail stopped answering ({type(exc).__name__}); the session is lost") from None
         if reply.get("op") == "error":
-            if reply.get("type") == "HeadLost":
+            if reply.get("kind") == "lost":
                 self._lost = str(reply.get("message", "its holder process is gone"))
             raise_reply_error(reply)
         return reply

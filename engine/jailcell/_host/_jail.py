@@ -158,7 +158,16 @@ class Jail:
         self.session = session
         self.ctl: socket.socket | None = None
         self._spawned: Spawned | None = None
-        self._stderr = tempfile.TemporaryFile(prefix="jailcell-log-")
+        try:  # the process's own resources first: out of fds or disk is a clear JailError too
+            stderr = tempfile.TemporaryFile(prefix="jailcell-log-")
+            try:
+                self._interrupt_r, self._interrupt_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                stderr.close()
+                raise
+        except OSError as exc:
+            raise JailError(_start_failure(backend.name, exc, "")) from None
+        self._stderr = stderr
         self._cv = threading.Condition()  # guards everything below; the control thread writes it
         self._spares: collections.deque[Spare] = collections.deque()  # stateless jails
         self._heads: dict[str, Spare | None] = {}                     # session jails: head -> its spare
@@ -168,7 +177,6 @@ class Jail:
         self._replies: collections.deque[dict[str, Any]] = collections.deque()
         self._used: dict[int, Spare] = {}  # cells whose sweep the zygote has not confirmed yet
         self._broken: str | None = None
-        self._interrupt_r, self._interrupt_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._interrupted = False
         self.ready: dict[str, Any] = {}
         self.delivered = False  # the last run's request reached a cell (so it may have run)

@@ -47,6 +47,7 @@ CALL_PREFIX = b'{"call":'         # how a call frame's payload starts (a report'
 MAX_FDS = 8                       # file descriptors one control frame may carry
 MAX_LISTED_FILES = 1000           # files a report lists at most
 REPORT_FAILED = 70                # exit status of a cell whose program broke its reporting
+ERROR_KINDS = ("input", "lost", "internal")  # what an error answer of the zygote may say went wrong
 
 
 class ProtocolError(Exception):

@@ -40,7 +40,7 @@ import _guard as guard  # noqa: E402  (the import policy)
 import _protocol as proto  # noqa: E402  (stdlib-only framing shared with the host)
 from _nursery import Stateless  # noqa: E402
 from _procs import kill_strays, log, reap_nohang  # noqa: E402
-from _sessions import Sessions  # noqa: E402
+from _sessions import HeadLost, Sessions  # noqa: E402
 from _spares import Channels  # noqa: E402
 
 # Builtins of its own (as every in-jail module): a program that replaces builtins.len does not change
@@ -56,6 +56,20 @@ def host_gone() -> None:
     if not CONFIG.get("pid_namespace"):
         kill_strays(lambda pid, ppid: False)
     os._exit(0)
+
+
+def error_reply(exc: Exception) -> dict:
+    """The answer to a request that failed.  Its ``kind`` (``proto.ERROR_KINDS``) decides the host's
+    exception: ``input`` (the request named a file or session that is not there or not acceptable),
+    ``lost`` (the session's state is gone), ``internal`` (anything else: a fault of the jail)."""
+    if isinstance(exc, HeadLost):
+        kind = "lost"
+    elif isinstance(exc, (ValueError, KeyError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        kind = "input"
+    else:
+        kind = "internal"
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    return {"op": "error", "kind": kind, "type": type(exc).__name__, "message": str(message)[:2000]}
 
 
 class Zygote:
@@ -112,7 +126,7 @@ class Zygote:
         if op == "shutdown":
             self.send({"op": "bye"})
             os._exit(0)
-        return {"op": "error", "type": "ValueError", "message": f"unknown request {op!r}"}
+        return {"op": "error", "kind": "internal", "type": "ValueError", "message": f"unknown request {op!r}"}
 
     def serve_forever(self) -> None:
         while True:
@@ -144,7 +158,7 @@ class Zygote:
             try:
                 reply = self.handle(req)
             except Exception as exc:  # noqa: BLE001 - a bad request must never take the zygote down
-                reply = {"op": "error", "type": type(exc).__name__, "message": str(exc)}
+                reply = error_reply(exc)
             if reply is not None:
                 self.send(reply)
 
