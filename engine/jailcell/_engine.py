@@ -15,10 +15,11 @@ from typing import Any, Callable, Mapping, NoReturn
 from ._bridge import HostFunctions
 from ._errors import InputError, JailError, UsageError
 from ._host._jail import Cancel, HeadLost, Jail, JailTimeout, RunCancelled, close_all
+from ._host._run import Outcome, RunRequest
 from ._host._supervisor import RAISE_MEMORY
 from ._injail._protocol import ProtocolError
 from ._policy import MIB, Policy
-from ._result import Result
+from ._result import Result, Status
 from .backends import get_backend
 
 MAX_NAME = 1024
@@ -190,20 +191,22 @@ class _Engine:
     def new_jail(self, session: bool) -> Jail:
         return Jail(self.backend, self.policy, session=session)
 
-    def run_request(self, code: Any, timeout: float | None, files: Mapping[str, Any] | None) -> dict[str, Any]:
+    def run_request(self, code: Any, timeout: float | None, files: Mapping[str, Any] | None) -> RunRequest:
+        """The run the caller asked for, checked against the policy (InputError names what is wrong)."""
         code = _check_code(code, self.policy)
         lim = self.policy.limits
-        wall = float(timeout) if timeout is not None else lim.wall_s
+        try:
+            wall = float(timeout) if timeout is not None else lim.wall_s
+        except (TypeError, ValueError):
+            raise InputError(f"timeout must be a number of seconds, got {timeout!r}") from None
         if not 0 < wall <= 86400:
             raise InputError(f"timeout must be between 0 and 86400 seconds, got {timeout!r}")
         # Without an explicit cpu_s the CPU limit follows the wall-clock limit.
         cpu = lim.cpu_s if lim.cpu_s is not None else wall
-        req = {"code": code, "timeout": wall, "cpu_s": cpu, "files": _check_files(files, self.policy)}
-        if self.functions:
-            req["functions"] = self.functions.names
-        return req
+        return RunRequest(code, wall, float(cpu), _check_files(files, self.policy),
+                          tuple(self.functions.names) if self.functions else ())
 
-    def execute(self, jail: Jail, req: dict[str, Any], head: str | None = None,
+    def execute(self, jail: Jail, req: RunRequest, head: str | None = None,
                 cancel: Cancel | None = None) -> tuple[Result, bool]:
         """Run ``req`` in ``jail``.  Returns the Result and whether the jail is still usable.
         Raises RunCancelled if ``cancel`` came before the program started."""
@@ -217,18 +220,18 @@ class _Engine:
             why = "it stopped answering" if isinstance(exc, JailTimeout) else f"{type(exc).__name__}: {exc}"
             again = "; the program had started, so it was not run again" if jail.delivered else ""
             return self._host_failure("killed", "JailDied", f"the jail broke during the run ({why}){again}", t0), False
-        if "input_error" in reply:
-            raise InputError(reply["input_error"])
+        if reply.input_error is not None:
+            raise InputError(reply.input_error)
         return self.to_result(reply, jail), True
 
     def _host_failure(self, status: str, etype: str, message: str, t0: float) -> Result:
         return Result(status=status, error={"type": etype, "message": message, "traceback": ""},
                       duration_s=time.monotonic() - t0, isolation=dict(self.isolation()))
 
-    def to_result(self, reply: dict[str, Any], jail: Jail) -> Result:
-        status = reply.get("status", "error")
-        error = reply.get("error")
-        if status == "killed" and reply.get("signal") == "SIGKILL" and jail.new_oom_kill():
+    def to_result(self, out: Outcome, jail: Jail) -> Result:
+        status: Status = out.status
+        error = out.error
+        if status == "killed" and out.signal == "SIGKILL" and jail.new_oom_kill():
             status = "memory_limit"
             error = {"type": "MemoryLimit", "message": f"memory limit of {self.policy.limits.memory_mib} MiB reached; "
                      f"the program was killed{RAISE_MEMORY}", "traceback": ""}
@@ -238,8 +241,7 @@ class _Engine:
             error = dict(error, message=error.get("message") or
                          f"MemoryError: memory limit of {self.policy.limits.memory_mib} MiB reached{RAISE_MEMORY}")
         return Result(
-            status=status, stdout=reply.get("stdout", ""), stderr=reply.get("stderr", ""), result=reply.get("result"),
-            error=error, outputs=reply.get("outputs") or [], files=reply.get("files") or [],
-            duration_s=float(reply.get("duration_s", 0.0)), cpu_s=float(reply.get("cpu_s", 0.0)),
-            peak_memory_bytes=int(reply.get("peak_memory_bytes", 0)), isolation=dict(self.isolation()),
+            status=status, stdout=out.stdout, stderr=out.stderr, result=out.result, error=error,
+            outputs=out.outputs, files=out.files, duration_s=out.duration_s, cpu_s=out.cpu_s,
+            peak_memory_bytes=out.peak_memory_bytes, isolation=dict(self.isolation()),
         )

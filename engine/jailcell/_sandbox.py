@@ -215,9 +215,9 @@ class Session:
         self._check_open()
         req = self._engine.run_request(code, timeout, files)
         # Files of a session run are uploaded into the session's workspace first.
-        for name, b64 in req.pop("files").items():
+        for name, b64 in req.files.items():
             self._upload(name, base64.b64decode(b64))
-        req["files"] = {}
+        req = req.without_files()
         with self._shared.lock:
             try:
                 result, usable = self._engine.execute(self._shared.jail, req, head=self._head, cancel=cancel)

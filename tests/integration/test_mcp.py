@@ -115,7 +115,13 @@ def test_a_cancelled_mcp_call_stops_its_code():
     async def main():
         async with Client(stdio_params("--policy", "minimal")) as client:
             await client.call_tool("run_python", {"code": "print(1)"})
-            server = next(p for p in psutil.Process().children() if "mcp" in " ".join(p.cmdline()))
+            def is_server(proc) -> bool:
+                try:
+                    return "mcp" in proc.cmdline()
+                except psutil.Error:  # a zombie or a process that just ended: not the live server
+                    return False
+
+            server = next(p for p in psutil.Process().children() if is_server(p))
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(client.call_tool("run_python", {"code": "while True: pass", "timeout": 60}), 1.5)
             await asyncio.sleep(1.0)

@@ -34,6 +34,7 @@ from .._policy import Policy
 from ..backends import Backend
 from ..backends._base import Spawned
 from ._control import control as _control
+from ._run import Outcome, RunRequest
 from ._supervisor import Spare, outcome, supervise
 from ._teardown import killpg, teardown
 
@@ -487,11 +488,11 @@ class Jail:
             self._used[spare.pid] = spare
         proto.send(self.ctl, {"op": "done", "cell": spare.pid, "head": spare.head, "finished": finished})
 
-    def run(self, req: dict[str, Any], *, head: str | None = None,
+    def run(self, req: RunRequest, *, head: str | None = None,
             on_call: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-            cancel: Cancel | None = None) -> dict[str, Any]:
-        """Run ``req`` in a spare cell (of session ``head``, or a fresh one) and return the
-        result's fields.  Raises JailTimeout / EOFError / OSError when the jail is broken, and
+            cancel: Cancel | None = None) -> Outcome:
+        """Run ``req`` in a spare cell (of session ``head``, or a fresh one) and return how it
+        ended.  Raises JailTimeout / EOFError / OSError when the jail is broken, and
         RunCancelled when ``cancel`` came before the program started."""
         if self.closed or self.ctl is None:
             raise JailError("the jail is closed")

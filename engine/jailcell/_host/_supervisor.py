@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .._injail import _protocol as proto
+from ._run import Outcome, RunRequest
 
 DRAIN_INTERVAL_S = 0.02
 READ_SIZE = 1 << 16  # os.read allocates this much first: 1 MiB would be an mmap + munmap per read
@@ -234,7 +235,7 @@ def _send_request(spare: Spare, data: bytes, deadline: float) -> bool:
     return True
 
 
-def supervise(spare: Spare, req: dict[str, Any], *, output_cap: int, interrupt_fd: int,
+def supervise(spare: Spare, req: RunRequest, *, output_cap: int, interrupt_fd: int,
               on_call: Callable[[dict], dict] | None = None) -> Observed:
     """Give ``req`` to ``spare`` and watch the run until its report is complete or it dies.
 
@@ -242,8 +243,8 @@ def supervise(spare: Spare, req: dict[str, Any], *, output_cap: int, interrupt_f
     stdout/stderr (large non-blocking pipes), so a short run costs one wake-up here.
     """
     t0 = time.monotonic()
-    deadline = t0 + float(req["timeout"])
-    cpu_limit = float(req["cpu_s"])
+    deadline = t0 + req.timeout
+    cpu_limit = req.cpu_s
     seen = Observed()
     out, err = bytearray(), bytearray()
     total = 0
@@ -272,10 +273,10 @@ def supervise(spare: Spare, req: dict[str, Any], *, output_cap: int, interrupt_f
             seen.killed_for = reason
             spare.kill()
 
-    seen.started = _send_request(spare, proto.encode(req), deadline)
+    seen.started = _send_request(spare, proto.encode(req.frame()), deadline)
     os.close(spare.req_w)
     spare.req_w = -1
-    bridge = _Bridge(spare.res, req.get("functions") or (), on_call)
+    bridge = _Bridge(spare.res, list(req.functions), on_call)
     res = bytearray()
     poller = select.poll()
     poller.register(spare.res.fileno(), select.POLLIN)
@@ -445,31 +446,25 @@ def parse_report(raw: bytes):
     return out
 
 
-def outcome(seen: Observed, req: dict[str, Any], exit_info: dict[str, Any] | None, usage: tuple[float, int],
-            output_cap: int) -> dict[str, Any]:
-    """The run's result fields from what was observed (``exit_info``: wait status of a cell that
-    died; ``usage``: CPU seconds and peak RSS)."""
+def outcome(seen: Observed, req: RunRequest, exit_info: dict[str, Any] | None, usage: tuple[float, int],
+            output_cap: int) -> Outcome:
+    """How the run ended, from what was observed (``exit_info``: wait status of a cell that died;
+    ``usage``: CPU seconds and peak RSS) and the cell's report, validated."""
     exit_info = exit_info or {}
     cpu, maxrss = usage
-    result: dict[str, Any] = {
-        "stdout": seen.stdout.decode("utf-8", "replace"), "stderr": seen.stderr.decode("utf-8", "replace"),
-        "result": None, "error": None, "outputs": [], "files": [], "duration_s": round(seen.duration_s, 6),
-        "cpu_s": round(cpu, 6), "peak_memory_bytes": maxrss, "signal": None, "exit_code": None,
-    }
+    out = Outcome(stdout=seen.stdout.decode("utf-8", "replace"), stderr=seen.stderr.decode("utf-8", "replace"),
+                  duration_s=round(seen.duration_s, 6), cpu_s=round(cpu, 6), peak_memory_bytes=maxrss)
     report = parse_report(seen.report)
     wait_status = exit_info.get("status")
     sig = None
     if isinstance(wait_status, int):
         if os.WIFSIGNALED(wait_status):
             sig = os.WTERMSIG(wait_status)
-            result["signal"] = SIGNAMES.get(sig, str(sig))
+            out.signal = SIGNAMES.get(sig, str(sig))
         elif os.WIFEXITED(wait_status):
-            result["exit_code"] = os.WEXITSTATUS(wait_status)
-    cpu_limit = float(req["cpu_s"])
-
-    def fail(status: str, kind: str, message: str) -> dict[str, Any]:
-        result.update(status=status, error={"type": kind, "message": message, "traceback": ""})
-        return result
+            out.exit_code = os.WEXITSTATUS(wait_status)
+    cpu_limit = req.cpu_s
+    fail = out.fail
 
     killed_for = seen.killed_for
     if not seen.started:
@@ -477,7 +472,7 @@ def outcome(seen: Observed, req: dict[str, Any], exit_info: dict[str, Any] | Non
     if killed_for == "interrupted":
         return fail("killed", "Interrupted", "the run was interrupted by the host")
     if killed_for == "timeout":
-        return fail("timeout", "Timeout", f"wall-clock limit of {float(req['timeout']):g} s reached{RAISE_WALL}")
+        return fail("timeout", "Timeout", f"wall-clock limit of {req.timeout:g} s reached{RAISE_WALL}")
     if killed_for == "cpu":
         return fail("timeout", "Timeout", f"CPU-time limit of {cpu_limit:g} s reached{RAISE_CPU}")
     if killed_for == "bridge":
@@ -502,21 +497,19 @@ def outcome(seen: Observed, req: dict[str, Any], exit_info: dict[str, Any] | Non
         return fail("error", "ResultChannelCorrupted",
                     "the program wrote into jailcell's result channel; its own report was discarded")
     if report is not None:
-        if "input_error" in report:
-            result["input_error"] = report["input_error"]
-        result.update(status=report["status"], result=report["result"], error=report["error"],
-                      outputs=report["outputs"], files=report["files"])
-        return result
-    if result["exit_code"] == proto.REPORT_FAILED:
+        out.input_error = report.get("input_error")
+        out.status, out.result, out.error = report["status"], report["result"], report["error"]
+        out.outputs, out.files = report["outputs"], report["files"]
+        return out
+    if out.exit_code == proto.REPORT_FAILED:
         return fail("error", "ResultChannelCorrupted",
                     "the program broke jailcell's reporting (it replaced builtins or internals)")
-    if result["exit_code"] not in (None, 0):
-        return fail("error", "SystemExit", f"the program exited with code {result['exit_code']}")
+    if out.exit_code not in (None, 0):
+        return fail("error", "SystemExit", f"the program exited with code {out.exit_code}")
     if exit_info and wait_status is None:
         # No wait status (the program stopped or killed the process that reaps it): a cell that
         # died at its time limit was killed by RLIMIT_CPU (SIGXCPU, then SIGKILL).
-        if seen.duration_s >= min(float(req["timeout"]), cpu_limit) - 0.05:
+        if seen.duration_s >= min(req.timeout, cpu_limit) - 0.05:
             return fail("timeout", "Timeout", f"CPU-time limit of {cpu_limit:g} s reached{RAISE_CPU}")
         return fail("killed", "JailDied", "the cell ended and its exit status could not be read")
-    result["status"] = "ok"
-    return result
+    return out
