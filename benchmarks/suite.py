@@ -434,11 +434,9 @@ class Suite:
         self.measure("session_cell", "jupyter", False, jup)
 
     def cold_start(self) -> None:
-        from jailcell import Sandbox
-
         import dataclasses
 
-        from jailcell import Policy
+        from jailcell import Policy, Sandbox
 
         n = 3 if self.quick else 10
         bare = dataclasses.replace(Policy.load("minimal"), name="minimal-no-preload", preload=())
@@ -494,7 +492,7 @@ class Suite:
                 for _ in programs:
                     tick()
                 bad = pl.map(wrong)
-            failed = [p["task_id"] for p, r in zip(problems, results) if not r.ok]
+            failed = [p["task_id"] for p, r in zip(problems, results, strict=True) if not r.ok]
             if failed:
                 raise RuntimeError(f"canonical solutions failed: {failed[:5]}")
             caught = sum(not r.ok for r in bad)

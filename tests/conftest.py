@@ -6,8 +6,10 @@ import ctypes
 import gc
 import glob
 import os
+import signal
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -153,6 +155,20 @@ def pytest_sessionstart(session):
     if problem:
         pytest.exit("jailcell cannot prove that programs run jailed here, so no test runs (the hostile ones "
                     f"would run on this machine itself): {problem}\nRun `jailcell check`.", returncode=3)
+
+
+_SIGINT_CHANGED: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def sigint_left_alone(request):
+    """Name the first test after which SIGINT is no longer Python's own handler (a library that left
+    it ignored once made the KeyboardInterrupt test fail far from the cause)."""
+    yield
+    if not _SIGINT_CHANGED and signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        _SIGINT_CHANGED.append(request.node.nodeid)
+        warnings.warn(f"SIGINT's handler is {signal.getsignal(signal.SIGINT)!r} after {request.node.nodeid}",
+                      stacklevel=1)
 
 
 @pytest.fixture(scope="session", autouse=True)

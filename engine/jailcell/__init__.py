@@ -6,12 +6,20 @@
 45
 """
 
-from ._errors import (BackendUnavailable, InputError, JailcellError, JailError, MissingExtra, PolicyError, SandboxClosed,
-                      UsageError)
-from ._policy import Imports, Limits, Policy
-from ._result import STATUSES, Result, Status
 from ._async import AsyncSandbox, AsyncSession
+from ._errors import (
+    BackendUnavailable,
+    InputError,
+    JailcellError,
+    JailError,
+    MissingExtra,
+    PolicyError,
+    SandboxClosed,
+    UsageError,
+)
+from ._policy import Imports, Limits, Policy
 from ._pool import Pool
+from ._result import STATUSES, Result, Status
 from ._sandbox import Sandbox, Session
 
 try:  # one version source: the distribution's metadata (pyproject.toml)

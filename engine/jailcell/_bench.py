@@ -20,6 +20,8 @@ def load_suite() -> ModuleType:
     for candidate in (here / "benchmarks" / "suite.py", here.parent.parent / "benchmarks" / "suite.py"):
         if candidate.is_file():
             spec = importlib.util.spec_from_file_location("jailcell_benchmarks_suite", candidate)
+            if spec is None or spec.loader is None:
+                continue
             module = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = module
             spec.loader.exec_module(module)
@@ -72,8 +74,11 @@ def _ms(v: Any) -> str:
 
 
 def _results_table(report: dict[str, Any], Table: Any) -> Any:
-    t = Table(title=f"jailcell bench ({report['mode']}; {report['machine']['cpus']} CPUs, Python {report['machine']['python']})")
-    for col in ("workload", "system", "isolated", "n", "p50 ms", "p99 ms", "throughput/s", "peak RSS MiB", "status / note"):
+    machine = report["machine"]
+    t = Table(title=f"jailcell bench ({report['mode']}; {machine['cpus']} CPUs, Python {machine['python']})")
+    columns = ("workload", "system", "isolated", "n", "p50 ms", "p99 ms", "throughput/s", "peak RSS MiB",
+               "status / note")
+    for col in columns:
         t.add_column(col, justify="right" if col[0] in "pnt" and col not in ("status / note",) else "left")
     for s in report["summary"]:
         note = s["note"] if s["status"] == "ok" else f"{s['status'].upper()}: {s['reason']}"
@@ -90,5 +95,6 @@ def _ratios_table(report: dict[str, Any], Table: Any) -> Any:
     for r in report["ratios"]:
         met = {True: "[green]yes[/green]", False: "[red]no[/red]", None: "-"}[r["met"]]
         t.add_row(r["ratio"], "-" if r["value"] is None else f"{r['value']:.2f}",
-                  "-" if r["target"] is None else str(r["target"]), met if r["value"] is not None else r.get("reason", "-"))
+                  "-" if r["target"] is None else str(r["target"]),
+                  met if r["value"] is not None else r.get("reason", "-"))
     return t

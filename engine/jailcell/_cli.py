@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from ._errors import JailcellError
 from ._policy import Policy, builtin_policy_names
@@ -21,6 +21,7 @@ what this machine gives.
 
 commands:
   run      run a program in a fresh sandbox and print what it printed
+  repl     an interactive Python session in a jail (state kept between inputs, with history)
   check    show which isolation features work on this machine, and how to fix the rest
   policy   list the built-in policies or show a policy's effective settings
   serve    OpenAI-compatible gateway: any chat model + tools=[{"type": "code_interpreter"}]
@@ -30,6 +31,7 @@ commands:
 
 examples:
   jailcell run -c 'print(2 ** 10)'
+  jailcell repl --policy minimal
   jailcell run --policy minimal --timeout 5 --json script.py
   echo 'import numpy; print(numpy.eye(2))' | jailcell run -
   jailcell check
@@ -40,7 +42,7 @@ examples:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's default, with a pointer to --help
+    def error(self, message: str) -> NoReturn:  # argparse's default, with a pointer to --help
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"jailcell: error: {message} (see `{self.prog} --help`)\n")
 
@@ -59,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = run.add_mutually_exclusive_group(required=True)
-    src.add_argument("file", nargs="?", metavar="FILE", help="a Python file to run, or - to read the program from stdin")
+    src.add_argument("file", nargs="?", metavar="FILE",
+                     help="a Python file to run, or - to read the program from stdin")
     src.add_argument("-c", dest="code", metavar="CODE", help="the program as a string")
     _add_sandbox_options(run)
     run.add_argument("--timeout", type=float, metavar="S", help="wall-clock limit in seconds (default: the policy's)")
@@ -67,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the Result as one JSON object on stdout")
     run.add_argument("--file", dest="files", action="append", default=[], metavar="NAME=PATH",
                      help="copy a host file into the workspace as NAME before running (repeatable)")
+
+    repl = sub.add_parser(
+        "repl", description="An interactive Python session whose code runs in a jail: each complete input is one "
+                    "run of a Session, so variables, imports and files persist. Ctrl-C during a run kills that "
+                    "run and keeps the state from before it; Ctrl-D or exit() leaves. On a terminal, input has "
+                    "line editing and a history.")
+    _add_sandbox_options(repl)
+    repl.add_argument("--timeout", type=float, metavar="S", help="wall-clock limit per input (default: the policy's)")
+    repl.add_argument("--memory", type=int, metavar="MIB", help="memory limit in MiB (default: the policy's)")
+    repl.add_argument("--history", default="~/.jailcell_history", metavar="FILE",
+                      help="where input history is kept (default: ~/.jailcell_history; '' keeps none)")
 
     sub.add_parser("check", description="Probe nsjail, namespaces, seccomp, cgroups and limits on this machine; for "
                                "each feature that does not work, say why and how to fix it. Exit 0 when "
@@ -105,12 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sandbox_options(mcp)
 
     bench = sub.add_parser(
-        "bench", description="Run every system on the same workloads in one run and report p50/p99, throughput, peak RSS "
-                    "and ratios against the baselines (absolute times are noise on shared machines). Peers "
+        "bench", description="Run every system on the same workloads in one run and report p50/p99, throughput, "
+                    "peak RSS and ratios against the baselines (absolute times are noise on shared machines). Peers "
                     "that cannot run are reported as skipped or failed, with the reason.")
     bench.add_argument("--quick", action="store_true", help="fewer samples and a HumanEval subset (under a minute)")
     bench.add_argument("--json", dest="json_path", metavar="FILE", help="write every raw sample plus a summary")
-    bench.add_argument("--plot", dest="plot_path", metavar="FILE", help="write a PNG chart of the latency distributions")
+    bench.add_argument("--plot", dest="plot_path", metavar="FILE",
+                       help="write a PNG chart of the latency distributions")
     bench.add_argument("--only", nargs="+", metavar="NAME", help="run only these workloads: " + ", ".join(_workloads()))
 
     pol = sub.add_parser("policy", description="Inspect policies.")
@@ -128,7 +143,8 @@ def _positive(kind: type) -> Any:
         except ValueError:
             value = 0
         if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive {'integer' if kind is int else 'number'}, got {text!r}")
+            what = "integer" if kind is int else "number"
+            raise argparse.ArgumentTypeError(f"expected a positive {what}, got {text!r}")
         return value
     return parse
 
@@ -174,7 +190,7 @@ def _unknown_option(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[s
     sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
     command = next((t for t in argv if not t.startswith("-")), None)
     target = sub.choices.get(command) if sub is not None and command else None
-    if target is None:
+    if target is None or command is None:
         return None
     known = target._option_string_actions
     tokens = argv[argv.index(command) + 1:]
@@ -211,6 +227,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "repl":
+            from ._repl import run_repl
+
+            policy = Policy.load(args.policy).with_overrides(timeout=args.timeout, memory=args.memory)
+            return run_repl(policy, backend=args.backend, history=args.history)
         if args.command == "check":
             from ._check import run_check
 
@@ -237,9 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             from ._bench import WORKLOADS, run_bench
 
-            unknown = sorted(set(args.only or []) - set(WORKLOADS))
-            if unknown:
-                return _usage(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+            not_workloads = sorted(set(args.only or []) - set(WORKLOADS))
+            if not_workloads:
+                return _usage(f"unknown workload(s) {', '.join(not_workloads)}; choose from {', '.join(WORKLOADS)}")
             return run_bench(args.quick, args.only, args.json_path, args.plot_path)
     except JailcellError as exc:
         print(f"jailcell: error: {exc}", file=sys.stderr)
@@ -289,8 +310,8 @@ def _run(args: argparse.Namespace) -> int:
 
     policy = Policy.load(args.policy).with_overrides(timeout=args.timeout, memory=args.memory)
     code, problem = _read_source(args)
-    if problem:
-        return _usage(problem)
+    if problem or code is None:
+        return _usage(problem or "no program given: FILE, -c CODE or - (stdin)")
     files: dict[str, bytes] = {}
     for spec in args.files:
         name, sep, path = spec.partition("=")

@@ -224,7 +224,7 @@ class _Engine:
             raise InputError(reply.input_error)
         return self.to_result(reply, jail), True
 
-    def _host_failure(self, status: str, etype: str, message: str, t0: float) -> Result:
+    def _host_failure(self, status: Status, etype: str, message: str, t0: float) -> Result:
         return Result(status=status, error={"type": etype, "message": message, "traceback": ""},
                       duration_s=time.monotonic() - t0, isolation=dict(self.isolation()))
 

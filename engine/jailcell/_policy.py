@@ -287,7 +287,8 @@ def _check_shape(path: Path, data: dict[str, Any]) -> None:
             continue
         if not isinstance(value, list) or not all(isinstance(m, str) and _MODULE_RE.match(m) for m in value):
             raise PolicyError(
-                f"{where}: {section}.{key} must be a list of module names or globs like \"numpy\" or \"numpy.*\", got {value!r}"
+                f"{where}: {section}.{key} must be a list of module names or globs like \"numpy\" or "
+                f"\"numpy.*\", got {value!r}"
             )
     mode = data.get("code", {}).get("mode")
     if mode is not None and mode not in CODE_MODES:

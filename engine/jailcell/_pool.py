@@ -28,7 +28,8 @@ class Pool:
     """
 
     def __init__(self, size: int | None = None, policy: str | os.PathLike[str] | Policy | None = "standard", *,
-                 backend: str | None = None, warm: bool = True, functions: Mapping[str, Callable[..., Any]] | None = None,
+                 backend: str | None = None, warm: bool = True,
+                 functions: Mapping[str, Callable[..., Any]] | None = None,
                  **overrides: Any) -> None:
         size = size if size is not None else (os.cpu_count() or 1)
         if not isinstance(size, int) or size < 1:
@@ -38,7 +39,10 @@ class Pool:
         self._all: list[Sandbox] = []
         self._closed = False
         engine_policy = Policy.load(policy).with_overrides(**overrides)
-        starters = [lambda: Sandbox(engine_policy, backend=backend, warm=warm, functions=functions) for _ in range(size)]
+        def start() -> Sandbox:
+            return Sandbox(engine_policy, backend=backend, warm=warm, functions=functions)
+
+        starters = [start] * size
         with ThreadPoolExecutor(max_workers=size) as ex:
             for sb in ex.map(lambda f: f(), starters):
                 self._all.append(sb)
@@ -54,7 +58,7 @@ class Pool:
         return self._closed
 
     def run(self, code: str, *, timeout: float | None = None, files: Mapping[str, Any] | None = None) -> Result:
-        """Run ``code`` on the next free jail (waits for one)."""
+        """Run ``code`` on the next free jail (waits for one).  Raises as ``Sandbox.run``."""
         return self._run(code, timeout, files)
 
     def _run(self, code: str, timeout: float | None, files: Mapping[str, Any] | None,
@@ -70,7 +74,8 @@ class Pool:
             self._sandboxes.put(sb)
 
     def map(self, codes: Iterable[str], *, timeout: float | None = None) -> list[Result]:
-        """Run every program; results in input order."""
+        """Run every program; results in input order.  Raises as ``Sandbox.run`` (InputError for a bad
+        program, before the others' results are returned)."""
         if self._closed:
             raise SandboxClosed("this Pool is closed")
         results: list[Result] = []
@@ -108,6 +113,7 @@ class Pool:
             raise
 
     def close(self) -> None:
+        """Wait for the runs in progress, then end every jail.  Closing twice is fine."""
         if self._closed:
             return
         self._closed = True

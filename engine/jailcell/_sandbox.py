@@ -86,7 +86,7 @@ class Sandbox:
              cancel: Cancel | None = None) -> Result:
         req = self._engine.run_request(code, timeout, files)
         with self._lock:
-            for attempt in (1, 2):
+            for _attempt in (1, 2):
                 jail = self._ensure_jail()
                 result, usable = self._engine.execute(jail, req, cancel=cancel)
                 if not usable:
@@ -114,6 +114,8 @@ class Sandbox:
         return Session._create(self._engine, idle_timeout)
 
     def close(self) -> None:
+        """End the jail (at once; its processes and cgroups are reclaimed in the background).  Waits
+        for a run in progress to end first.  Closing twice is fine."""
         with self._lock:
             self._closed = True
             if self._jail is not None:
@@ -189,7 +191,8 @@ class Session:
                 reply = self._shared.jail.request(req, timeout)
             except (JailTimeout, EOFError, OSError, ProtocolError) as exc:
                 self._shared.jail.kill()
-                raise JailError(f"the session's jail stopped answering ({type(exc).__name__}); the session is lost") from None
+                raise JailError(f"the session's jail stopped answering ({type(exc).__name__}); "
+                                "the session is lost") from None
         if reply.get("op") == "error":
             if reply.get("kind") == "lost":
                 self._lost = str(reply.get("message", "its holder process is gone"))
@@ -236,6 +239,9 @@ class Session:
             self._shared.jail.interrupt()
 
     def upload(self, name: str, data: bytes | str) -> None:
+        """Write ``data`` into the session's workspace as ``name`` (a relative path).  Raises
+        InputError (a bad name, a file over the policy's size, a name that is a directory or a
+        link), SandboxClosed, or JailError when the session is lost."""
         check_file_name(name)
         payload = _check_files({name: data}, self._engine.policy)[name]
         self._upload(name, base64.b64decode(payload))
@@ -254,6 +260,8 @@ class Session:
                 return
 
     def download(self, name: str) -> bytes:
+        """The content of workspace file ``name``.  Raises InputError (no such regular file, a link
+        on its path, over the workspace size), SandboxClosed, or JailError when the session is lost."""
         check_file_name(name)
         limit = self._engine.policy.limits.workspace_mib * MIB
         parts: list[bytes] = []
@@ -271,11 +279,13 @@ class Session:
                 return b"".join(parts)
 
     def fork(self) -> "Session":
-        """A new session starting from this one's current state (same jail, separate head)."""
+        """A new session starting from this one's current state and workspace (same jail, separate
+        head: branches can see each other's files).  Raises SandboxClosed or JailError."""
         reply = self._call({"op": "fork"})
         return Session(self._engine, self._shared, reply["head"], self._idle_timeout)
 
     def close(self) -> None:
+        """End the session (the jail ends with its last branch).  Closing twice is fine."""
         if self._closed:
             return
         self._closed = True

@@ -8,7 +8,6 @@ import time
 import pytest
 
 # -- smolagents -------------------------------------------------------------------------------
-
 from smolagents import CodeAgent, Tool
 from smolagents.models import ChatMessage, MessageRole, Model
 

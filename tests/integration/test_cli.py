@@ -141,6 +141,51 @@ def test_limit_messages_say_how_to_raise_the_limit_and_the_error_is_said_once():
 
 def test_help_lists_each_command_once():
     out = jailcell("--help").stdout.decode()
-    for command in ("run", "check", "policy", "serve", "mcp", "bench"):
+    for command in ("run", "repl", "check", "policy", "serve", "mcp", "bench"):
         lines = [line for line in out.splitlines() if line.strip().startswith(command + " ")]
         assert len(lines) == 1, (command, lines)
+
+
+# -- jailcell repl -------------------------------------------------------------------------------
+
+def test_repl_keeps_state_and_reports_errors_like_python():
+    lines = ["x = 41", "x + 1", "print('hi')", "def f():", "    return 7", "", "f()", "import socket", "1/0", "x * 2"]
+    r = jailcell("repl", "--policy", "standard", input=("\n".join(lines) + "\n").encode())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().split() == ["42", "hi", "7", "82"]
+    err = r.stderr.decode()
+    assert "blocked by policy 'standard'" in err and "ZeroDivisionError" in err
+
+
+def test_repl_ctrl_c_stops_the_run_and_keeps_the_state_from_before_it():
+    import os
+    import signal
+    import time
+
+    # As from a shell: SIGINT at its default (an ignored one is inherited, and Python then keeps it ignored).
+    proc = subprocess.Popen([sys.executable, "-m", "jailcell", "repl", "--policy", "minimal", "--timeout", "60"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        proc.stdin.write(b"x = 5\nprint('ready')\nwhile True: x = 6\n\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == b"ready\n"
+        time.sleep(1.0)  # the loop is running now
+        t0 = time.monotonic()
+        os.kill(proc.pid, signal.SIGINT)
+        proc.stdin.write(b"print(x)\n")
+        proc.stdin.close()
+        assert proc.stdout.readline() == b"5\n"  # the spinning run (and its x = 6) was discarded
+        assert time.monotonic() - t0 < 10
+        assert proc.wait(30) == 0
+        assert b"KeyboardInterrupt" in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_repl_exit_and_a_bad_policy():
+    r = jailcell("repl", "--policy", "minimal", input=b"print(1)\nexit()\nprint(2)\n")
+    assert r.returncode == 0 and r.stdout == b"1\n"
+    r = jailcell("repl", "--policy", "nope", input=b"")
+    assert r.returncode == 2 and b"nope" in r.stderr

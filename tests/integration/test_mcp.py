@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-
 from mcp.client.client import Client
 from mcp.client.stdio import StdioServerParameters
 

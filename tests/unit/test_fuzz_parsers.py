@@ -17,9 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jailcell import Policy, PolicyError
-from jailcell._injail import _protocol as proto
 from jailcell._host._jail import _malformed
 from jailcell._host._supervisor import CORRUPTED, _Bridge, parse_report, too_many_containers
+from jailcell._injail import _protocol as proto
 
 JAIL_SRC = os.path.join(os.path.dirname(proto.__file__))
 

@@ -38,10 +38,11 @@ class ControlLoop:
         self._jails: dict[int, weakref.ref[Jail]] = {}  # ctl fd -> jail
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
-    def add(self, jail: Jail) -> None:
+    def add(self, jail: Jail, fd: int) -> None:
+        """Read ``jail``'s control channel (``fd``) from now on."""
         with self._lock:
             self._thread.ensure()
-            self._jails[jail.ctl.fileno()] = weakref.ref(jail)
+            self._jails[fd] = weakref.ref(jail)
         self._wake()
 
     def remove(self, fd: int) -> None:

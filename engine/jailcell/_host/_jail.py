@@ -208,7 +208,7 @@ class Jail:
         self._spawned = spawned
         try:
             proto.send(host, spawned.config)
-            _control.add(self)
+            _control.add(self, host.fileno())
             deadline = time.monotonic() + START_TIMEOUT_S
             self.ready = self._reply(deadline)
             if self.ready.get("op") != "ready":
@@ -346,17 +346,17 @@ class Jail:
             while len(self._exits) > 100:  # exits of runs abandoned by an exception in the caller
                 self._exits.pop(next(iter(self._exits)))
         elif op == "clean":
-            spare = self._used.pop(msg.get("cell"), None)
-            if spare is not None:
-                spare.close()
+            used = self._used.pop(msg["cell"], None) if proto.is_int(msg.get("cell")) else None
+            if used is not None:
+                used.close()
         elif op == "broken":  # the zygote could not sweep the jail after a run: replace it
             self._broken = str(msg.get("message", "the zygote reported a failure"))
         elif op == "lost":
             head = str(msg.get("head"))
             self._lost.add(head)
-            spare = self._heads.get(head)
-            if spare is not None:
-                spare.close()
+            held = self._heads.get(head)
+            if held is not None:
+                held.close()
                 self._heads[head] = None
         else:
             return False
@@ -484,6 +484,8 @@ class Jail:
     def _done(self, spare: Spare, finished: bool) -> None:
         """Hand the used cell back: the zygote sweeps the jail (``clean`` closes our ends)."""
         self._trim_log()
+        if self.ctl is None:
+            raise JailError("the jail is closed")
         with self._cv:
             self._used[spare.pid] = spare
         proto.send(self.ctl, {"op": "done", "cell": spare.pid, "head": spare.head, "finished": finished})
@@ -532,9 +534,10 @@ class Jail:
                 self._done(spare, True)  # the zygote sweeps while the caller gets its result
                 return result
             self._done(spare, False)
-            self._wait(lambda: spare.pid in self._exits, time.monotonic() + REPLY_TIMEOUT_S)
+            pid = spare.pid
+            self._wait(lambda: pid in self._exits, time.monotonic() + REPLY_TIMEOUT_S)  # noqa: B023 (called here)
             with self._cv:
-                info = self._exits.pop(spare.pid)
+                info = self._exits.pop(pid)
             usage = (proto.seconds(info.get("utime")) + proto.seconds(info.get("stime")),
                      int(proto.seconds(info.get("maxrss"))) * 1024)
             if seen.started or head is not None:

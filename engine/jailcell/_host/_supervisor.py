@@ -484,7 +484,8 @@ def outcome(seen: Observed, req: RunRequest, exit_info: dict[str, Any] | None, u
         return fail("output_limit", "OutputLimit",
                     f"the program wrote over {proto.MAX_REPORT} bytes into jailcell's result channel")
     if killed_for == "output":
-        return fail("output_limit", "OutputLimit", f"output exceeded {output_cap} bytes; the head is kept{RAISE_OUTPUT}")
+        return fail("output_limit", "OutputLimit",
+                    f"output exceeded {output_cap} bytes; the head is kept{RAISE_OUTPUT}")
     if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= cpu_limit - 0.05):
         return fail("timeout", "Timeout", f"CPU-time limit of {cpu_limit:g} s reached{RAISE_CPU}")
     if sig is not None:

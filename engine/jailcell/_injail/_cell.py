@@ -34,7 +34,7 @@ import _protocol as proto
 # import guard or the framing (``_protocol`` does the same).  So a stateless cell does not put the
 # builtins back after the program; only the stdlib code jailcell then calls (``traceback``,
 # matplotlib) needs them, and the paths that call it put them back first.
-__builtins__ = dict(builtins.__dict__)
+__builtins__ = dict(builtins.__dict__)  # type: ignore[assignment]
 
 _import = builtins.__import__  # the interpreter's own: the program may replace builtins.__import__
 
@@ -73,10 +73,11 @@ def compile_cell(code: str):
         except (SyntaxError, ValueError):
             pass
     tree = compile(code, CELL_FILENAME, "exec", _ast.PyCF_ONLY_AST, dont_inherit=True)  # ast.parse, without ast
-    last = None
-    if tree.body and isinstance(tree.body[-1], _ast.Expr):
-        last = compile(_ast.Expression(body=tree.body.pop().value), CELL_FILENAME, "eval", dont_inherit=True)
-    return compile(tree, CELL_FILENAME, "exec", dont_inherit=True), last
+    assert isinstance(tree, _ast.Module)
+    tail = tree.body.pop() if tree.body and isinstance(tree.body[-1], _ast.Expr) else None
+    final = compile(_ast.Expression(body=tail.value), CELL_FILENAME, "eval", dont_inherit=True) \
+        if isinstance(tail, _ast.Expr) else None
+    return compile(tree, CELL_FILENAME, "exec", dont_inherit=True), final
 
 
 def _last_top_level_line(code: str) -> int | None:
@@ -155,7 +156,7 @@ def _figures(after_program: bool = False) -> list[dict]:
 def _patch_show(collected: list) -> None:
     plt = sys.modules.get("matplotlib.pyplot")
     if plt is not None:
-        plt.show = lambda *a, **k: collected.extend(_figures())
+        plt.show = lambda *a, **k: collected.extend(_figures())  # type: ignore[attr-defined]
 
 
 def _safe_str(exc: BaseException) -> str:
@@ -208,9 +209,9 @@ def execute(code: str, glb: dict, session: bool = False) -> dict:
         if CONFIG.get("code_mode") == "restricted":
             run_restricted = STATE.get("run_restricted")
             if run_restricted is None:
-                from _restricted import run_restricted
+                from _restricted import run_restricted  # type: ignore[no-redef]
 
-            run = lambda: run_restricted(code, glb, CELL_FILENAME, lambda m: not guard.import_blocked(m))  # noqa: E731
+            run = lambda: run_restricted(code, glb, CELL_FILENAME, lambda m: not guard.import_blocked(m))  # type: ignore[misc]  # noqa: E731
         else:
             body_code, last_code = compile_cell(code)
             run = lambda: (_exec(body_code, glb), _eval(last_code, glb) if last_code is not None else None)[1]  # noqa: E731
@@ -240,7 +241,8 @@ def execute(code: str, glb: dict, session: bool = False) -> dict:
         elif isinstance(exc, guard.PolicyViolation) or getattr(exc, "jailcell_policy", False):
             status = "policy_violation"
         report["status"] = status
-        report["error"] = {"type": type(exc).__name__, "message": _safe_str(exc), "traceback": _trim_traceback(exc, code)}
+        report["error"] = {"type": type(exc).__name__, "message": _safe_str(exc),
+                           "traceback": _trim_traceback(exc, code)}
     try:
         report["outputs"] = collected + _figures(after_program=True)
     except Exception:
@@ -410,7 +412,7 @@ def fresh_stdio() -> None:
     sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
                                   errors="backslashreplace", line_buffering=True)
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
-    sys.__stdout__, sys.__stderr__, sys.__stdin__ = sys.stdout, sys.stderr, sys.stdin
+    sys.__stdout__, sys.__stderr__, sys.__stdin__ = sys.stdout, sys.stderr, sys.stdin  # type: ignore[misc]
 
 
 def user_globals() -> dict:

@@ -12,7 +12,7 @@ import _protocol as proto
 
 # Builtins of its own (as every in-jail module): a stateless cell lists its files after the program,
 # with the program's builtins still in place.
-__builtins__ = dict(builtins.__dict__)
+__builtins__ = dict(builtins.__dict__)  # type: ignore[assignment]
 
 
 def list_files(root: str) -> dict[str, tuple[int, int]]:

@@ -16,7 +16,7 @@ import _protocol as proto
 
 # Builtins of its own (as every in-jail module): the guard runs while the program's builtins are in
 # place, and a program that replaces builtins.len must not change what the guard sees.
-__builtins__ = dict(builtins.__dict__)
+__builtins__ = dict(builtins.__dict__)  # type: ignore[assignment]
 _import = builtins.__import__  # the interpreter's own: the program may replace builtins.__import__
 
 # The first spare of a jail starts from these imports alone (C modules, small ones): no ``re``,
@@ -37,6 +37,9 @@ def configure(config: dict) -> None:
 
 class PolicyViolation(ImportError):
     """An import refused by the jail's policy (an ImportError, so `except ImportError` works)."""
+
+
+PolicyViolation.__module__ = "builtins"  # tracebacks say `PolicyViolation: ...`, not the name of jailcell's module
 
 
 def import_blocked(module: str) -> bool:
@@ -186,7 +189,7 @@ def hide_jail() -> None:
     directory) leave sys.modules and their directory leaves sys.path, so a program cannot pick them
     up by name (the code that serves a cell keeps its references).  A program can still reach this
     process's memory by other means: nothing there is trusted (the host validates what a cell
-    sends; see the README)."""
+    sends; see docs/trust-model.md)."""
     here = os.path.dirname(os.path.abspath(__file__))
     for name in os.listdir(here):
         if name.endswith(".py"):

@@ -30,7 +30,7 @@ from _sweep import wipe
 
 # Builtins of its own (as every in-jail module): a program that replaces builtins.len does not change
 # what this code sees.
-__builtins__ = dict(builtins.__dict__)
+__builtins__ = dict(builtins.__dict__)  # type: ignore[assignment]
 
 NURSERY_RETRY_S = 1.0   # a lost nursery is replaced at the next sweep, or after this
 POOL_SIZE = 2           # spare cells kept ready in a stateless jail

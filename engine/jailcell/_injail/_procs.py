@@ -10,7 +10,7 @@ import time
 
 # Builtins of its own (as every in-jail module): a program that replaces builtins.len does not change
 # what this code sees.
-__builtins__ = dict(builtins.__dict__)
+__builtins__ = dict(builtins.__dict__)  # type: ignore[assignment]
 
 MAX_EXITS = 1000  # exits kept for a later question (cells killed after a finished run), at most
 

@@ -25,14 +25,14 @@ import os
 import struct
 
 # Builtins of its own (as _cell's): a program in a cell that replaces builtins.len does not break the framing.
-__builtins__ = dict(builtins.__dict__)
+__builtins__ = dict(builtins.__dict__)  # type: ignore[assignment]
 
 try:
     from _json import encode_basestring as _c_encode_str
     from _json import make_encoder as _c_make_encoder
     from _json import make_scanner as _c_make_scanner
 except ImportError:  # an interpreter without the accelerator: the json module does the same
-    _c_make_scanner = None
+    _c_make_scanner = None  # type: ignore[assignment,misc]
 
 MAGIC = b"JC"
 VERSION = 2
@@ -153,7 +153,7 @@ def seconds(value: object) -> float:
 
 def wait_status(value: object) -> int | None:
     """A wait status from a report (it fits 16 bits), else None."""
-    return value if is_int(value) and 0 <= value <= 0xFFFF else None
+    return value if is_int(value) and 0 <= value <= 0xFFFF else None  # type: ignore[operator,return-value]
 
 
 def decode(body: bytes) -> dict:

@@ -26,7 +26,7 @@ from RestrictedPython.Guards import (
 
 # Builtins of its own (as every in-jail module): a program that replaces builtins.len does not change
 # what this code sees.
-__builtins__ = dict(builtins.__dict__)
+__builtins__ = dict(builtins.__dict__)  # type: ignore[assignment]
 
 # Attribute names that reach interpreter internals: refused everywhere, whatever the object.
 _FORBIDDEN_ATTRS = frozenset({
@@ -58,7 +58,7 @@ def _reaches_blocked_module(value) -> str | None:
     if isinstance(value, _MODULE):
         name = value.__name__
     else:
-        name = getattr(type(value), "__module__", None) if not callable(value) else None
+        name = getattr(type(value), "__module__", None) if not callable(value) else None  # type: ignore[assignment]
         if callable(value):
             try:
                 name = object.__getattribute__(value, "__module__")
@@ -147,7 +147,7 @@ def run_restricted(code: str, glb: dict, filename: str, import_allowed):
     if has_value:  # `expr` -> `jailcell_result_value = expr`, compiled with the rest (print works there)
         last = tree.body[-1]
         tree.body[-1] = ast.copy_location(
-            ast.Assign(targets=[ast.Name(id=RESULT_NAME, ctx=ast.Store())], value=last.value), last)
+            ast.Assign(targets=[ast.Name(id=RESULT_NAME, ctx=ast.Store())], value=last.value), last)  # type: ignore[attr-defined]
         ast.fix_missing_locations(tree)
         code = ast.unparse(tree)
     compiled = compile_restricted_exec(code, filename)
@@ -178,7 +178,7 @@ def run_restricted(code: str, glb: dict, filename: str, import_allowed):
             "_apply_": lambda f, *a, **k: f(*a, **k),
         })
     glb.pop(RESULT_NAME, None)
-    exec(compiled.code, glb)
+    exec(compiled.code, glb)  # type: ignore[arg-type]
     return glb.pop(RESULT_NAME, None) if has_value else None
 
 

@@ -34,7 +34,7 @@ import struct
 
 # Builtins of its own (as every in-jail module): a program that replaces builtins.len does not change
 # what this code sees.
-__builtins__ = dict(builtins.__dict__)
+__builtins__ = dict(builtins.__dict__)  # type: ignore[assignment]
 
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER, PR_SET_NO_NEW_PRIVS = 22, 2, 38
 RET_ALLOW = 0x7FFF0000
@@ -82,9 +82,9 @@ class _Asm:
             for target in (jt, jf):
                 if isinstance(target, str):
                     target = self.labels[target] - pc - 1
-                if not 0 <= int(target) <= 255:
+                if not 0 <= int(target) <= 255:  # type: ignore[call-overload]
                     raise ValueError("seccomp program too long for a jump")
-                offsets.append(int(target))
+                offsets.append(int(target))  # type: ignore[call-overload]
             out.append(struct.pack("HBBI", code, offsets[0], offsets[1], k))
         return b"".join(out)
 

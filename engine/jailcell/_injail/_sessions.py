@@ -32,7 +32,7 @@ from _sweep import copy_tree, wipe
 
 # Builtins of its own (as every in-jail module): a program that replaces builtins.len does not change
 # what this code sees.
-__builtins__ = dict(builtins.__dict__)
+__builtins__ = dict(builtins.__dict__)  # type: ignore[assignment]
 
 SPARE_WAIT_S = 30.0  # how long a session holder may take to fork its next spare
 
@@ -46,7 +46,7 @@ def holder_report_problem(msg, fds) -> str | None:
     op, pid = msg.get("op"), msg.get("pid")
     if op not in HOLDER_OPS:
         return f"unknown op {str(op)[:40]!r}"
-    if not (proto.is_int(pid) and 0 < pid < 1 << 22):
+    if not (proto.is_int(pid) and 0 < pid < 1 << 22):  # type: ignore[operator]
         return f"op {op!r} without a valid pid"
     if fds and (op != "spare" or len(fds) != 4):
         return f"{len(fds)} file descriptors with op {op!r}"
@@ -217,7 +217,7 @@ class Sessions:
         return head
 
     def _head(self, req: dict) -> Head:
-        head = self.heads.get(req.get("head"))
+        head = self.heads.get(str(req.get("head")))
         if head is None:
             raise KeyError(f"no such session {req.get('head')!r}")
         if head.lost:
@@ -267,11 +267,11 @@ class Sessions:
             del self.heads[branch.hid]
             parent.close()
             raise
-        branch.pid = branch.forked
+        branch.pid = branch.forked or 0  # (set: the wait above returned)
         return {"op": "ok", "head": branch.hid}
 
     def done(self, req: dict) -> None:
-        head = self.heads.get(req.get("head"))
+        head = self.heads.get(str(req.get("head")))
         used = int(req["cell"])
         finished = bool(req.get("finished"))
         if finished:
@@ -327,7 +327,7 @@ class Sessions:
             self.zygote.send({"op": "lost", "head": head.hid})
 
     def close(self, req: dict) -> dict:
-        head = self.heads.pop(req.get("head"), None)
+        head = self.heads.pop(str(req.get("head")), None)
         if head is not None:
             for pid in head.pids():
                 kill(pid)

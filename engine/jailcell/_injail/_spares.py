@@ -18,7 +18,7 @@ from _procs import machinery_signals, reap_nohang
 
 # Builtins of its own (as every in-jail module): a program that replaces builtins.len does not change
 # what this code sees.
-__builtins__ = dict(builtins.__dict__)
+__builtins__ = dict(builtins.__dict__)  # type: ignore[assignment]
 
 REHEARSE_AFTER_S = 0.01  # a spare forked back to back rehearses only if no request came this long
 NO_FILTER_EXIT = 125     # a process that forks cells exits so when it cannot get the cell filter

@@ -45,7 +45,7 @@ from _spares import Channels  # noqa: E402
 
 # Builtins of its own (as every in-jail module): a program that replaces builtins.len does not change
 # what this code sees.
-__builtins__ = dict(builtins.__dict__)
+__builtins__ = dict(builtins.__dict__)  # type: ignore[assignment]
 
 CONFIG: dict = {}
 
@@ -75,7 +75,7 @@ def error_reply(exc: Exception) -> dict:
 class Zygote:
     def __init__(self, ctl: socket) -> None:
         self.ctl = ctl
-        self.engine: Stateless | Sessions | None = None
+        self.engine: Stateless | Sessions = None  # set by main() next
         # SIGCHLD wakes the event loop (through this pipe), which reaps at once: no zombie lingers
         # into the next run, and the exit of an orphaned cell is known.
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

@@ -66,7 +66,8 @@ class Cgroups:
         self.pids_root = pids_root
         self.mount = mount
         self.reason = reason
-        self.memsw = version == "v1" and memory_root is not None and (memory_root / "memory.memsw.limit_in_bytes").exists()
+        self.memsw = version == "v1" and memory_root is not None \
+            and (memory_root / "memory.memsw.limit_in_bytes").exists()
         self._swept = -SWEEP_EVERY_S
 
     # -- detection -----------------------------------------------------------------------------
@@ -93,7 +94,8 @@ class Cgroups:
             except OSError:
                 continue
             if not {"memory", "pids"} <= controllers:
-                reasons.append(f"cgroup v2 at {mount}: memory/pids controllers not available here ({' '.join(sorted(controllers)) or 'none'})")
+                have = " ".join(sorted(controllers)) or "none"
+                reasons.append(f"cgroup v2 at {mount}: memory/pids controllers not available here ({have})")
                 continue
             base = cls._v2_base(mount)
             if base is None:
@@ -184,9 +186,11 @@ class Cgroups:
             return ["--use_cgroupv2", "--cgroupv2_mount", str(dirs.memory),
                     "--cgroup_mem_max", str(memory_bytes), "--cgroup_pids_max", str(pids)]
         args = [
-            "--cgroup_mem_mount", str(dirs.memory.parent.parent), "--cgroup_mem_parent", f"{ROOT_NAME}/{dirs.memory.name}",
+            "--cgroup_mem_mount", str(dirs.memory.parent.parent),
+            "--cgroup_mem_parent", f"{ROOT_NAME}/{dirs.memory.name}",
             "--cgroup_mem_max", str(memory_bytes),
-            "--cgroup_pids_mount", str(dirs.pids.parent.parent), "--cgroup_pids_parent", f"{ROOT_NAME}/{dirs.pids.name}",
+            "--cgroup_pids_mount", str(dirs.pids.parent.parent),
+            "--cgroup_pids_parent", f"{ROOT_NAME}/{dirs.pids.name}",
             "--cgroup_pids_max", str(pids),
         ]
         if self.memsw:

@@ -19,8 +19,8 @@ from typing import Any
 from .._errors import BackendUnavailable
 from .._policy import MIB, Policy
 from ._base import JAIL_SRC, JAIL_SRC_MOUNT, Backend, Spawned, preload_allowance, zygote_argv
-from ._layout import PythonLayout, outermost, overlaps, python_layout
 from ._cgroups import CgroupDirs, Cgroups
+from ._layout import PythonLayout, outermost, overlaps, python_layout
 
 JAIL_UID = 65534  # "nobody" on the host when jailcell runs as root
 INSIDE_UID = 99999
@@ -323,14 +323,15 @@ def explain_failure(stderr: str, layout: PythonLayout) -> str:
     if "Operation not permitted" in text and ("clone" in text.lower() or "CLONE_NEW" in text or "unshare" in text):
         cause = "the kernel refused to create namespaces for this user"
         if restrict.exists() and restrict.read_text().strip() == "1":
-            fix = ("Ubuntu's AppArmor restricts unprivileged user namespaces: "
-                   "`sudo sysctl kernel.apparmor_restrict_unprivileged_userns=0`, or add an AppArmor profile for nsjail")
+            fix = ("Ubuntu's AppArmor restricts unprivileged user namespaces: `sudo sysctl "
+                   "kernel.apparmor_restrict_unprivileged_userns=0`, or add an AppArmor profile for nsjail")
         elif Path("/proc/sys/user/max_user_namespaces").exists() and \
                 Path("/proc/sys/user/max_user_namespaces").read_text().strip() == "0":
             fix = "user namespaces are disabled: `sudo sysctl user.max_user_namespaces=15000`"
         elif os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv"):
             fix = ("inside a container without namespace privileges: run the container with --privileged, or with "
-                   "a seccomp profile that allows unshare/clone of namespaces (docker: --security-opt seccomp=unconfined)")
+                   "a seccomp profile that allows unshare/clone of namespaces "
+                   "(docker: --security-opt seccomp=unconfined)")
         else:
             fix = "enable unprivileged user namespaces (`sysctl kernel.unprivileged_userns_clone=1`) or run as root"
     elif bind:

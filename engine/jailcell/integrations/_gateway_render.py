@@ -41,7 +41,7 @@ class _ChatRender:
         self.id, self.created = _new_id("chatcmpl"), int(time.time())
 
     def completion(self, out: ToolLoopResult, model: str, container: str | None) -> dict[str, Any]:
-        message = {"role": "assistant", "content": _stopped_text(out, self.max_steps)}
+        message: dict[str, Any] = {"role": "assistant", "content": _stopped_text(out, self.max_steps)}
         if out.message.get("reasoning_content"):
             message["reasoning_content"] = out.message["reasoning_content"]
         if out.stopped == "client_tool_calls":

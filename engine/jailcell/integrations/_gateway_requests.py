@@ -8,7 +8,7 @@ import collections
 import contextlib
 import json
 import uuid
-from typing import Any
+from typing import Any, Iterable
 
 from .._async import AsyncSandbox, AsyncSession
 from .tools import TOOL_NAME
@@ -31,6 +31,7 @@ def _depth_over(value: Any, limit: int) -> bool:
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        children: Iterable[Any]
         if isinstance(item, dict):
             children = item.values()
         elif isinstance(item, list):
@@ -159,7 +160,7 @@ class _Conversation:
 
 def _echo_tools(body: dict[str, Any]) -> list[dict[str, Any]]:
     """The request's tools as a Response lists them (the code interpreter always with a container)."""
-    tools = []
+    tools: list[dict[str, Any]] = []
     for tool in body.get("tools") or []:
         if tool.get("type") == "code_interpreter":
             container = tool.get("container")

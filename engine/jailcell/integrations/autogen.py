@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, List
 
-from .._errors import MissingExtra
 from .._async import AsyncSandbox, AsyncSession
+from .._errors import MissingExtra
 
 try:
     from autogen_core import CancellationToken

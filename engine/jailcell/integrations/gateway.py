@@ -28,12 +28,22 @@ import json
 import uuid
 from typing import Any, AsyncIterator, Callable, Coroutine
 
+from .._async import AsyncSandbox
 from .._errors import InputError, JailcellError, MissingExtra
 from .._result import Result
-from .._async import AsyncSandbox
-from ._gateway_render import _ChatRender, _DashScopeRender, _dashscope_code, _ResponsesRender
-from ._gateway_requests import (MAX_DEPTH, GatewayError, _check_flag, _Containers, _Conversation, _depth_over,
-                                _function_tools, _messages, _responses_input, _validating)
+from ._gateway_render import _ChatRender, _dashscope_code, _DashScopeRender, _ResponsesRender
+from ._gateway_requests import (
+    MAX_DEPTH,
+    GatewayError,
+    _check_flag,
+    _Containers,
+    _Conversation,
+    _depth_over,
+    _function_tools,
+    _messages,
+    _responses_input,
+    _validating,
+)
 from .tools import ExecutedCall, ToolLoopResult, _loop
 
 __all__ = ["Gateway", "GatewayError", "serve"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
+from typing import Any, Literal
 
 from .._async import twin
 from .._errors import MissingExtra
@@ -43,7 +43,7 @@ class JailcellTool(BaseTool):
     name: str = TOOL_NAME
     description: str = TOOL_DESCRIPTION
     args_schema: type[BaseModel] = CodeInput
-    response_format: str = "content_and_artifact"
+    response_format: Literal["content", "content_and_artifact"] = "content_and_artifact"
     policy: Any = "standard"
     stateful: bool = True
     max_chars: int = 8000

@@ -13,8 +13,8 @@ import threading
 import uuid
 from typing import Any
 
-from .._errors import JailcellError, MissingExtra
 from .._async import AsyncSandbox, AsyncSession
+from .._errors import JailcellError, MissingExtra
 from .tools import format_result
 
 __all__ = ["build_server", "serve"]

@@ -18,7 +18,8 @@ def _clip(text: str, budget: int, label: str) -> str:
         return text
     head = text[: budget * 2 // 3]
     tail = text[-(budget - len(head)) :] if budget > len(head) else ""
-    return f"{head}\n[... {label} truncated: {len(text) - len(head) - len(tail)} of {len(text)} characters omitted ...]\n{tail}"
+    omitted = len(text) - len(head) - len(tail)
+    return f"{head}\n[... {label} truncated: {omitted} of {len(text)} characters omitted ...]\n{tail}"
 
 
 def format_result(result: Result, max_chars: int = 8000) -> str:
@@ -41,7 +42,8 @@ def format_result(result: Result, max_chars: int = 8000) -> str:
     for i, out in enumerate(result.outputs, 1):
         parts.append(f"[image {i}: {out.get('mime_type')}, returned separately]")
     if result.files:
-        parts.append("[files written: " + ", ".join(f"{f['name']} ({f['size']} bytes)" for f in result.files[:20]) + "]")
+        written = ", ".join(f"{f['name']} ({f['size']} bytes)" for f in result.files[:20])
+        parts.append(f"[files written: {written}]")
     if not parts:
         parts.append("[no output]")
     return _clip("\n".join(parts), max_chars, "output")
