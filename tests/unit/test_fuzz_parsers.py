@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from jailcell import Policy, PolicyError
 from jailcell._host._jail import _malformed
-from jailcell._host._supervisor import CORRUPTED, _Bridge, parse_report, too_many_containers
+from jailcell._host._supervisor import CORRUPTED, _CallRelay, parse_report, too_many_containers
 from jailcell._injail import _protocol as proto
 
 JAIL_SRC = os.path.join(os.path.dirname(proto.__file__))
@@ -168,7 +168,7 @@ def test_host_function_bridge_answers_or_names_the_misuse(obj, raw):
     a, b = socket.socketpair()
     a.setblocking(False)
     calls = []
-    bridge = _Bridge(a, ["f"], lambda call: calls.append(call) or {"ok": True, "value": None})
+    bridge = _CallRelay(a, ["f"], lambda call: calls.append(call) or {"ok": True, "value": None})
     try:
         for data in (frame(obj), frame({"call": "f", "args": obj, "kwargs": {}}), proto.HEADER.pack(
                 proto.MAGIC, proto.VERSION, proto.KIND_JSON, len(raw)) + raw):

@@ -131,7 +131,7 @@ def _host_pid(pidfd: int) -> int | None:
 # host-function calls
 # ------------------------------------------------------------------------------------------------
 
-class _Bridge:
+class _CallRelay:
     """Host-function calls of one run.  A call frame is checked here (known name, JSON shapes,
     size, count) before the host looks anything up; the answer goes back down the cell's socket
     without blocking the host on a cell that does not read."""
@@ -276,7 +276,7 @@ def supervise(spare: Spare, req: RunRequest, *, output_cap: int, interrupt_fd: i
     seen.started = _send_request(spare, proto.encode(req.frame()), deadline)
     os.close(spare.req_w)
     spare.req_w = -1
-    bridge = _Bridge(spare.res, list(req.functions), on_call)
+    relay = _CallRelay(spare.res, list(req.functions), on_call)
     res = bytearray()
     poller = select.poll()
     poller.register(spare.res.fileno(), select.POLLIN)
@@ -305,7 +305,7 @@ def supervise(spare: Spare, req: RunRequest, *, output_cap: int, interrupt_fd: i
                 os.read(interrupt_fd, 64)
                 stop("interrupted")
             elif ev & select.POLLOUT:
-                bridge.flush()
+                relay.flush()
             if fd == spare.res.fileno() and ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
                 try:
                     chunk = spare.res.recv(1 << 16)
@@ -344,14 +344,14 @@ def supervise(spare: Spare, req: RunRequest, *, output_cap: int, interrupt_fd: i
                 break
             frame = bytes(res[:size])
             del res[:size]
-            misuse = bridge.handle(frame)
+            misuse = relay.handle(frame)
             if misuse:
                 seen.misuse = misuse
                 stop("bridge")
-        if res_open and bridge.count:
+        if res_open and relay.count:
             # While an answer waits to go down, wake when the cell makes room for it.
             try:
-                poller.modify(spare.res.fileno(), select.POLLIN | (select.POLLOUT if bridge.out else 0))
+                poller.modify(spare.res.fileno(), select.POLLIN | (select.POLLOUT if relay.out else 0))
             except (OSError, KeyError):
                 pass
     # Output written before the report or the exit is already in the pipes.
