@@ -55,11 +55,12 @@ def last_tool_output(body):
 class FakeUpstream:
     """Replies with the scripted messages in order; records every request body.
 
-    A step may also be an ``(status, text)`` tuple: the upstream fails with that HTTP status.
+    A step may also be an ``(status, text)`` or ``(status, text, headers)`` tuple: the upstream fails
+    with that HTTP status.  ``GET /models`` lists ``models``.
     """
 
-    def __init__(self, script):
-        self.script, self.requests = list(script), []
+    def __init__(self, script, models=("fake-model",)):
+        self.script, self.requests, self.models, self.headers = list(script), [], list(models), []
         self.lock = threading.Lock()
         upstream = self
 
@@ -70,10 +71,12 @@ class FakeUpstream:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with upstream.lock:
                     upstream.requests.append(body)
+                    upstream.headers.append(dict(self.headers))
                     n = len(upstream.requests)
                     step = upstream.script.pop(0) if upstream.script else (500, "script exhausted")
                 if isinstance(step, tuple):
-                    return self.reply(step[0], "application/json", json.dumps({"error": {"message": step[1]}}).encode())
+                    return self.reply(step[0], "application/json", json.dumps({"error": {"message": step[1]}}).encode(),
+                                      step[2] if len(step) > 2 else {})
                 message = step(body) if callable(step) else step
                 if not body.get("stream"):
                     return self.reply(200, "application/json", json.dumps(completion(message, n)).encode())
@@ -86,8 +89,17 @@ class FakeUpstream:
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(payload), payload))
                 self.wfile.write(b"0\r\n\r\n")
 
-            def reply(self, status, ctype, data):
+            def do_GET(self):
+                if self.path.rstrip("/").endswith("/models"):
+                    data = {"object": "list", "data": [{"id": m, "object": "model", "created": 1, "owned_by": "fake"}
+                                                       for m in upstream.models]}
+                    return self.reply(200, "application/json", json.dumps(data).encode())
+                return self.reply(404, "application/json", b'{"error": {"message": "not found"}}')
+
+            def reply(self, status, ctype, data, headers=None):
                 self.send_response(status)
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()

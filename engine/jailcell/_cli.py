@@ -96,11 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "run in jailcell containers (sessions that keep state across the requests of a conversation: "
                     "previous_response_id or container), looped until the model answers.")
     srv.add_argument("--upstream", required=True, metavar="URL", help="upstream base URL, e.g. http://127.0.0.1:8001/v1")
-    srv.add_argument("--model", help="model name sent upstream (default: the client's)")
+    srv.add_argument("--model", help="model name sent upstream for every request (default: the client's)")
+    srv.add_argument("--model-map", dest="model_map", action="append", default=[], metavar="NAME=UPSTREAM",
+                     help="send requests for model NAME upstream as UPSTREAM (repeatable; it wins over --model), "
+                          "e.g. --model-map qwen3-max=qwen2.5:7b")
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    srv.add_argument("--api-key", help="require this key from clients (Authorization: Bearer KEY)")
-    srv.add_argument("--upstream-api-key", help="key sent to the upstream")
+    srv.add_argument("--api-key", help="require this key from clients (Authorization: Bearer KEY); "
+                                       "default: $JAILCELL_API_KEY (flags show up in `ps`, the environment does not)")
+    srv.add_argument("--upstream-api-key", help="key sent to the upstream; default: $JAILCELL_UPSTREAM_API_KEY, "
+                                                "else $OPENAI_API_KEY")
+    srv.add_argument("--upstream-timeout", type=_positive(float), default=600.0, metavar="SECONDS",
+                     help="longest wait for the upstream's answer to one model call (default: 600); connecting "
+                          "waits 10 s at most, and transient failures are retried twice")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                     help="info (default): a start line, one line per request, upstream and sandbox errors")
     srv.add_argument("--max-steps", type=_positive_int, default=8, help="model calls per request at most (default: 8)")
     srv.add_argument("--max-containers", type=_positive_int, default=32,
                      help="live containers (one jail each) at most; the least recently used idle one is closed "
@@ -244,10 +254,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             Policy.load(args.policy)
             if not args.upstream.startswith(("http://", "https://")):
                 return _usage(f"--upstream must be an http(s) URL, got {args.upstream!r}")
-            serve_gateway(args.upstream, host=args.host, port=args.port, model=args.model, api_key=args.api_key,
-                          upstream_api_key=args.upstream_api_key, policy=args.policy, backend=args.backend,
-                          max_steps=args.max_steps, max_containers=args.max_containers,
-                          container_idle=args.container_idle)
+            model_map = {}
+            for spec in args.model_map:
+                name, sep, target = spec.partition("=")
+                if not sep or not name or not target:
+                    return _usage(f"--model-map takes NAME=UPSTREAM, got {spec!r}")
+                model_map[name] = target
+            env = os.environ
+            serve_gateway(args.upstream, host=args.host, port=args.port, log_level=args.log_level,
+                          model=args.model, model_map=model_map,
+                          api_key=args.api_key or env.get("JAILCELL_API_KEY") or None,
+                          upstream_api_key=(args.upstream_api_key or env.get("JAILCELL_UPSTREAM_API_KEY")
+                                            or env.get("OPENAI_API_KEY") or None),
+                          policy=args.policy, backend=args.backend, max_steps=args.max_steps,
+                          max_containers=args.max_containers, container_idle=args.container_idle,
+                          upstream_timeout=args.upstream_timeout)
             return EXIT_OK
         if args.command == "mcp":
             from .integrations.mcp import serve

@@ -2,6 +2,7 @@
 
 import base64
 import json
+import os
 import socket
 import threading
 import time
@@ -384,7 +385,7 @@ def test_upstream_failures_are_502():
         g.close()
     failing = FakeUpstream([{"role": "assistant", "content": None, "tool_calls": [code_call("c1", "1")]},
                             (503, "model overloaded"), (500, "boom")])
-    g = Running(failing.url)
+    g = Running(failing.url, upstream_retries=0)  # (retries: test_transient_upstream_failures_are_retried)
     try:
         events = list(g.client().responses.create(model="m", input="hi", tools=[{"type": "code_interpreter"}],
                                                   stream=True))
@@ -440,7 +441,8 @@ def test_wire_objects_validate_strictly_against_the_sdk_types():
 
     weather = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
     plot = "import matplotlib.pyplot as plt\nplt.plot([1, 2])\nplt.show()\nprint('drawn')"
-    script = [{"role": "assistant", "content": None, "tool_calls": [code_call("p1", plot)]},
+    script = [{"role": "assistant", "reasoning_content": "a plot, then the weather", "content": None,
+               "tool_calls": [code_call("p1", plot)]},
               {"role": "assistant", "content": "thinking", "tool_calls": [function_call("w1", "get_weather", {})]}]
     up = FakeUpstream(script * 2 + [{"role": "assistant", "content": None, "tool_calls": [code_call("p2", plot)]},
                                     lambda body: {"role": "assistant", "content": "done"}] * 2)
@@ -455,6 +457,10 @@ def test_wire_objects_validate_strictly_against_the_sdk_types():
                 data = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
             parsed = [events.validate_python(d) for d in data]
             assert parsed[-1].type == "response.completed" and parsed[-1].response.output[-1].type == "function_call"
+            thought = [e for e in parsed if e.type == "response.reasoning_text.delta"]  # reasoning streams through
+            assert "".join(e.delta for e in thought) == "a plot, then the weather"
+            assert parsed[-1].response.output[0].type == "reasoning"
+            assert parsed[-1].response.output[0].content[0].text == "a plot, then the weather"
             assert parsed[-1].response.tools[0].container.startswith("cntr_")
             chat = {"model": "m", "messages": [{"role": "user", "content": "plot"}], "tools": [{"type": "code_interpreter"}]}
             ChatCompletion.model_validate(http.post("/v1/chat/completions", json=chat).json())
@@ -480,21 +486,29 @@ def test_the_cli_server_end_to_end_and_graceful_shutdown():
                        answer])
     port = free_port()
     before = set(jail_processes())
+    # Keys from the environment (flags show up in `ps`); the client's model name mapped for the upstream.
+    env = {**os.environ, "JAILCELL_API_KEY": "sekret", "JAILCELL_UPSTREAM_API_KEY": "up-key", "OPENAI_API_KEY": "no"}
     proc = subprocess.Popen([sys.executable, "-m", "jailcell", "serve", "--upstream", up.url, "--port", str(port),
-                             "--api-key", "sekret", "--policy", "minimal"], stderr=subprocess.PIPE, text=True)
+                             "--policy", "minimal", "--model-map", "m=fake-model"], stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert wait_for(lambda: _listening(port), 60), proc.stderr.read() if proc.poll() is not None else "not up"
         client = openai.OpenAI(api_key="sekret", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0)
         response = client.responses.create(model="m", input="What is 12 to the power of 3?",
                                            tools=[{"type": "code_interpreter"}], extra_body={"enable_thinking": True})
         assert "1728" in response.output_text and response.output[0].code == "print(12 ** 3)"
-        assert up.requests[0]["enable_thinking"] is True
+        assert up.requests[0]["enable_thinking"] is True and up.requests[0]["model"] == "fake-model"
+        assert up.headers[0]["Authorization"] == "Bearer up-key"  # JAILCELL_UPSTREAM_API_KEY before OPENAI_API_KEY
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(api_key="wrong", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0).models.list()
         assert set(jail_processes()) - before  # the conversation's container is alive
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         assert wait_for(lambda: not set(jail_processes()) - before, 10)  # shutdown left no jail behind
+        logged = proc.stderr.read() + proc.stdout.read()  # (uvicorn writes its access lines to stdout)
+        start = next(line for line in logged.splitlines() if "jailcell serve:" in line)
+        assert f"http://127.0.0.1:{port}/v1" in start and up.url in start and "'minimal'" in start, start
+        assert '"POST /v1/responses HTTP/1.1" 200' in logged and '"GET /v1/models HTTP/1.1" 401' in logged
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -567,3 +581,63 @@ def test_a_client_that_goes_away_stops_its_code_at_once(stream):
     finally:
         g.close()
         up.close()
+
+
+def test_transient_upstream_failures_are_retried_and_the_rest_named():
+    """One pooled client for the process: a 503 or 429 with Retry-After is tried again (the caller
+    never sees it), a refused model is a 502 that names it and says how to map it, and an upstream
+    that stays down is a 502 after the retries, not a hang."""
+    up = FakeUpstream([(503, "warming up", {"Retry-After": "0"}), (429, "slow down", {"Retry-After": "0.2"}),
+                       {"role": "assistant", "content": "fine"},
+                       (404, "model 'qwen3-max' not found, try pulling it first"),
+                       (503, "down"), (503, "down"), (503, "down")])
+    g = Running(up.url, upstream_retries=2)
+    try:
+        client = g.client()
+        t0 = time.monotonic()
+        r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+        assert r.choices[0].message.content == "fine" and len(up.requests) == 3
+        assert time.monotonic() - t0 >= 0.2  # Retry-After was honoured
+        with pytest.raises(openai.InternalServerError) as info:
+            client.responses.create(model="qwen3-max", input="x", tools=[{"type": "code_interpreter"}])
+        message = str(info.value)
+        assert info.value.status_code == 502 and "qwen3-max" in message and "--model-map" in message
+        with pytest.raises(openai.InternalServerError, match="answered 503"):
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+        assert len(up.requests) == 7  # 1 + 2 retries for the last one; the 404 was not retried
+    finally:
+        g.close()
+        up.close()
+
+
+def test_model_names_are_mapped_and_models_listed_from_the_upstream():
+    up = FakeUpstream([{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}],
+                      models=["qwen2.5:7b", "llama3"])
+    g = Running(up.url, model_map={"qwen3-max": "qwen2.5:7b", "gpt-x": "missing"})
+    try:
+        client = g.client()
+        client.chat.completions.create(model="qwen3-max", messages=[{"role": "user", "content": "x"}])
+        client.chat.completions.create(model="llama3", messages=[{"role": "user", "content": "x"}])
+        assert [r["model"] for r in up.requests] == ["qwen2.5:7b", "llama3"]  # mapped; others as sent
+        listed = {m.id: m for m in client.models.list()}
+        assert set(listed) == {"qwen2.5:7b", "llama3", "qwen3-max", "gpt-x"}
+        assert listed["qwen3-max"].jailcell == {"usable": True, "sent_upstream_as": "qwen2.5:7b"}
+        assert listed["gpt-x"].jailcell["usable"] is False  # maps to a name the upstream does not have
+    finally:
+        g.close()
+        up.close()
+
+
+def test_an_upstream_that_never_answers_is_a_502_after_the_timeout_not_a_hang():
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepts connections (the kernel does) and never answers
+    g = Running(f"http://127.0.0.1:{silent.getsockname()[1]}/v1", upstream_timeout=1.0)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(openai.InternalServerError, match="ReadTimeout") as info:
+            g.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+        assert info.value.status_code == 502 and time.monotonic() - t0 < 10
+    finally:
+        g.close()
+        silent.close()

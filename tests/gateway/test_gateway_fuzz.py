@@ -26,7 +26,7 @@ def _closed_port() -> int:
 def client():
     from starlette.testclient import TestClient
 
-    gateway = Gateway(f"http://127.0.0.1:{_closed_port()}/v1", policy="minimal", max_steps=2)
+    gateway = Gateway(f"http://127.0.0.1:{_closed_port()}/v1", policy="minimal", max_steps=2, upstream_retries=0)
     with TestClient(gateway.app, raise_server_exceptions=False) as c:
         yield c
     gateway.close()

@@ -57,8 +57,11 @@ def test_memory_flag():
     (["run"], None, [b"required"]),
     (["run", "-c", "1", "file.py"], None, [b"not allowed"]),
     (["frobnicate"], None, [b"invalid choice"]),
+    (["serve", "--upstream", "http://127.0.0.1:9/v1", "--model-map", "qwen"], None, [b"NAME=UPSTREAM", b"'qwen'"]),
+    (["serve", "--upstream", "127.0.0.1:9"], None, [b"http(s) URL"]),
+    (["serve", "--upstream", "http://127.0.0.1:9/v1", "--log-level", "loud"], None, [b"invalid choice", b"debug"]),
 ], ids=["missing-file", "empty-c", "blank-stdin", "nul", "undecodable", "50MB", "bad-policy-name", "bad-timeout",
-        "bad-memory", "no-source", "two-sources", "bad-command"])
+        "bad-memory", "no-source", "two-sources", "bad-command", "bad-model-map", "bad-upstream", "bad-log-level"])
 def test_usage_errors_exit_2_without_traceback(args, stdin, words):
     r = jailcell(*args, input=stdin)
     assert r.returncode == 2, r

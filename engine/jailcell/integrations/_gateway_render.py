@@ -94,6 +94,8 @@ class _ResponsesRender:
         self.include_outputs, self.max_steps, self.store = include_outputs, max_steps, store
         self.seq = 0
         self.text: dict[str, Any] | None = None  # the message item being written
+        self.thought: dict[str, Any] | None = None  # the reasoning item being written
+        self.thought_streamed = False  # this model turn's reasoning came as deltas
         self.calls: dict[str, dict[str, Any]] = {}
         self.response: dict[str, Any] = {
             "id": _new_id("resp"), "object": "response", "created_at": int(time.time()), "model": model,
@@ -140,15 +142,45 @@ class _ResponsesRender:
                             part=part),
                 self._event("response.output_item.done", output_index=index, item=item)]
 
+    def _think(self, delta: str) -> list[bytes]:
+        """The model's reasoning (``reasoning_content`` upstream) as a reasoning item, as the hosted
+        API streams an open-weight model's reasoning text."""
+        out: list[bytes] = []
+        if self.thought is None:
+            item = {"type": "reasoning", "id": _new_id("rs"), "summary": [], "status": "in_progress"}
+            index, added = self._add(item)
+            self.thought = {"item": item, "index": index, "text": ""}
+            out.append(added)
+        self.thought["text"] += delta
+        self.thought_streamed = True
+        return out + [self._event("response.reasoning_text.delta", item_id=self.thought["item"]["id"],
+                                  output_index=self.thought["index"], content_index=0, delta=delta)]
+
+    def _close_thought(self) -> list[bytes]:
+        if self.thought is None:
+            return []
+        item, index, text = self.thought["item"], self.thought["index"], self.thought["text"]
+        self.thought = None
+        item.update(status="completed", content=[{"type": "reasoning_text", "text": text}])
+        return [self._event("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0,
+                            text=text),
+                self._event("response.output_item.done", output_index=index, item=item)]
+
     def events(self, event: tuple) -> list[bytes]:
         kind = event[0]
         out: list[bytes] = []
         if self.seq == 0:
             out.append(self._event("response.created", response=dict(self.response)))
             out.append(self._event("response.in_progress", response=dict(self.response)))
+        if kind == "delta" and event[1] == "reasoning_content":
+            return out + self._think(event[2])
+        out += self._close_thought()
         if kind == "delta" and event[1] == "content":
             out += self._write(event[2])
         elif kind == "turn":
+            if event[1].get("reasoning_content") and not self.thought_streamed:  # a turn that was not streamed
+                out += self._think(str(event[1]["reasoning_content"])) + self._close_thought()
+            self.thought_streamed = False
             if event[1].get("content") and self.text is None:  # upstream did not stream this turn
                 out += self._write(event[1]["content"])
             out += self._close_text()

@@ -105,6 +105,7 @@ class _Containers:
     def __init__(self, sandbox: AsyncSandbox, idle: float, limit: int) -> None:
         self.sandbox, self.idle, self.limit = sandbox, idle, limit
         self.items: collections.OrderedDict[str, list[Any]] = collections.OrderedDict()  # id -> [session, busy]
+        self.files: dict[str, dict[str, int]] = {}  # id -> {name: bytes} written by its runs
         self.lock = asyncio.Lock()
 
     def check(self, cid: str | None) -> None:
@@ -127,16 +128,30 @@ class _Containers:
                 return cid, entry[0]
             for old in [k for k, (s, busy) in self.items.items() if s.closed and not busy]:
                 del self.items[old]
+                self.files.pop(old, None)
             if len(self.items) >= self.limit:
                 idle = next((k for k, (_, busy) in self.items.items() if not busy), None)
                 if idle is None:
                     raise GatewayError(429, f"all {self.limit} containers are in use; retry later or raise "
                                             "--max-containers", "rate_limit_error", "too_many_containers")
                 session = self.items.pop(idle)[0]
+                self.files.pop(idle, None)
                 await session.close()
             cid = _new_id("cntr")
             self.items[cid] = [await self.sandbox.session(idle_timeout=self.idle), 1]
             return cid, self.items[cid][0]
+
+    def note_files(self, cid: str, files: list[dict[str, Any]]) -> None:
+        """Remember what a run wrote (name, size), for the container's file list."""
+        known = self.files.setdefault(cid, {})
+        for f in files:
+            if len(known) < 1000 or f["name"] in known:
+                known[f["name"]] = int(f["size"])
+
+    def session(self, cid: str) -> AsyncSession:
+        """An existing container's session, for its files (404 if it is gone)."""
+        self.check(cid)
+        return self.items[cid][0]
 
     def release(self, cid: str) -> None:
         entry = self.items.get(cid)
@@ -147,6 +162,7 @@ class _Containers:
         for session, _ in self.items.values():
             session._sync.close()
         self.items.clear()
+        self.files.clear()
 
 
 class _Conversation:

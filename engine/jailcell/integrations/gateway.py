@@ -21,12 +21,17 @@ least recently used idle one is closed to make room).
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
+import copy
+import functools
 import hmac
 import json
+import logging
 import uuid
-from typing import Any, AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Coroutine, Mapping
 
 from .._async import AsyncSandbox
 from .._errors import InputError, JailcellError, MissingExtra
@@ -44,9 +49,12 @@ from ._gateway_requests import (
     _responses_input,
     _validating,
 )
+from ._gateway_upstream import Upstream
 from .tools import ExecutedCall, ToolLoopResult, _loop
 
 __all__ = ["Gateway", "GatewayError", "serve"]
+
+log = logging.getLogger("jailcell.gateway")
 
 MAX_BODY = 8 * 1024 * 1024
 MAX_STORED_RESPONSES = 1000
@@ -57,26 +65,48 @@ def _deps():
     try:
         import httpx
         from starlette.applications import Starlette
-        from starlette.responses import JSONResponse, StreamingResponse
+        from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
         from starlette.routing import Route
     except ImportError as exc:
         raise MissingExtra("jailcell serve", "serve", exc.name) from None
-    return httpx, Starlette, JSONResponse, StreamingResponse, Route
+    del httpx  # used by Upstream; imported here so a missing one is the same clear error
+    return Starlette, JSONResponse, StreamingResponse, HTMLResponse, Response, Route
+
+
+def _file_id(name: str) -> str:
+    """A container file's id: its workspace path, URL-safe (paths have slashes)."""
+    return "cfile_" + base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
+
+
+def _file_name(file_id: str) -> str:
+    raw = file_id.removeprefix("cfile_")
+    try:
+        return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise GatewayError(404, f"no file {file_id!r}", code="file_not_found") from None
+
+
+@functools.lru_cache(maxsize=1)
+def _playground() -> str:
+    """The playground page (one file in the wheel: no build step, nothing from a CDN)."""
+    return (Path(__file__).resolve().parent / "playground.html").read_text(encoding="utf-8")
 
 
 class Gateway:
     """The ASGI app behind ``jailcell serve`` (``gateway.app``); ``close()`` releases every jail."""
 
-    def __init__(self, upstream: str, *, model: str | None = None, api_key: str | None = None,
-                 upstream_api_key: str | None = None, policy: Any = "standard", backend: str | None = None,
-                 max_steps: int = 8, max_containers: int = 32, container_idle: float = 1200.0,
-                 upstream_timeout: float = 600.0) -> None:
-        self.httpx, Starlette, self.JSONResponse, self.StreamingResponse, Route = _deps()
+    def __init__(self, upstream: str, *, model: str | None = None, model_map: Mapping[str, str] | None = None,
+                 api_key: str | None = None, upstream_api_key: str | None = None, policy: Any = "standard",
+                 backend: str | None = None, max_steps: int = 8, max_containers: int = 32,
+                 container_idle: float = 1200.0, upstream_timeout: float = 600.0, upstream_retries: int = 2) -> None:
+        Starlette, self.JSONResponse, self.StreamingResponse, HTMLResponse, self.Response, Route = _deps()
         if max_steps < 1 or max_containers < 1 or container_idle <= 0:
             raise ValueError("max_steps and max_containers must be >= 1 and container_idle > 0")
-        self.upstream = upstream.rstrip("/")
-        self.model, self.api_key, self.max_steps, self.upstream_timeout = model, api_key, max_steps, upstream_timeout
-        self.upstream_headers = {"Authorization": f"Bearer {upstream_api_key}"} if upstream_api_key else {}
+        self.upstream = Upstream(upstream, api_key=upstream_api_key, timeout=upstream_timeout,
+                                 retries=upstream_retries)
+        self.model, self.model_map = model, dict(model_map or {})
+        self.api_key, self.max_steps = api_key, max_steps
+        self.public_url = ""  # set by serve(): the start line names it
         self.sandbox = AsyncSandbox(policy, backend=backend)
         self.containers = _Containers(self.sandbox, container_idle, max_containers)
         self.stored: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
@@ -85,13 +115,23 @@ class Gateway:
             Route("/v1/responses", self.responses, methods=["POST"]),
             Route("/api/v1/services/aigc/text-generation/generation", self.dashscope, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/containers/{container_id}/files", self.container_files, methods=["GET"]),
+            Route("/v1/containers/{container_id}/files/{file_id}/content", self.container_file, methods=["GET"]),
+            Route("/", lambda request: HTMLResponse(_playground()), methods=["GET"]),
         ], lifespan=self._lifespan)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app):
+        if self.public_url:
+            iso = self.sandbox.isolation
+            log.info("jailcell serve: %s/v1 (playground %s/) -> upstream %s%s; policy %r, backend %s%s",
+                     self.public_url, self.public_url, self.upstream.base_url,
+                     f" as model {self.model!r}" if self.model else "", self.sandbox.policy.name, iso.get("backend"),
+                     "; clients need the API key" if self.api_key else "")
         try:
             yield
         finally:
+            await self.upstream.aclose()
             await asyncio.to_thread(self.close)  # graceful shutdown leaves no jails behind
 
     def close(self) -> None:
@@ -127,7 +167,11 @@ class Gateway:
         return body
 
     def _model(self, body: dict[str, Any]) -> str:
-        model = self.model or body.get("model")
+        """The name sent upstream: the request's, through --model-map, else --model, else as sent."""
+        asked = body.get("model")
+        if isinstance(asked, str) and asked in self.model_map:
+            return self.model_map[asked]
+        model = self.model or asked
         if not isinstance(model, str) or not model:
             raise GatewayError(400, "'model' is required (or start the gateway with --model)", param="model")
         return model
@@ -175,78 +219,6 @@ class Gateway:
         return self.StreamingResponse(body(), media_type="text/event-stream",
                                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    # -- upstream ----------------------------------------------------------------------------
-
-    def _upstream_failed(self, what: str) -> GatewayError:
-        return GatewayError(502, f"upstream {self.upstream} {what}", "upstream_error", "upstream_error")
-
-    async def _complete(self, client, payload: dict[str, Any]) -> dict[str, Any]:
-        try:
-            resp = await client.post(f"{self.upstream}/chat/completions", json=payload, headers=self.upstream_headers)
-        except self.httpx.HTTPError as exc:
-            raise self._upstream_failed(f"failed: {type(exc).__name__}: {exc}") from None
-        if resp.status_code != 200:
-            raise self._upstream_failed(f"answered {resp.status_code}: {resp.text[:500]}")
-        try:
-            data = resp.json()
-            if not isinstance(data["choices"][0]["message"], dict):
-                raise TypeError
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise self._upstream_failed("sent a response that is not a chat completion") from None
-        return data
-
-    async def _complete_streaming(self, client, payload: dict[str, Any]) -> AsyncIterator[tuple]:
-        """Stream one upstream turn: yields ("delta", field, text) then ("completion", assembled dict)."""
-        payload = {**payload, "stream": True, "stream_options": {"include_usage": True}}
-        message: dict[str, Any] = {"role": "assistant", "content": None}
-        calls: dict[int, dict[str, Any]] = {}
-        meta: dict[str, Any] = {"usage": {}}
-        try:
-            async with client.stream("POST", f"{self.upstream}/chat/completions", json=payload,
-                                     headers=self.upstream_headers) as resp:
-                if resp.status_code != 200:
-                    text = (await resp.aread()).decode(errors="replace")
-                    raise self._upstream_failed(f"answered {resp.status_code}: {text[:500]}")
-                if "text/event-stream" not in resp.headers.get("content-type", ""):  # ignored stream=true
-                    data = json.loads(await resp.aread())
-                    if not isinstance(data.get("choices", [{}])[0].get("message"), dict):
-                        raise ValueError
-                    yield "completion", data
-                    return
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    if chunk.get("error"):
-                        raise self._upstream_failed(f"failed mid-stream: {json.dumps(chunk['error'])[:500]}")
-                    meta["usage"] = chunk.get("usage") or meta["usage"]
-                    meta.setdefault("model", chunk.get("model"))
-                    meta.setdefault("id", chunk.get("id"))
-                    for choice in chunk.get("choices") or []:
-                        delta = choice.get("delta") or {}
-                        for field in ("reasoning_content", "content"):
-                            if delta.get(field):
-                                message[field] = (message.get(field) or "") + delta[field]
-                                yield "delta", field, delta[field]
-                        for tc in delta.get("tool_calls") or []:
-                            slot = calls.setdefault(tc.get("index", len(calls)), {
-                                "id": "", "type": "function", "function": {"name": "", "arguments": ""}})
-                            slot["id"] = tc.get("id") or slot["id"]
-                            fn = tc.get("function") or {}
-                            slot["function"]["name"] += fn.get("name") or ""
-                            slot["function"]["arguments"] += fn.get("arguments") or ""
-        except self.httpx.HTTPError as exc:
-            raise self._upstream_failed(f"failed: {type(exc).__name__}: {exc}") from None
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            raise self._upstream_failed("sent a stream that is not chat-completion chunks") from None
-        if calls:
-            message["tool_calls"] = [calls[i] for i in sorted(calls)]
-        yield "completion", {"id": meta.get("id"), "object": "chat.completion", "model": meta.get("model"),
-                             "choices": [{"index": 0, "message": message}], "usage": meta["usage"]}
-
     # -- the conversation core ---------------------------------------------------------------
 
     async def _converse(self, conv: _Conversation, *, stream: bool) -> AsyncIterator[tuple]:
@@ -257,36 +229,38 @@ class Gateway:
         container, session = None, None
         model_name = conv.model
         try:
-            async with self.httpx.AsyncClient(timeout=self.upstream_timeout) as client:
-                kind, payload = next(steps)
-                while True:
-                    if kind == "model":
-                        if stream:
-                            completion: dict[str, Any] = {}
-                            async for event in self._complete_streaming(client, payload):
-                                if event[0] == "delta":
-                                    yield event
-                                else:
-                                    completion = event[1]
-                        else:
-                            completion = await self._complete(client, payload)
-                        model_name = completion.get("model") or model_name
-                        yield "turn", completion["choices"][0]["message"]
-                        reply: Any = completion
+            kind, payload = next(steps)
+            while True:
+                if kind == "model":
+                    if stream:
+                        completion: dict[str, Any] = {}
+                        async for event in self.upstream.stream(payload):
+                            if event[0] == "delta":
+                                yield event
+                            else:
+                                completion = event[1]
                     else:
-                        call_id, code = payload
-                        yield "call", call_id, code
-                        if session is None:
-                            container, session = await self.containers.acquire(conv.container)
-                        try:
-                            reply = await session.run(code)  # cancelled (client gone): the run is killed
-                        except InputError as exc:  # e.g. code over the size limit: the model is told
-                            reply = Result("error", error={"type": "InputError", "message": str(exc)})
-                        except JailcellError as exc:
-                            raise GatewayError(500, f"the sandbox failed: {exc}", "server_error",
-                                               "sandbox_error") from None
-                        yield "result", ExecutedCall(call_id, code, reply), container
-                    kind, payload = steps.send(reply)
+                        completion = await self.upstream.complete(payload)
+                    model_name = completion.get("model") or model_name
+                    yield "turn", completion["choices"][0]["message"]
+                    reply: Any = completion
+                else:
+                    call_id, code = payload
+                    yield "call", call_id, code
+                    if session is None:
+                        container, session = await self.containers.acquire(conv.container)
+                    try:
+                        reply = await session.run(code)  # cancelled (client gone): the run is killed
+                    except InputError as exc:  # e.g. code over the size limit: the model is told
+                        reply = Result("error", error={"type": "InputError", "message": str(exc)})
+                    except JailcellError as exc:
+                        log.error("container %s: the sandbox failed: %s", container, exc)
+                        raise GatewayError(500, f"the sandbox failed: {exc}", "server_error",
+                                           "sandbox_error") from None
+                    if reply.files and container is not None:
+                        self.containers.note_files(container, reply.files)
+                    yield "result", ExecutedCall(call_id, code, reply), container
+                kind, payload = steps.send(reply)
         except StopIteration as stop:
             yield "done", stop.value, model_name, container or conv.container
         finally:
@@ -301,8 +275,50 @@ class Gateway:
             self._authorize(request)
         except GatewayError as exc:
             return self._openai_error(exc)
-        return self.JSONResponse({"object": "list", "data": [{"id": self.model or "upstream", "object": "model",
-                                                               "created": 0, "owned_by": "jailcell"}]})
+        try:
+            listed = await self.upstream.models()
+        except GatewayError as exc:
+            return self._openai_error(exc)
+        data = [{"id": m["id"], "object": "model", "created": int(m.get("created") or 0),
+                 "owned_by": str(m.get("owned_by") or "upstream"),
+                 "jailcell": {"usable": self.model is None or m["id"] == self.model, "sent_upstream_as": m["id"]}}
+                for m in listed]
+        names = {m["id"] for m in listed}
+        for alias, target in self.model_map.items():  # names clients may use, mapped by --model-map
+            data.append({"id": alias, "object": "model", "created": 0, "owned_by": "jailcell",
+                         "jailcell": {"usable": target in names, "sent_upstream_as": target}})
+        return self.JSONResponse({"object": "list", "data": data})
+
+    async def container_files(self, request):
+        """The files a container's runs wrote (as the hosted containers API lists them)."""
+        try:
+            self._authorize(request)
+            cid = request.path_params["container_id"]
+            self.containers.session(cid)
+        except GatewayError as exc:
+            return self._openai_error(exc)
+        data = [{"id": _file_id(name), "object": "container.file", "container_id": cid, "path": name,
+                 "bytes": size, "source": "assistant"}
+                for name, size in sorted(self.containers.files.get(cid, {}).items())]
+        return self.JSONResponse({"object": "list", "data": data})
+
+    async def container_file(self, request):
+        """One file of a container's workspace, as bytes."""
+        try:
+            self._authorize(request)
+            cid = request.path_params["container_id"]
+            session = self.containers.session(cid)
+            name = _file_name(request.path_params["file_id"])
+            try:
+                data = await session.download(name)
+            except InputError as exc:
+                raise GatewayError(404, f"container {cid!r} has no file {name!r}: {exc}", code="file_not_found") \
+                    from None
+        except GatewayError as exc:
+            return self._openai_error(exc)
+        filename = name.rsplit("/", 1)[-1].replace('"', "")
+        return self.Response(data, media_type="application/octet-stream",
+                             headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
     async def chat(self, request):
         try:
@@ -431,15 +447,22 @@ class Gateway:
         return conv, _DashScopeRender(request_id, fmt, bool(params.get("incremental_output")))
 
 
-def serve(upstream: str, *, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> None:
-    """Run the gateway with uvicorn until interrupted; every container is closed on the way out."""
+def serve(upstream: str, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          **kwargs: Any) -> None:
+    """Run the gateway with uvicorn until interrupted; every container is closed on the way out.  Logs
+    as uvicorn does (a start line, one access line per request, errors with their cause), at
+    ``log_level``."""
     try:
         import uvicorn
+        from uvicorn.config import LOGGING_CONFIG
     except ImportError as exc:
         raise MissingExtra("jailcell serve", "serve", exc.name) from None
 
     gateway = Gateway(upstream, **kwargs)
+    gateway.public_url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["jailcell"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
     try:
-        uvicorn.run(gateway.app, host=host, port=port, log_level="warning")
+        uvicorn.run(gateway.app, host=host, port=port, log_level=log_level, log_config=config)
     finally:
         gateway.close()
