@@ -291,3 +291,23 @@ def test_spares_rehearse_once_runs_stop_coming_back_to_back():
         uss = [p.memory_full_info().uss / 2**20 for p in spares]
         assert min(uss) > 0.85, uss
         assert sb.run("print('idle')").stdout == "idle\n"
+
+
+def test_a_pool_keeps_the_jails_it_started_from_threads_and_leaves_nothing():
+    """A Pool starts its jails from worker threads that end right after.  A zygote must not die with
+    the thread that started it (PR_SET_PDEATHSIG fires on the thread's exit; the process backend once
+    used it): the same jails serve, and closing leaves no process behind."""
+    code = ("import time\n"
+            "from jailcell import Pool\n"
+            "from jailcell._host._teardown import teardown\n"
+            "with Pool(2, 'minimal', backend='process') as pool:\n"
+            "    pids = [sb._jail.pid for sb in pool._all]\n"
+            "    time.sleep(0.5)\n"
+            "    assert [r.stdout for r in pool.map(['print(1)'] * 6)] == ['1\\n'] * 6\n"
+            "    assert [sb._jail.pid for sb in pool._all] == pids, 'a jail died with the thread that started it'\n"
+            "teardown.join()\n")
+    before = set(jail_processes())
+    env = {**os.environ, "JAILCELL_UNSAFE_PROCESS_AS_ROOT": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert wait_for(lambda: not set(jail_processes()) - before, 5), set(jail_processes()) - before

@@ -337,7 +337,7 @@ def _set_memory_limit(session: bool) -> None:
         pass
 
 
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 1, 4, 36
+PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 4, 36
 
 
 def prctl(option: int, arg: int) -> None:

@@ -198,8 +198,11 @@ def _harden() -> None:
 
     cell.prctl(cell.PR_SET_DUMPABLE, 0)  # no /proc/1/mem, no ptrace from cells (seccomp denies it too)
     if not CONFIG.get("pid_namespace"):
-        cell.prctl(cell.PR_SET_CHILD_SUBREAPER, 1)  # orphans come back to us, so strays can be found
-        cell.prctl(cell.PR_SET_PDEATHSIG, signal.SIGKILL)
+        # Orphans come back to us, so strays can be found.  No PR_SET_PDEATHSIG: it fires when the host
+        # *thread* that started the zygote ends (a Pool starts its jails from worker threads), which
+        # killed a working jail and orphaned its cells; a host that is gone closes the control socket,
+        # and host_gone() then ends everything this zygote started.
+        cell.prctl(cell.PR_SET_CHILD_SUBREAPER, 1)
 
 
 def _add_site_dirs(paths: list[str]) -> None:
