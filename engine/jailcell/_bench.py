@@ -12,7 +12,7 @@ from typing import Any
 from ._errors import BackendUnavailable, MissingExtra
 
 WORKLOADS = ["warm_print", "b2b_print", "numpy", "session_cell", "cold_start", "memory_heavy", "humaneval", "leak_soak",
-             "hostile_soak"]
+             "hostile_soak", "ray"]
 
 
 def load_suite() -> ModuleType:

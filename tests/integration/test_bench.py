@@ -97,3 +97,19 @@ def test_hostile_soak_short():
     assert out["lost"] == 0 and out["unexpected"] == 0, out["problems"]
     assert out["growth"] == [], out["growth"]
     assert {"ok", "timeout", "memory_limit", "output_limit", "killed", "error"} <= set(out["by_status"]), out
+
+
+def test_bench_ray_compares_one_and_two_nodes_with_the_local_pool(tmp_path):
+    out = tmp_path / "ray.json"
+    r = subprocess.run([sys.executable, "-m", "jailcell", "bench", "--quick", "--only", "ray", "--json", str(out)],
+                       capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    report = json.loads(out.read_text())
+    systems = {(s["workload"], s["system"]): s for s in report["summary"]}
+    for key in [("ray_humaneval", "raypool_1_node"), ("ray_humaneval", "raypool_2_nodes"),
+                ("ray_humaneval", "local_pool"), ("ray_call", "raypool_run"), ("ray_call", "sandbox_run")]:
+        assert systems[key]["status"] == "ok", systems[key]
+    assert systems[("ray_humaneval", "raypool_2_nodes")]["throughput_per_s"] > 0
+    ratios = {x["ratio"]: x["value"] for x in report["ratios"]}
+    assert ratios["HumanEval RayPool 2 nodes / local Pool(2) (x throughput)"] > 0
+    assert ratios["Ray per-call overhead: RayPool.run - Sandbox.run (ms, p50)"] is not None
