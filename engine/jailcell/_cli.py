@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "default: $JAILCELL_API_KEY (flags show up in `ps`, the environment does not)")
     srv.add_argument("--upstream-api-key", help="key sent to the upstream; default: $JAILCELL_UPSTREAM_API_KEY, "
                                                 "else $OPENAI_API_KEY")
+    srv.add_argument("--ray", dest="ray_address", metavar="ADDRESS",
+                     help="run the code on a Ray cluster's jails (e.g. auto, or ray://head:10001): each container is "
+                          "a session pinned to one actor; needs jailcell[ray] on every node")
     srv.add_argument("--upstream-timeout", type=_positive(float), default=600.0, metavar="SECONDS",
                      help="longest wait for the upstream's answer to one model call (default: 600); connecting "
                           "waits 10 s at most, and transient failures are retried twice")
@@ -268,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             or env.get("OPENAI_API_KEY") or None),
                           policy=args.policy, backend=args.backend, max_steps=args.max_steps,
                           max_containers=args.max_containers, container_idle=args.container_idle,
-                          upstream_timeout=args.upstream_timeout)
+                          upstream_timeout=args.upstream_timeout, ray_address=args.ray_address)
             return EXIT_OK
         if args.command == "mcp":
             from .integrations.mcp import serve

@@ -202,15 +202,22 @@ class Cgroups:
         for d in dirs.all():
             _remove_tree(d)
 
-    def sweep_stale(self) -> None:
-        """Remove jail cgroups left by jailcell processes that no longer exist (e.g. kill -9)."""
+    def stale(self) -> list[Path]:
+        """Jail cgroups whose jailcell process no longer exists (e.g. kill -9)."""
+        found = []
         for root in {self.memory_root, self.pids_root}:
             if root is None or not root.is_dir():
                 continue
             for d in root.iterdir():
                 owner = d.name.split("-", 1)[0]
                 if d.is_dir() and owner.isdigit() and not _alive(int(owner)):
-                    _remove_tree(d)
+                    found.append(d)
+        return found
+
+    def sweep_stale(self) -> None:
+        """Remove jail cgroups left by jailcell processes that no longer exist."""
+        for d in self.stale():
+            _remove_tree(d)
 
 
 def _oom_count(path: Path) -> int:
@@ -225,13 +232,20 @@ def _oom_count(path: Path) -> int:
 
 
 def _alive(pid: int) -> bool:
+    """Whether jailcell process ``pid`` still runs: a zombie does not (a killed Ray worker whose
+    parent died first stays one until its new parent reaps it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] not in (b"Z", b"X")
+    except (OSError, ValueError):
+        return True
 
 
 def _procs(d: Path) -> list[int]:

@@ -10,7 +10,6 @@ import json
 import uuid
 from typing import Any, Iterable
 
-from .._async import AsyncSandbox, AsyncSession
 from .tools import TOOL_NAME
 
 
@@ -102,7 +101,7 @@ def _messages(value: Any, where: str) -> list[dict[str, Any]]:
 
 
 class _Containers:
-    def __init__(self, sandbox: AsyncSandbox, idle: float, limit: int) -> None:
+    def __init__(self, sandbox: Any, idle: float, limit: int) -> None:  # AsyncSandbox, or AsyncRayPool
         self.sandbox, self.idle, self.limit = sandbox, idle, limit
         self.items: collections.OrderedDict[str, list[Any]] = collections.OrderedDict()  # id -> [session, busy]
         self.files: dict[str, dict[str, int]] = {}  # id -> {name: bytes} written by its runs
@@ -118,7 +117,7 @@ class _Containers:
                                     f"{self.idle:g} s idle); omit it to get a new one",
                                code="container_not_found", param="container")
 
-    async def acquire(self, cid: str | None) -> tuple[str, AsyncSession]:
+    async def acquire(self, cid: str | None) -> tuple[str, Any]:
         async with self.lock:
             if cid is not None:
                 self.check(cid)
@@ -148,7 +147,7 @@ class _Containers:
             if len(known) < 1000 or f["name"] in known:
                 known[f["name"]] = int(f["size"])
 
-    def session(self, cid: str) -> AsyncSession:
+    def session(self, cid: str) -> Any:
         """An existing container's session, for its files (404 if it is gone)."""
         self.check(cid)
         return self.items[cid][0]

@@ -2,8 +2,9 @@
 and errors that say what the upstream refused.  Used by ``gateway.py``.
 
 Retried, at most ``retries`` times with a growing pause (or the upstream's ``Retry-After``, up to
-``MAX_RETRY_AFTER_S``): connection failures, and answers 408/409/429/500/502/503/504 -- always before
-any of the answer was used, so a retry never repeats what a client has seen.  Everything else, and
+``MAX_RETRY_AFTER_S``): connection failures (including a pooled connection the upstream closed), and
+answers 408/409/429/500/502/503/504 -- always before any of the answer was used, so a retry never
+repeats what a client has seen.  Everything else, and
 a failure once a stream has begun, is a 502 in the caller's format that names the upstream, the
 model and the cause.
 """
@@ -85,7 +86,10 @@ class Upstream:
             try:
                 request = client.build_request(method, f"{self.base_url}{path}", json=json_body)
                 resp = await client.send(request, stream=stream)
-            except (self.httpx.ConnectError, self.httpx.ConnectTimeout, self.httpx.RemoteProtocolError) as exc:
+            except (self.httpx.ConnectError, self.httpx.ConnectTimeout, self.httpx.RemoteProtocolError,
+                    self.httpx.ReadError, self.httpx.WriteError) as exc:
+                # (a pooled connection the upstream closed while idle, most often; a read *timeout* is
+                # not retried: the upstream may still be generating)
                 if last:
                     raise self.failed(f"cannot be reached: {type(exc).__name__}: {exc}", model) from None
                 log.info("upstream %s: %s, retrying", self.base_url, type(exc).__name__)

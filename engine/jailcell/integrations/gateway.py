@@ -98,7 +98,8 @@ class Gateway:
     def __init__(self, upstream: str, *, model: str | None = None, model_map: Mapping[str, str] | None = None,
                  api_key: str | None = None, upstream_api_key: str | None = None, policy: Any = "standard",
                  backend: str | None = None, max_steps: int = 8, max_containers: int = 32,
-                 container_idle: float = 1200.0, upstream_timeout: float = 600.0, upstream_retries: int = 2) -> None:
+                 container_idle: float = 1200.0, upstream_timeout: float = 600.0, upstream_retries: int = 2,
+                 ray_address: str | None = None) -> None:
         Starlette, self.JSONResponse, self.StreamingResponse, HTMLResponse, self.Response, Route = _deps()
         if max_steps < 1 or max_containers < 1 or container_idle <= 0:
             raise ValueError("max_steps and max_containers must be >= 1 and container_idle > 0")
@@ -107,7 +108,13 @@ class Gateway:
         self.model, self.model_map = model, dict(model_map or {})
         self.api_key, self.max_steps = api_key, max_steps
         self.public_url = ""  # set by serve(): the start line names it
-        self.sandbox = AsyncSandbox(policy, backend=backend)
+        self.sandbox: Any
+        if ray_address:  # containers are sessions on a Ray cluster's jails
+            from .ray import AsyncRayPool, RayPool
+
+            self.sandbox = AsyncRayPool(RayPool(policy, address=ray_address, backend=backend))
+        else:
+            self.sandbox = AsyncSandbox(policy, backend=backend)
         self.containers = _Containers(self.sandbox, container_idle, max_containers)
         self.stored: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self.app = Starlette(routes=[
@@ -124,9 +131,10 @@ class Gateway:
     async def _lifespan(self, app):
         if self.public_url:
             iso = self.sandbox.isolation
-            log.info("jailcell serve: %s/v1 (playground %s/) -> upstream %s%s; policy %r, backend %s%s",
+            log.info("jailcell serve: %s/v1 (playground %s/) -> upstream %s%s; policy %r, backend %s%s%s",
                      self.public_url, self.public_url, self.upstream.base_url,
                      f" as model {self.model!r}" if self.model else "", self.sandbox.policy.name, iso.get("backend"),
+                     f" on a Ray cluster ({len(iso['actors'])} actors)" if iso.get("cluster") == "ray" else "",
                      "; clients need the API key" if self.api_key else "")
         try:
             yield

@@ -38,21 +38,18 @@ import collections
 import itertools
 import math
 import time
-import uuid
 from typing import Any, Iterable, Iterator
 
+from .._async import CANCEL_WAIT_S, call_cancellable
 from .._errors import BackendUnavailable, InputError, JailError, MissingExtra, SandboxClosed, UsageError
 from .._policy import Policy
 from .._result import Result
+from ._ray_worker import SessionLost, _Worker
 
 __all__ = ["RayPool", "RaySession", "RunCode", "SessionLost"]
 
 DEADLINE_MARGIN_S = 15.0   # on top of a batch's time limits, before a silent actor is given up
 START_TIMEOUT_S = 300.0    # an actor's jails must be warm within this
-
-
-class SessionLost(JailError):
-    """The actor that held a session died or restarted: the session's state is gone."""
 
 
 def _ray() -> Any:
@@ -61,97 +58,6 @@ def _ray() -> Any:
     except ImportError as exc:
         raise MissingExtra("jailcell.integrations.ray", "ray", exc.name) from None
     return ray
-
-
-# ------------------------------------------------------------------------------------------------
-# the actor: warm jails on one node
-# ------------------------------------------------------------------------------------------------
-
-class _Worker:
-    """One actor: a local Pool of warm jails and the sessions pinned to it.  Made a Ray actor class
-    (``ray.remote``) at first use, so importing this module does not import Ray."""
-
-    def __init__(self, policy: Any, jails: int, options: dict[str, Any]) -> None:
-        from .._pool import Pool
-
-        self.incarnation = uuid.uuid4().hex  # sessions of an earlier incarnation are lost
-        self.pool = Pool(jails, policy, **options)
-        self.sessions: dict[str, Any] = {}
-        from .._sandbox import Sandbox
-
-        iso = self.pool.run("pass").isolation  # what the policy's own jails got
-        # The probe itself runs under a policy that allows it to look (the user's may block os).
-        with Sandbox(Policy(name="ray-probe"), backend=options.get("backend")) as sandbox:
-            probe = sandbox.run("import os\nprint(os.readlink('/proc/self/ns/pid'), "
-                                "os.readlink('/proc/self/ns/mnt'), os.path.exists('/etc/passwd'))")
-        namespaces = set(iso.get("namespaces") or [])
-        need = {"pid", "mount"} | (set() if Policy.load(policy).network else {"net"})
-        pid_ns, mnt_ns, sees_host = (probe.stdout.split() + ["?", "?", "?"])[:3]
-        import os
-
-        own = (os.readlink("/proc/self/ns/pid"), os.readlink("/proc/self/ns/mnt"))
-        if not probe.ok or iso.get("backend") != "nsjail" or not need <= namespaces or (pid_ns, mnt_ns) == own \
-                or pid_ns == own[0] or mnt_ns == own[1] or sees_host != "False":
-            self.shutdown()
-            raise BackendUnavailable(f"a Ray worker on node {self.node()} could not run programs jailed (backend "
-                                     f"{iso.get('backend')!r}, namespaces {sorted(namespaces)}, the probe said "
-                                     f"{probe.status}: {probe.stdout.strip() or probe.error}); it refuses to serve. "
-                                     "Run `jailcell check` on that node")
-
-    @staticmethod
-    def node() -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()[:12]
-
-    def hello(self) -> dict[str, Any]:
-        import os
-
-        return {"incarnation": self.incarnation, "node": self.node(), "pid": os.getpid()}
-
-    def run_batch(self, items: list[tuple[int, str, float | None]]) -> list[tuple[int, Result]]:
-        """Run a batch in parallel on this actor's jails; (index, Result) per item."""
-        futures = [(index, self.pool._executor.submit(self.pool.run, code, timeout=timeout))
-                   for index, code, timeout in items]
-        out = []
-        for index, future in futures:
-            try:
-                out.append((index, future.result()))
-            except (InputError, ValueError, TypeError) as exc:  # the program itself was refused
-                out.append((index, Result("error", error={"type": "InputError", "message": str(exc),
-                                                          "traceback": ""})))
-        return out
-
-    # -- sessions ------------------------------------------------------------------------------
-
-    def _session(self, incarnation: str, sid: str) -> Any:
-        if incarnation != self.incarnation or sid not in self.sessions:
-            raise SessionLost("the Ray worker holding this session restarted; its state is gone")
-        return self.sessions[sid]
-
-    def session_new(self, idle_timeout: float | None) -> str:
-        sid = uuid.uuid4().hex
-        self.sessions[sid] = self.pool._all[0].session(idle_timeout=idle_timeout)
-        return sid
-
-    def session_call(self, incarnation: str, sid: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        session = self._session(incarnation, sid)
-        if method == "fork":
-            child = uuid.uuid4().hex
-            self.sessions[child] = session.fork()
-            return child
-        if method == "close":
-            self.sessions.pop(sid, None)
-        return getattr(session, method)(*args, **kwargs)
-
-    def shutdown(self) -> None:
-        """Close every jail and wait until they are gone (Ray may end this process right after)."""
-        from .._host._teardown import teardown
-
-        for session in list(self.sessions.values()):
-            session.close()
-        self.pool.close()
-        teardown.join()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,6 +70,8 @@ class _Slot:
     def __init__(self, index: int) -> None:
         self.index = index
         self.actor: Any = None
+        self.hello: Any = None   # the actor's first answer: it has started its jails
+        self.ready = False
         self.name = ""
         # ref -> (the batch's items with their attempt counts, the batch's deadline)
         self.in_flight: dict[Any, tuple[list[tuple[int, str, float | None, int]], float]] = {}
@@ -230,6 +138,7 @@ class RayPool:
         slot.actor = self._actor_class.options(scheduling_strategy=self._strategy(slot.index),
                                                **self._actor_options).remote(
             self.policy, self._jails, self._options)
+        slot.hello, slot.ready = slot.actor.hello.remote(), False
         slot.in_flight = {}
         slot.name = f"actor {slot.index}"
         if wait:
@@ -237,7 +146,7 @@ class RayPool:
 
     def _wait_ready(self, slot: _Slot) -> None:
         try:
-            hello = self._ray.get(slot.actor.hello.remote(), timeout=START_TIMEOUT_S)
+            hello = self._ray.get(slot.hello, timeout=START_TIMEOUT_S)
         except self._ray.exceptions.RayActorError as exc:
             cause: BaseException | None = exc
             while cause is not None and not isinstance(cause, BackendUnavailable):
@@ -248,6 +157,23 @@ class RayPool:
             said = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise BackendUnavailable(f"a Ray worker could not start its jails: {said}") from None
         slot.name = f"actor {slot.index} on node {hello['node']}"
+        slot.ready = True
+
+    def _is_ready(self, slot: _Slot) -> bool:
+        """Whether a (replacement) actor has started its jails; one that died starting is replaced.
+        Batches go only to ready actors: a replacement whose bundle waits for a lost node to be
+        re-placed would otherwise hold them until their deadline."""
+        if slot.ready:
+            return True
+        done, _ = self._ray.wait([slot.hello], timeout=0)
+        if not done:
+            return False
+        try:
+            self._wait_ready(slot)
+        except BackendUnavailable:
+            self._replace(slot)
+            return False
+        return True
 
     def _replace(self, slot: _Slot) -> None:
         try:
@@ -281,15 +207,21 @@ class RayPool:
             yield result
 
     async def amap(self, codes: Iterable[str], *, timeout: float | None = None) -> list[Result]:
-        """``map`` as a coroutine (the dispatch runs in a worker thread)."""
-        return await asyncio.to_thread(self.map, codes, timeout=timeout)
+        """``map`` as a coroutine.  Cancelling it stops the programs running on the actors and starts
+        no more; it raises CancelledError once the actors are free."""
+        return list(await call_cancellable(self._ordered, codes, timeout))
+
+    def _ordered(self, codes: Iterable[str], timeout: float | None, cancel: Any = None) -> list[Result]:
+        done = dict(self._results(codes, timeout, cancel))
+        return [done[i] for i in sorted(done)]
 
     def _deadline(self, items: list[Any], timeout: float | None) -> float:
         wall = timeout if timeout is not None else self.policy.limits.wall_s
         rounds = math.ceil(len(items) / self._jails)
         return time.monotonic() + rounds * (wall + 1.0) + DEADLINE_MARGIN_S
 
-    def _results(self, codes: Iterable[str], timeout: float | None) -> Iterator[tuple[int, Result]]:
+    def _results(self, codes: Iterable[str], timeout: float | None,
+                 cancel: Any = None) -> Iterator[tuple[int, Result]]:
         if self._closed:
             raise SandboxClosed("this RayPool is closed")
         ray = self._ray
@@ -325,11 +257,21 @@ class RayPool:
                                        f"{attempts + 1} time(s) (max_retries={self.max_retries})",
                             "traceback": ""})
             self._replace(slot)
+            for other in self._slots:  # the dead worker's cgroup dirs, on a machine a live actor shares
+                if other is not slot and other.ready:
+                    other.actor.sweep.remote()
 
         refill()
+        stalled_since = time.monotonic()
         while pending or outstanding:
-            for slot in self._slots:  # dispatch: batches to actors with room
-                while pending and len(slot.in_flight) < self.max_in_flight:
+            if cancel is not None and cancel.cancelled:  # a cancelled amap: stop the actors' runs, then go
+                busy = [slot for slot in self._slots if slot.in_flight]
+                for slot in busy:
+                    slot.actor.stop.remote()
+                ray.wait(list(owner), num_returns=len(owner), timeout=CANCEL_WAIT_S)
+                return
+            for slot in self._slots:  # dispatch: batches to ready actors with room
+                while pending and len(slot.in_flight) < self.max_in_flight and self._is_ready(slot):
                     batch = [pending.popleft() for _ in range(min(self.batch_size, len(pending)))]
                     ref = slot.actor.run_batch.remote([(i, c, t) for i, c, t, _a in batch])
                     slot.in_flight[ref] = (batch, self._deadline(batch, timeout))
@@ -337,8 +279,16 @@ class RayPool:
                     outstanding += len(batch)
                 refill()
             refs = list(owner)
-            if not refs:
+            if not refs:  # no actor is ready (they are being replaced): wait, within bounds
+                if time.monotonic() - stalled_since > START_TIMEOUT_S:
+                    while pending:
+                        index, _code, _t, _attempts = pending.popleft()
+                        yield index, Result("killed", error={
+                            "type": "WorkerLost", "traceback": "",
+                            "message": f"no Ray worker of this pool could start for {START_TIMEOUT_S:g} s"})
+                time.sleep(0.05)
                 continue
+            stalled_since = time.monotonic()
             now = time.monotonic()
             wait_s = max(0.05, min(deadline for s in self._slots for _b, deadline in s.in_flight.values()) - now)
             ready, _ = ray.wait(refs, num_returns=1, timeout=min(wait_s, 1.0))
@@ -399,6 +349,12 @@ class RayPool:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def isolation(self) -> dict[str, Any]:
+        """As a Sandbox's, plus where: every actor checked at start that it runs programs jailed."""
+        return {"backend": "nsjail", "cluster": "ray", "actors": [slot.name for slot in self._slots],
+                "policy": self.policy.name}
 
     def __enter__(self) -> RayPool:
         return self
@@ -503,3 +459,53 @@ class RunCode:
         out["error_message"] = [(r.error or {}).get("message", "") for r in results]
         out["duration_s"] = [r.duration_s for r in results]
         return out
+
+
+# ------------------------------------------------------------------------------------------------
+# for the gateway (`jailcell serve --ray ADDRESS`): its containers are sessions on the cluster
+# ------------------------------------------------------------------------------------------------
+
+class AsyncRaySession:
+    """A RaySession for asyncio code: cancelling ``run`` interrupts it on its actor (the session keeps
+    the state from before that run)."""
+
+    def __init__(self, session: RaySession) -> None:
+        self._sync = session
+
+    @property
+    def closed(self) -> bool:
+        return self._sync.closed
+
+    async def run(self, code: str, *, timeout: float | None = None) -> Result:
+        future = asyncio.ensure_future(asyncio.to_thread(self._sync.run, code, timeout=timeout))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            await asyncio.to_thread(self._sync.interrupt)
+            await asyncio.wait([future])
+            raise
+
+    async def download(self, name: str) -> bytes:
+        return await asyncio.to_thread(self._sync.download, name)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._sync.close)
+
+
+class AsyncRayPool:
+    """What the gateway needs of a sandbox, from a RayPool: sessions on the cluster."""
+
+    def __init__(self, pool: RayPool) -> None:
+        self._sync = pool
+
+    @property
+    def policy(self) -> Policy:
+        return self._sync.policy
+
+    @property
+    def isolation(self) -> dict[str, Any]:
+        return self._sync.isolation
+
+    async def session(self, *, idle_timeout: float | None = None) -> AsyncRaySession:
+        return AsyncRaySession(await asyncio.to_thread(self._sync.session, idle_timeout=idle_timeout))
+
