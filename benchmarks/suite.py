@@ -54,6 +54,7 @@ print(json.dumps({"samples": samples, "elapsed": time.perf_counter() - t}))
 FORK_FLOOR = r"""
 import gc, json, os, signal, sys, time
 mode, workers, modules = sys.argv[1], int(sys.argv[2]), [m for m in sys.argv[3].split(",") if m]
+gap = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
 programs = json.load(sys.stdin)
 for name in modules:
     __import__(name)
@@ -111,9 +112,61 @@ def pipelined(chunk):
     os.kill(spare[0], signal.SIGKILL)
     return samples, failed
 
+def idle(chunk):
+    # The idle floor: a child forked ahead of time waits on a pipe; the host writes the program, the
+    # child compiles and runs it with its stdout captured in a pipe and replies; the host reads both.
+    # Paced like warm_print (an LLM tool loop thinks between calls); the next child is forked off the clock.
+    import io
+
+    def spawn():
+        req_r, req_w = os.pipe()
+        out_r, out_w = os.pipe()
+        rep_r, rep_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            for fd in (req_w, out_r, rep_r):
+                os.close(fd)
+            src = os.read(req_r, 1 << 24).decode()
+            os.dup2(out_w, 1)
+            sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
+            try:
+                exec(compile(src, "<cell>", "exec"), {"__name__": "__main__"})
+                ok = True
+            except BaseException:
+                ok = False
+            sys.stdout.flush()
+            os.write(rep_w, b"1" if ok else b"0")
+            os._exit(0)
+        for fd in (req_r, out_w, rep_w):
+            os.close(fd)
+        return pid, req_w, out_r, rep_r
+
+    samples, failed = [], 0
+    child = spawn()
+    for src in chunk:
+        time.sleep(gap)
+        pid, req_w, out_r, rep_r = child
+        t = time.perf_counter()
+        os.write(req_w, src.encode())
+        ok = os.read(rep_r, 1) == b"1"
+        out = os.read(out_r, 1 << 20)
+        samples.append(time.perf_counter() - t)
+        failed += not ok or not out
+        for fd in (req_w, out_r, rep_r):
+            os.close(fd)
+        os.waitpid(pid, 0)
+        child = spawn()
+    os.kill(child[0], signal.SIGKILL)
+    os.waitpid(child[0], 0)
+    return samples, failed
+
 if mode == "b2b":
     t = time.perf_counter()
     samples, failed = pipelined(programs)
+    elapsed = time.perf_counter() - t
+elif mode == "idle":
+    t = time.perf_counter()
+    samples, failed = idle(programs)
     elapsed = time.perf_counter() - t
 else:
     r, w = os.pipe()
@@ -224,7 +277,7 @@ def nsjail_argv(code: str) -> list[str]:
     return argv[: argv.index("--") + 1] + [python_layout().python, "-I", "-c", code]
 
 
-def fork_floor(policy_name: str, programs: list[str], mode: str, workers: int = 1) -> dict[str, Any]:
+def fork_floor(policy_name: str, programs: list[str], mode: str, workers: int = 1, gap: float = 0.0) -> dict[str, Any]:
     """Run FORK_FLOOR in a fresh interpreter started the way a jail's is: no site (its directories
     on the path), the policy's environment (allocator, single-threaded BLAS), its preload modules."""
     from jailcell import Policy
@@ -233,7 +286,8 @@ def fork_floor(policy_name: str, programs: list[str], mode: str, workers: int = 
 
     policy = Policy.load(policy_name)
     env = {**os.environ, **BASE_ENV, **dict(policy.env), "PYTHONPATH": os.pathsep.join(python_layout().sys_path)}
-    proc = subprocess.run([sys.executable, "-s", "-S", "-c", FORK_FLOOR, mode, str(workers), ",".join(policy.preload)],
+    proc = subprocess.run([sys.executable, "-s", "-S", "-c", FORK_FLOOR, mode, str(workers), ",".join(policy.preload),
+                           str(gap)],
                           input=json.dumps(programs), capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-300:])
@@ -340,6 +394,13 @@ class Suite:
                 time.sleep(0.5)  # idle: the spares have warmed up
                 m.note, self.spare_uss_mib = _jail_memory(sb._jail.pid)
             self.measure("warm_print", "jailcell", True, jc)
+        def idle_floor(m: Measurement) -> None:
+            data = fork_floor("standard", [PRINT] * n, "idle", gap=IDLE_GAP_S)
+            m.samples_s = data["samples"]
+            m.note = ("a child pre-forked from an interpreter started like the jail's (standard's modules and "
+                      "allocator) waits on a pipe; print(1) is written, compiled, run with stdout captured, "
+                      "answered; same pacing; no isolation, no clean-up")
+        self.measure("warm_print", "idle_floor", False, idle_floor)
         small = max(10, n // 10)
         self.measure("warm_print", "python_c", False,
                      lambda m: setattr(m, "samples_s", _timed(lambda: python_c("pass"), small, 0,
@@ -697,6 +758,11 @@ class Suite:
         if a and b:
             v = a.p(0.5) / b.p(0.5)
             out.append({"ratio": "session cell / warm stateless run (p50, lower is better)", "value": v, "target": 1.5, "met": v <= 1.5})
+        a, b = self.find("warm_print", "jailcell"), self.find("warm_print", "idle_floor")
+        if a and b:
+            v = a.p(0.5) / b.p(0.5)
+            out.append({"ratio": "warm print(1) jailcell / idle floor (p50, lower is better)", "value": v,
+                        "target": 1.5, "met": v <= 1.5})
         a, b = self.find("cold_start", "jailcell_no_preload"), self.find("cold_start", "nsjail_bare")
         if a and b:
             v = a.p(0.5) / b.p(0.5)

