@@ -214,10 +214,13 @@ class Cgroups:
                     found.append(d)
         return found
 
-    def sweep_stale(self) -> None:
-        """Remove jail cgroups left by jailcell processes that no longer exist."""
-        for d in self.stale():
+    def sweep_stale(self) -> list[Path]:
+        """Remove jail cgroups left by jailcell processes that no longer exist; returns the ones that
+        are still there (a jail inside has not ended yet)."""
+        found = self.stale()
+        for d in found:
             _remove_tree(d)
+        return [d for d in found if d.exists()]
 
 
 def _oom_count(path: Path) -> int:

@@ -64,10 +64,7 @@ class _Worker:
         if cgroups is None or not cgroups.version:
             return
         deadline = time.monotonic() + SWEEP_FOR_S  # a dir is removable once the jail in it has ended
-        while True:
-            cgroups.sweep_stale()
-            if not cgroups.stale() or time.monotonic() > deadline:
-                return
+        while cgroups.sweep_stale() and time.monotonic() < deadline:
             time.sleep(0.2)
 
     def run_batch(self, items: list[tuple[int, str, float | None]]) -> list[tuple[int, Result]]:
