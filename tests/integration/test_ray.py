@@ -13,30 +13,22 @@ import time
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 
 from jailcell import BackendUnavailable, InputError, Pool
-from jailcell.integrations.ray import RayPool, RunCode, SessionLost
+from jailcell.integrations.ray import NODE_STORE_BYTES, RayPool, RunCode, SessionLost, _local_cluster
 
 from ..conftest import wait_for
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # a leftover ~/.ray/auth_token must not switch token auth on
-    # Ray's default temp dir (/tmp/ray) is short, as its socket paths need.
     # Lost nodes are noticed in ~2 s instead of Ray's default ~15 s (the pool's behaviour is the same).
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, "object_store_memory": 80 * 1024 * 1024,
-        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4}})
-    c.add_node(num_cpus=1, object_store_memory=80 * 1024 * 1024)
-    c.wait_for_nodes()
-    ray.init(address=c.address, include_dashboard=False, logging_level="ERROR")
-    try:
+    with _local_cluster({"health_check_period_ms": 500, "health_check_failure_threshold": 4}) as c:
+        session = c.head_node.get_session_dir_path()
+        c.add_node(num_cpus=1, object_store_memory=NODE_STORE_BYTES)
+        c.wait_for_nodes()
         yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
+    assert not os.path.exists(session), "the cluster's session dir (logs, sockets) was left behind"
 
 
 def humaneval():
@@ -111,7 +103,7 @@ def test_a_node_killed_mid_map_leaves_one_result_per_input_and_nothing_behind(cl
     """A third node joins, gets an actor, and is removed (its raylet and workers killed) mid-map:
     exactly 164 Results, all correct (re-run elsewhere); the lost worker's jails and cgroup dirs go."""
     programs = humaneval()
-    node = cluster.add_node(num_cpus=1, object_store_memory=80 * 1024 * 1024)
+    node = cluster.add_node(num_cpus=1, object_store_memory=NODE_STORE_BYTES)
     cluster.wait_for_nodes()
     import psutil
 

@@ -35,8 +35,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import math
+import os
+import shutil
 import time
 from typing import Any, Iterable, Iterator
 
@@ -58,6 +61,35 @@ def _ray() -> Any:
     except ImportError as exc:
         raise MissingExtra("jailcell.integrations.ray", "ray", exc.name) from None
     return ray
+
+
+NODE_STORE_BYTES = 80 * 1024 * 1024  # a local node's object store: small (Results are small)
+
+
+@contextlib.contextmanager
+def _local_cluster(system_config: dict[str, Any] | None = None) -> Iterator[Any]:
+    """A Ray cluster on this machine, connected (``ray.init``), of one 1-CPU node (``add_node`` for
+    more), for the tests and ``jailcell bench --only ray``.  On the way out it stops only its own
+    processes (``Cluster.shutdown``, never ``ray stop``, which ends every Ray process on the machine
+    by name) and removes the session dir it made under Ray's temp dir (and that dir, if it made it)."""
+    ray = _ray()
+    from ray.cluster_utils import Cluster
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # a leftover ~/.ray/auth_token must not switch token auth on
+    head = {"num_cpus": 1, "include_dashboard": False, "object_store_memory": NODE_STORE_BYTES}
+    cluster = Cluster(initialize_head=True, head_node_args={**head, "_system_config": system_config or {}})
+    assert cluster.head_node is not None
+    session = cluster.head_node.get_session_dir_path()  # <Ray's temp dir, /tmp/ray>/session_...
+    try:
+        ray.init(address=cluster.address, include_dashboard=False, logging_level="ERROR")
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(session, ignore_errors=True)
+        root = os.path.dirname(session)  # Ray's temp dir goes too if nothing but this cluster's traces is left
+        if set(os.listdir(root)) <= {"session_latest", "ray_current_cluster"}:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------
