@@ -4,7 +4,10 @@ the reasoning, the code, its output, a figure and a file link stream in."""
 
 from __future__ import annotations
 
+import glob
+import os
 import shutil
+import tempfile
 
 import pytest
 from selenium import webdriver
@@ -29,15 +32,22 @@ def browser():
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_path = shutil.which("chromedriver")
     assert chromium and driver_path, "the playground test needs Debian's chromium and chromium-driver (.ci/run installs them)"
-    options = Options()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,900"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+    # The browser's profile and its temp files (singleton sockets) go into a dir of this test's own,
+    # removed afterwards: nothing of it stays in /tmp.
+    before = set(glob.glob("/tmp/org.chromium.*"))  # (other browsers on the machine are not ours to judge)
+    with tempfile.TemporaryDirectory(prefix="jailcell-browser-") as home:
+        options = Options()
+        options.binary_location = chromium
+        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--window-size=1200,900", f"--user-data-dir={home}/profile"):
+            options.add_argument(arg)
+        service = Service(driver_path, env={**os.environ, "TMPDIR": home})
+        driver = webdriver.Chrome(service=service, options=options)
+        try:
+            yield driver
+        finally:
+            driver.quit()
+    assert not set(glob.glob("/tmp/org.chromium.*")) - before
 
 
 def test_the_playground_streams_reasoning_code_output_image_and_files(browser):
