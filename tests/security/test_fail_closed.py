@@ -69,14 +69,24 @@ def test_nsjail_refused_by_the_kernel(marker, tmp_path):
     assert "Operation not permitted" in cli.stderr  # nsjail's own words, after ours
 
 
-def test_nsjail_that_does_not_isolate_is_refused(marker, tmp_path):
-    """A jail that starts but is not one (here: an "nsjail" that just runs the command) is caught by
-    the probe's look from inside, before any program runs."""
-    fake = _fake_nsjail(tmp_path, 'while [ "$1" != "--" ]; do shift; done; shift; exec "$@"\n')
+@pytest.mark.parametrize("flaw, seen", [
+    ("--disable_clone_newpid", "pid "),          # no pid namespace of its own
+    ("--bindmount_ro /etc", "/etc/passwd present"),  # the host's files inside
+])
+def test_nsjail_that_does_not_isolate_is_refused(marker, tmp_path, flaw, seen):
+    """A jail that starts but is not one (here: the real nsjail with one isolation taken away, as a
+    wrapper or a changed build might) is caught by the zygote's look from inside, before any program
+    is sent -- at every jail start, not only by a probe."""
+    from jailcell.backends._nsjail import nsjail_path
+
+    fake = _fake_nsjail(tmp_path, f'exec {nsjail_path()} {flaw} "$@"\n')
     api = _api({"JAILCELL_NSJAIL": fake}, _code(marker))
     assert api.returncode == 1 and "BackendUnavailable" in api.stderr and "not isolated" in api.stderr
+    assert seen in api.stderr and "Nothing was run" in api.stderr
     cli = _cli({"JAILCELL_NSJAIL": fake}, "run", "-c", _code(marker))
     assert cli.returncode == 2 and "refusing to run programs in it" in cli.stderr
+    check = _cli({"JAILCELL_NSJAIL": fake}, "check")
+    assert check.returncode == 1 and "not isolated" in check.stdout
 
 
 def test_interpreter_unreadable_by_the_jail_user_names_the_path(tmp_path, marker):

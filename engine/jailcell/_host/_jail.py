@@ -28,10 +28,10 @@ import time
 import weakref
 from typing import Any, Callable
 
-from .._errors import JailError
+from .._errors import BackendUnavailable, JailError
 from .._injail import _protocol as proto
 from .._policy import Policy
-from ..backends import Backend
+from ..backends import Backend, refusal
 from ..backends._base import Spawned
 from ._control import control as _control
 from ._run import Outcome, RunRequest
@@ -213,13 +213,20 @@ class Jail:
             self.ready = self._reply(deadline)
             if self.ready.get("op") != "ready":
                 raise JailError(f"zygote answered {self.ready!r} instead of ready")
+            refused = self.backend.verify(self.ready)
+            if refused:  # not the jail asked for: nothing is sent to it
+                raise BackendUnavailable(refusal(refused))
             _warn_missing_preload(self.policy, self.ready)
             if not self.session:
                 self._wait(lambda: bool(self._spares), deadline)  # the first run is warm
             self.backend.after_ready(spawned, self.policy)
             self._oom_seen = self.backend.oom_kills(spawned)
         except (JailTimeout, EOFError, OSError, proto.ProtocolError) as exc:
-            raise JailError(_start_failure(self.backend.name, exc, self.log())) from None
+            jail_log = self.log()
+            why = self.backend.start_failure(jail_log) if isinstance(exc, (EOFError, proto.ProtocolError)) else None
+            if why:  # the backend could not build the jail here, and says why
+                raise BackendUnavailable(refusal(why)) from None
+            raise JailError(_start_failure(self.backend.name, exc, jail_log)) from None
 
     @property
     def pid(self) -> int | None:

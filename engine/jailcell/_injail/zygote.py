@@ -226,6 +226,9 @@ def main() -> None:
         os.dup2(devnull, fd)
     os.close(devnull)
     CONFIG, _ = proto.recv(ctl)
+    # What this process sees before anything else runs here: the host checks that it is a jail
+    # (its own pid namespace, none of the host's files) before it sends a program.
+    sees = {"root": sorted(os.listdir("/")), "etc_passwd": os.path.exists("/etc/passwd")}
     cell.CONFIG.update(CONFIG)
     _add_site_dirs(CONFIG.get("sys_path", []))
     guard.configure(CONFIG)
@@ -247,7 +250,7 @@ def main() -> None:
     gc.freeze()  # preloaded objects: never scanned by a cell's GC, so never copied on write
     zygote = Zygote(ctl)
     zygote.engine = Sessions(zygote) if CONFIG.get("session") else Stateless(zygote)
-    zygote.send({"op": "ready", "version": proto.VERSION, "pid": os.getpid(), "preload": preload,
+    zygote.send({"op": "ready", "version": proto.VERSION, "pid": os.getpid(), "preload": preload, "sees": sees,
                  "preload_s": round(time.monotonic() - t0, 4), "python": sys.version.split()[0]})
     zygote.serve_forever()
 

@@ -9,10 +9,10 @@ import threading
 
 from .._errors import BackendUnavailable
 from ._base import Backend
-from ._nsjail import NsjailBackend, nsjail_probe
+from ._nsjail import NsjailBackend
 from ._process import ProcessBackend
 
-__all__ = ["Backend", "get_backend", "pidfd_support", "BACKENDS", "BACKEND_ENV", "UNSAFE_ROOT_ENV"]
+__all__ = ["Backend", "get_backend", "refusal", "pidfd_support", "BACKENDS", "BACKEND_ENV", "UNSAFE_ROOT_ENV"]
 
 BACKENDS = ("auto", "nsjail", "process")
 _lock = threading.Lock()
@@ -39,6 +39,11 @@ def pidfd_support() -> tuple[bool, str]:
 
 UNSAFE_ROOT_ENV = "JAILCELL_UNSAFE_PROCESS_AS_ROOT"
 BACKEND_ENV = "JAILCELL_BACKEND"
+
+
+def refusal(why: str) -> str:
+    """The words for "this jail cannot be built here": the cause, the fix, and that nothing ran."""
+    return f"cannot run programs jailed: {why}. Nothing was run. `jailcell check` shows what works on this machine."
 
 
 def get_backend(name: str | None = None) -> Backend:
@@ -72,10 +77,9 @@ def get_backend(name: str | None = None) -> Backend:
             log.warning("jailcell: the process backend gives NO isolation: programs can read this user's files "
                         "and use the network (asked for by name)")
         else:
-            ok, why = nsjail_probe()
-            if not ok:
-                raise BackendUnavailable(f"cannot run programs jailed: {why}. Nothing was run. "
-                                         "`jailcell check` shows what works on this machine.")
-            backend = NsjailBackend()
+            try:  # each jail is checked from inside as it starts (Backend.verify), before any program
+                backend = NsjailBackend()
+            except BackendUnavailable as exc:
+                raise BackendUnavailable(refusal(str(exc))) from None
         _cache[name] = backend
         return backend

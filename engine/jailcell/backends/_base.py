@@ -53,6 +53,16 @@ class Backend:
         """Start a zygote whose fds 0 and 1 are ``channel`` (the control socket)."""
         raise NotImplementedError
 
+    def verify(self, ready: dict[str, Any]) -> str | None:
+        """Why the started zygote (its ``ready`` answer) is not in the jail this backend promises, or
+        None.  Checked at every jail start, before any program is sent."""
+        return None
+
+    def start_failure(self, jail_log: str) -> str | None:
+        """Why the jail could not be built (from its log: the backend's and Python's words), with
+        the fix; None when the log does not say."""
+        return None
+
     def after_ready(self, spawned: Spawned, policy: Policy) -> None:
         """Called once the zygote has preloaded its modules (e.g. to tighten memory limits)."""
 

