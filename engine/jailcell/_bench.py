@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
-from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 from ._errors import BackendUnavailable, MissingExtra
 
-WORKLOADS = ["warm_print", "b2b_print", "numpy", "session_cell", "cold_start", "memory_heavy", "humaneval", "leak_soak",
-             "hostile_soak", "ray"]
+WORKLOADS = ["warm_print", "b2b_print", "numpy", "session_cell", "cli", "cold_start", "memory_heavy", "humaneval",
+             "leak_soak", "hostile_soak", "ray"]
+
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (typing, pathlib and importlib.util load only when a bench runs: `jailcell --help` lists WORKLOADS)
+    from types import ModuleType
+    from typing import Any
 
 
 def load_suite() -> ModuleType:
+    import importlib.util
+    from pathlib import Path
+
     here = Path(__file__).resolve().parent
     for candidate in (here / "benchmarks" / "suite.py", here.parent.parent / "benchmarks" / "suite.py"):
         if candidate.is_file():

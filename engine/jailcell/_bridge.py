@@ -10,11 +10,8 @@ passed while a host function ran is stopped when the function returns).
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import json
 import keyword
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping
 
 from ._errors import InputError
@@ -81,8 +78,12 @@ def _error(kind: str, message: str) -> dict[str, Any]:
 
 def _resolve(value: Any) -> Any:
     """Await what an async host function returned (the host thread runs no loop of ours)."""
+    import inspect  # here, not at the top: a program that calls no host function never needs these
+
     if not inspect.isawaitable(value):
         return value
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
     async def wait() -> Any:
         return await value

@@ -6,10 +6,12 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, NoReturn, Sequence
 
 from ._errors import JailcellError
-from ._policy import Policy, builtin_policy_names
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import; the names are for readers and mypy only
+    from typing import Any, NoReturn, Sequence
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -22,6 +24,8 @@ what this machine gives.
 commands:
   run      run a program in a fresh sandbox and print what it printed
   repl     an interactive Python session in a jail (state kept between inputs, with history)
+  daemon   keep warm jails for this user's `jailcell run` calls (a loop of them then costs
+           milliseconds each instead of a jail start)
   check    show which isolation features work on this machine, and how to fix the rest
   policy   list the built-in policies or show a policy's effective settings
   serve    OpenAI-compatible gateway: any chat model + tools=[{"type": "code_interpreter"}]
@@ -32,6 +36,7 @@ commands:
 examples:
   jailcell run -c 'print(2 ** 10)'
   jailcell repl --policy minimal
+  jailcell daemon --policy minimal &   # later `jailcell run` calls use its warm jails
   jailcell run --policy minimal --timeout 5 --json script.py
   echo 'import numpy; print(numpy.eye(2))' | jailcell run -
   jailcell check
@@ -47,9 +52,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"jailcell: error: {message} (see `{self.prog} --help`)\n")
 
 
+class _Version(argparse.Action):
+    """--version, read from the installed metadata only when asked (importlib.metadata costs ~20 ms)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: Any = None) -> None:
+        parser.exit(message=f"jailcell {_version()}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jailcell", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"jailcell {_version()}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show jailcell's version and exit")
     # The commands are listed once, in DESCRIPTION (argparse's own list would repeat them in other words).
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, help=argparse.SUPPRESS)
 
@@ -70,6 +82,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the Result as one JSON object on stdout")
     run.add_argument("--file", dest="files", action="append", default=[], metavar="NAME=PATH",
                      help="copy a host file into the workspace as NAME before running (repeatable)")
+    run.add_argument("--no-daemon", dest="daemon", action="store_false",
+                     help="start a jail of its own even when a `jailcell daemon` of this user is running "
+                          "(by default the program is handed to it; without one, a jail is started)")
+
+    dmn = sub.add_parser(
+        "daemon", description="Keep warm jails for this user's `jailcell run` calls: each call hands its program "
+                     "over a Unix socket (in a folder only you can enter; both sides check the other's user) "
+                     "and gets the Result back, instead of starting a jail of its own. Runs in the foreground "
+                     "until Ctrl-C, SIGTERM or `jailcell daemon --stop`. A policy's jails start on its first "
+                     "use (or at start with --policy); per-run --timeout and --memory get jails of their own. "
+                     "Without a daemon (or with `jailcell run --no-daemon`) each run starts its own jail.")
+    dmn.add_argument("--policy", dest="warm", action="append", default=[], metavar="NAME|FILE",
+                     help="start this policy's jails now, not at its first run (repeatable; default: standard)")
+    dmn.add_argument("--backend", default=None, choices=["auto", "nsjail", "process"],
+                     help="isolation backend (default: $JAILCELL_BACKEND, else nsjail); `jailcell run` hands over "
+                          "only programs that ask for this backend")
+    dmn.add_argument("--socket", metavar="PATH",
+                     help="where to listen (default: $JAILCELL_DAEMON_SOCKET, else $XDG_RUNTIME_DIR/jailcell/"
+                          "daemon.sock, else /tmp/jailcell-UID/daemon.sock); `jailcell run` looks in the same place")
+    dmn.add_argument("--jails", type=_positive_int, default=1,
+                     help="warm jails per policy, i.e. runs of one policy at the same time (default: 1)")
+    dmn.add_argument("--max-policies", type=_positive_int, default=4,
+                     help="policies (with their limits) kept warm at once; the least recently used idle one "
+                          "is closed to make room (default: 4)")
+    act = dmn.add_mutually_exclusive_group()
+    act.add_argument("--status", action="store_true", help="say whether a daemon serves the socket, and what")
+    act.add_argument("--stop", action="store_true", help="end the daemon that serves the socket")
 
     repl = sub.add_parser(
         "repl", description="An interactive Python session whose code runs in a jail: each complete input is one "
@@ -168,7 +207,8 @@ _positive_int = _positive(int)
 def _add_sandbox_options(parser: argparse.ArgumentParser) -> None:
     """--policy and --backend, the same for every command that runs code."""
     parser.add_argument("--policy", default="standard", metavar="NAME|FILE",
-                        help=f"built-in policy ({', '.join(_safe_names())}) or a .toml file (default: standard)")
+                        help="a built-in policy (minimal, standard, ...: `jailcell policy list`) or a .toml file "
+                             "(default: standard)")
     parser.add_argument("--backend", default=None, choices=["auto", "nsjail", "process"],
                         help="isolation backend (default: $JAILCELL_BACKEND, else nsjail; auto = nsjail). nsjail "
                              "fails closed: if it cannot build the jail, nothing runs. process = NO isolation "
@@ -187,19 +227,10 @@ def _version() -> str:
     return __version__
 
 
-def _safe_names() -> list[str]:
-    try:
-        return builtin_policy_names()
-    except JailcellError:
-        return ["minimal", "standard", "restricted"]
-
-
 def _unknown_option(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[str, argparse.ArgumentParser] | None:
     """The first option the chosen command does not know, with the nearest one it does: argparse
     alone reports a misspelled ``--polcy minimal -c ...`` as "-c: not allowed with argument FILE"
     (it took ``minimal`` for the FILE)."""
-    import difflib
-
     sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
     command = next((t for t in argv if not t.startswith("-")), None)
     target = sub.choices.get(command) if sub is not None and command else None
@@ -219,6 +250,8 @@ def _unknown_option(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[s
             skip = "=" not in token and known[name].nargs != 0
             continue
         if name.startswith("-") and len(name) > 1 and not name[1:].replace(".", "", 1).isdigit():
+            import difflib
+
             close = difflib.get_close_matches(name, [o for o in known if o.startswith("--")], n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]}?" if close else f"; see `jailcell {command} --help`"
             return f"unknown option {name!r} for `jailcell {command}`{hint}", target
@@ -241,10 +274,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return _run(args)
         if args.command == "repl":
+            from ._policy import Policy
             from ._repl import run_repl
 
             policy = Policy.load(args.policy).with_overrides(timeout=args.timeout, memory=args.memory)
             return run_repl(policy, backend=args.backend, history=args.history)
+        if args.command == "daemon":
+            return _daemon(args)
         if args.command == "check":
             from ._check import run_check
 
@@ -252,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "policy":
             return _policy(args)
         if args.command == "serve":
+            from ._policy import Policy
             from .integrations.gateway import serve as serve_gateway
 
             Policy.load(args.policy)
@@ -274,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           upstream_timeout=args.upstream_timeout, ray_address=args.ray_address)
             return EXIT_OK
         if args.command == "mcp":
+            from ._policy import Policy
             from .integrations.mcp import serve
 
             Policy.load(args.policy)  # a bad policy is a usage error before anything starts
@@ -330,9 +368,6 @@ def _read_source(args: argparse.Namespace) -> tuple[str | None, str | None]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ._sandbox import Sandbox
-
-    policy = Policy.load(args.policy).with_overrides(timeout=args.timeout, memory=args.memory)
     code, problem = _read_source(args)
     if problem or code is None:
         return _usage(problem or "no program given: FILE, -c CODE or - (stdin)")
@@ -346,28 +381,87 @@ def _run(args: argparse.Namespace) -> int:
                 files[name] = f.read()
         except OSError as exc:
             return _usage(f"--file {spec!r}: cannot read {path!r}: {exc.strerror}")
+    result = None
+    if args.daemon:  # this user's daemon, if one runs: no jail to start (and nothing of the engine to import)
+        from ._daemon import DaemonError, run_via_daemon
+
+        try:
+            result = run_via_daemon(code, policy=args.policy, timeout=args.timeout, memory=args.memory,
+                                    files=files, backend=args.backend)
+        except DaemonError as exc:
+            return _usage(str(exc))
+    if result is None:
+        result = _run_here(args, code, files)
+    _print_result(result, args.json)
+    return EXIT_OK if result["status"] == "ok" else EXIT_FAILED
+
+
+def _run_here(args: argparse.Namespace, code: str, files: dict[str, bytes]) -> dict[str, Any]:
+    """One run in a jail of this process's own."""
+    import dataclasses
+
+    from ._host._teardown import teardown
+    from ._policy import Policy
+    from ._sandbox import Sandbox
+
+    policy = Policy.load(args.policy).with_overrides(timeout=args.timeout, memory=args.memory)
+    # One run in a fresh jail: preloading the policy's modules would only pay for them ahead of
+    # time, all of them, where the program imports just the ones it uses (same rules either way).
+    policy = dataclasses.replace(policy, preload=())
+    teardown.detach()  # exit as soon as the result is out: a child of its own ends the jail
     with Sandbox(policy, backend=args.backend) as sandbox:
-        result = sandbox.run(code, files=files or None)
-    if args.json:
-        sys.stdout.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
-    else:
-        sys.stdout.write(result.stdout)
-        sys.stdout.flush()
-        sys.stderr.write(result.stderr)
-        if result.error and result.error.get("traceback"):
-            sys.stderr.write(result.error["traceback"])
-        if result.outputs:
-            print(f"jailcell: {len(result.outputs)} rich output(s) (images) not shown; use --json", file=sys.stderr)
-        if result.status != "ok":
-            message = (result.error or {}).get("message", "")
-            traceback = (result.error or {}).get("traceback") or ""
-            if message and traceback.rstrip().endswith(message):
-                message = ""  # the traceback's last line said it already: once is enough
-            print(f"jailcell: {result.status}" + (f": {message}" if message else ""), file=sys.stderr)
-    return EXIT_OK if result.status == "ok" else EXIT_FAILED
+        return sandbox.run(code, files=files or None).to_dict()
+
+
+def _print_result(result: dict[str, Any], as_json: bool) -> None:
+    """The program's output as it printed it (or the Result as one JSON object)."""
+    if as_json:
+        sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
+        return
+    sys.stdout.write(result["stdout"])
+    sys.stdout.flush()
+    sys.stderr.write(result["stderr"])
+    error = result.get("error") or {}
+    traceback = error.get("traceback") or ""
+    sys.stderr.write(traceback)
+    if result.get("outputs"):
+        print(f"jailcell: {len(result['outputs'])} rich output(s) (images) not shown; use --json", file=sys.stderr)
+    if result["status"] != "ok":
+        message = error.get("message", "")
+        if message and traceback.rstrip().endswith(message):
+            message = ""  # the traceback's last line said it already: once is enough
+        print(f"jailcell: {result['status']}" + (f": {message}" if message else ""), file=sys.stderr)
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    from . import _daemon as daemon
+
+    path = os.path.abspath(args.socket) if args.socket else daemon.socket_path()
+    if args.status or args.stop:
+        sock = daemon.connect(path, quiet=False) if path else None
+        if sock is None:
+            print(f"jailcell: no daemon serves {path}", file=sys.stderr)
+            return EXIT_FAILED
+        answer = daemon.request(sock, {"op": "stop" if args.stop else "status"})
+        if args.stop:
+            print(f"jailcell: the daemon at {path} is stopping")
+        else:
+            print(json.dumps(answer, indent=2))
+        return EXIT_OK
+
+    def ready(server: Any) -> None:
+        print(f"jailcell daemon: serving {server.path} (pid {os.getpid()}, backend {server.backend.name}, "
+              f"warm: {', '.join(args.warm or ['standard'])}); `jailcell run` hands its programs here. "
+              "Stop with Ctrl-C or `jailcell daemon --stop`.", file=sys.stderr, flush=True)
+
+    daemon.serve(path, warm=args.warm or ["standard"], backend=args.backend, jails=args.jails,
+                 max_policies=args.max_policies, on_ready=ready)
+    return EXIT_OK
 
 
 def _policy(args: argparse.Namespace) -> int:
+    from ._policy import Policy, builtin_policy_names
+
     if args.policy_command == "list":
         for name in builtin_policy_names():
             p = Policy.load(name)

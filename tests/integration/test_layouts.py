@@ -290,7 +290,6 @@ def test_missing_datascience_packages_say_what_to_install(place, wheelhouse):
     assert 'pip install "jailcell[datascience]"' in res["error"]["message"]
     assert 'jailcell[datascience]' in res["error"]["traceback"]
     assert str(python) in res["error"]["message"]  # which interpreter to install it for
-    assert "jailcell[datascience]" in r.stderr  # the preload list said so once
     ok = subprocess.run([str(python), "-m", "jailcell", "run", "-c", "print(6 * 7)"], capture_output=True, text=True,
                         timeout=120, cwd=root)
     assert ok.returncode == 0 and ok.stdout == "42\n", ok.stderr

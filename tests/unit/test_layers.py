@@ -25,7 +25,7 @@ LAYERS = [
     {"_async"},
     {"_pool"},
     {"__init__"},
-    {"_check", "_bench", "_repl", "integrations", "_cli", "__main__", "benchmarks"},
+    {"_check", "_bench", "_repl", "integrations", "_cli", "_daemon", "__main__", "benchmarks"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
@@ -108,3 +108,20 @@ def test_no_import_runs_back_up_the_layers():
 def test_modules_stay_small(path):
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{path.relative_to(PKG)} has {lines} lines; split it by concern (at most {MAX_LINES})"
+
+
+def test_the_command_line_loads_nothing_of_the_engine_until_it_needs_it():
+    """`jailcell run` with a daemon is a round trip: the CLI and the daemon's client import no engine
+    module (and none of asyncio, threading, dataclasses, subprocess), nor does `import jailcell`."""
+    import subprocess
+    import sys
+
+    script = ("import sys, jailcell, jailcell._cli, jailcell._daemon; jailcell._cli.build_parser(); "
+              "print(' '.join(sorted(sys.modules)))")
+    loaded = set(subprocess.run([sys.executable, "-S", "-c", script], capture_output=True, text=True, check=True,
+                                env={"PYTHONPATH": str(PKG.parent)}).stdout.split())
+    heavy = {"asyncio", "threading", "dataclasses", "subprocess", "typing", "pathlib", "tomllib", "logging",
+             "importlib.metadata", "inspect"}
+    ours = {m for m in loaded if m.startswith("jailcell.")}
+    assert ours == {"jailcell._cli", "jailcell._daemon", "jailcell._errors", "jailcell._bench"}, ours
+    assert not heavy & loaded, heavy & loaded

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import os
+import select
 import signal
 import threading
 import time
@@ -29,8 +30,18 @@ class Teardown:
         self._cv = threading.Condition()
         self._queue: collections.deque[tuple[Backend, Spawned]] = collections.deque()
         self._busy = 0
+        self._detached = False
+
+    def detach(self) -> None:
+        """From now on, each closed jail is ended by a detached child process of its own instead of
+        this process's thread, so a short-lived command (``jailcell run``) exits without waiting for
+        the jail's teardown; the child still waits for the jail to end and removes its cgroups and
+        temp dirs, so nothing is left behind."""
+        self._detached = True
 
     def add(self, backend: Backend, spawned: Spawned) -> None:
+        if self._detached and _end_detached(backend, spawned):
+            return
         with self._cv:
             self._thread.ensure()
             self._queue.append((backend, spawned))
@@ -72,6 +83,58 @@ def end(backend: Backend, spawned: Spawned) -> None:
     if backend.name == "process":
         killpg(proc.pid)  # anything the zygote's session left
     backend.teardown(spawned)
+
+
+def _end_detached(backend: Backend, spawned: Spawned) -> bool:
+    """end() in a child process of its own, in a session of its own (a Ctrl-C of the terminal does
+    not stop it) and holding none of this process's files (a caller reading this process's stdout to
+    its end does not wait for it).  False if it could not be started: then the caller ends it."""
+    proc = spawned.proc
+    try:
+        pidfd = os.pidfd_open(proc.pid)  # now, while the pid is surely still the jail's
+    except OSError:
+        return False
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(pidfd)
+        return False
+    if pid:
+        os.close(pidfd)
+        proc.returncode = 0  # reaped below (or, once this process is gone, by init): never waited for
+        for waited in (pid, proc.pid):  # reaped here while this process lives: no zombies
+            threading.Thread(target=_reap, args=(waited,), daemon=True).start()
+        return True
+    try:  # the child: only plain calls until the backend's teardown (other threads' locks may be held)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        os.closerange(3, pidfd)
+        os.closerange(pidfd + 1, 1 << 16)
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        for timeout_ms in (2000, 5000):  # as end(): time to exit, then a kill
+            if poller.poll(timeout_ms):
+                break
+            try:
+                signal.pidfd_send_signal(pidfd, 0)  # still the jail's process: its group is still its own
+            except ProcessLookupError:
+                break
+            killpg(proc.pid)
+        if backend.name == "process":
+            killpg(proc.pid)
+        backend.teardown(spawned)
+    finally:
+        os._exit(0)
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
 
 
 teardown = Teardown()
