@@ -59,12 +59,23 @@ class _Version(argparse.Action):
         parser.exit(message=f"jailcell {_version()}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``command``, only that command's options are defined (the other
+    commands are names only): parsing one command needs no more, and a `jailcell run` in a loop pays
+    for every option it builds."""
     parser = _Parser(prog="jailcell", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action=_Version, nargs=0, help="show jailcell's version and exit")
     # The commands are listed once, in DESCRIPTION (argparse's own list would repeat them in other words).
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, help=argparse.SUPPRESS)
+    for name, define in COMMANDS.items():
+        if command is None or name == command:
+            define(sub)
+        else:
+            sub.add_parser(name)
+    return parser
 
+
+def _command_run(sub: Any) -> None:
     run = sub.add_parser(
         "run", description="Run a Python program in a fresh sandbox. Prints the program's stdout and stderr as it "
                     "produced them; with --json prints exactly one JSON object (the Result) instead.\n\n"
@@ -86,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="start a jail of its own even when a `jailcell daemon` of this user is running "
                           "(by default the program is handed to it; without one, a jail is started)")
 
+
+def _command_daemon(sub: Any) -> None:
     dmn = sub.add_parser(
         "daemon", description="Keep warm jails for this user's `jailcell run` calls: each call hands its program "
                      "over a Unix socket (in a folder only you can enter; both sides check the other's user) "
@@ -110,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--status", action="store_true", help="say whether a daemon serves the socket, and what")
     act.add_argument("--stop", action="store_true", help="end the daemon that serves the socket")
 
+
+def _command_repl(sub: Any) -> None:
     repl = sub.add_parser(
         "repl", description="An interactive Python session whose code runs in a jail: each complete input is one "
                     "run of a Session, so variables, imports and files persist. Ctrl-C during a run kills that "
@@ -121,11 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     repl.add_argument("--history", default="~/.jailcell_history", metavar="FILE",
                       help="where input history is kept (default: ~/.jailcell_history; '' keeps none)")
 
+
+def _command_check(sub: Any) -> None:
     sub.add_parser("check", description="Probe nsjail, namespaces, seccomp, cgroups and limits on this machine; for "
                                "each feature that does not work, say why and how to fix it. Exit 0 when "
                                "programs run jailed here (missing extras such as cgroups are reported as "
                                "degraded), 1 when they cannot run jailed.")
 
+
+def _command_serve(sub: Any) -> None:
     srv = sub.add_parser(
         "serve", description="Serve an OpenAI-compatible code interpreter in front of any OpenAI-compatible "
                     "chat-completions server (vLLM, Ollama, llama.cpp, a hosted API): POST /v1/responses, "
@@ -161,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="close a container after this long unused (default: 1200, as hosted containers)")
     _add_sandbox_options(srv)
 
+
+def _command_mcp(sub: Any) -> None:
     mcp = sub.add_parser(
         "mcp", description="Serve jailcell as an MCP server: tools run_python, create_session, close_session, "
                     "upload_file, download_file. stdio by default (stdout is the protocol channel); "
@@ -170,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     mcp.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     _add_sandbox_options(mcp)
 
+
+def _command_bench(sub: Any) -> None:
     bench = sub.add_parser(
         "bench", description="Run every system on the same workloads in one run and report p50/p99, throughput, "
                     "peak RSS and ratios against the baselines (absolute times are noise on shared machines). Peers "
@@ -180,12 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write a PNG chart of the latency distributions")
     bench.add_argument("--only", nargs="+", metavar="NAME", help="run only these workloads: " + ", ".join(_workloads()))
 
+
+def _command_policy(sub: Any) -> None:
     pol = sub.add_parser("policy", description="Inspect policies.")
     pol_sub = pol.add_subparsers(dest="policy_command", metavar="ACTION", parser_class=_Parser, required=True)
     pol_sub.add_parser("list", help="list the built-in policies")
     show = pol_sub.add_parser("show", help="print a policy's effective settings (after extends) as TOML")
     show.add_argument("policy", metavar="NAME|FILE")
-    return parser
+
+
+COMMANDS = {"run": _command_run, "daemon": _command_daemon, "repl": _command_repl, "check": _command_check,
+            "serve": _command_serve, "mcp": _command_mcp, "bench": _command_bench, "policy": _command_policy}
 
 
 def _positive(kind: type) -> Any:
@@ -259,8 +287,10 @@ def _unknown_option(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    unknown = _unknown_option(parser, list(sys.argv[1:] if argv is None else argv))
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    command = next((t for t in tokens if not t.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    unknown = _unknown_option(parser, tokens)
     if unknown:
         message, command_parser = unknown
         command_parser.print_usage(sys.stderr)
