@@ -162,6 +162,7 @@ def idle(chunk):
     os.waitpid(child[0], 0)
     return samples, failed
 
+cpu0 = os.times()
 if mode == "b2b":
     t = time.perf_counter()
     samples, failed = pipelined(programs)
@@ -184,7 +185,11 @@ else:
     for _ in range(workers):
         os.wait()
     samples, failed = [x for p in parts for x in p[0]], sum(p[1] for p in parts)
-print(json.dumps({"samples": samples, "elapsed": elapsed, "failed": failed}))
+cpu1 = os.times()
+print(json.dumps({"samples": samples, "elapsed": elapsed, "failed": failed,
+                  "cpu_parent_s": cpu1.user + cpu1.system - cpu0.user - cpu0.system,
+                  "cpu_children_s": cpu1.children_user + cpu1.children_system
+                                    - cpu0.children_user - cpu0.children_system}))
 """
 PRINT = "print(1)"
 NUMPY = "import numpy as np\na = np.arange(2500.0).reshape(50, 50)\nfloat((a @ a).sum())"
@@ -240,6 +245,38 @@ def _rss_tree(pid: int) -> int:
         return 0
 
 
+def _phase_cpu(sb: Any, n: int, code: str = "print(1)") -> dict[str, float]:
+    """Where a warm jail's runs spend CPU, per run (ms), over ``n`` back-to-back runs: this process
+    (the caller and the control thread), the zygote (its event loop and the sweep after each run),
+    the nursery (forking spares) and the cells (the program, and the cell's own set-up and exit; as
+    the nursery reaps them).  nsjail itself sleeps."""
+    import psutil
+
+    nsjail = psutil.Process(sb._jail.pid)
+    zygote = nsjail.children()[0]
+    nurseries = [c for c in zygote.children() if c.children()]  # the full one, and the slim one if any
+    me = psutil.Process()
+
+    def snap() -> dict[str, float]:
+        z, h, nu = zygote.cpu_times(), me.cpu_times(), [n.cpu_times() for n in nurseries]
+        return {"host": h.user + h.system, "zygote (loop + sweep)": z.user + z.system,
+                "nursery (forks)": sum(t.user + t.system for t in nu),
+                "cells": sum(t.children_user + t.children_system for t in nu)}
+
+    for _ in range(10):
+        sb.run(code)
+    time.sleep(0.3)  # the warm-up's cells are reaped
+    before, t = snap(), time.perf_counter()
+    for _ in range(n):
+        _check(sb.run(code))
+    wall = time.perf_counter() - t
+    time.sleep(0.3)  # the last cells are swept and reaped: their CPU counts
+    after = snap()
+    out = {k: (after[k] - before[k]) * 1000 / n for k in before}
+    out["wall"] = wall * 1000 / n
+    return out
+
+
 def _jail_memory(nsjail_pid: int) -> tuple[str, list[float]]:
     """Unique memory (USS) of a warm, idle jail's processes: the idle spare cells (the nursery's
     children), the nursery, the zygote, nsjail.  Returns a note and the spares' USS in MiB."""
@@ -248,13 +285,19 @@ def _jail_memory(nsjail_pid: int) -> tuple[str, list[float]]:
 
         nsjail = psutil.Process(nsjail_pid)
         zygote = nsjail.children()[0]
-        nursery = next(c for c in zygote.children() if c.children())
-        spares = [p.memory_full_info().uss / 2**20 for p in nursery.children()]
+        # The full nursery shares the whole preloaded image (the larger RSS); the slim one forked before it.
+        nurseries = sorted((c for c in zygote.children() if c.children()), key=lambda p: -p.memory_info().rss)
         mib = lambda p: p.memory_full_info().uss / 2**20  # noqa: E731
-        total = sum(mib(p) for p in (nsjail, zygote, nursery)) + sum(spares)
+        spares = [mib(p) for n in nurseries for p in n.children()]
+        total = sum(mib(p) for p in (nsjail, zygote, *nurseries)) + sum(spares)
+        slim = ""
+        if len(nurseries) > 1:
+            slim_spares = [mib(p) for p in nurseries[1].children()]
+            slim = (f"; the slim nursery {mib(nurseries[1]):.1f} and its spares "
+                    f"{', '.join(f'{x:.2f}' for x in slim_spares)} ({mib(nurseries[1]) + sum(slim_spares):.1f} in all)")
         return (f"idle warm standard jail: USS {total:.1f} MiB in all; idle spare cells "
-                f"{', '.join(f'{x:.2f}' for x in spares)} MiB each; nursery {mib(nursery):.1f}, "
-                f"zygote {mib(zygote):.1f}, nsjail {mib(nsjail):.1f}"), spares
+                f"{', '.join(f'{x:.2f}' for x in spares)} MiB each; nursery {mib(nurseries[0]):.1f}, "
+                f"zygote {mib(zygote):.1f}, nsjail {mib(nsjail):.1f}{slim}"), spares
     except Exception as exc:  # a measurement that cannot be taken is said, not hidden
         return f"jail memory not measured: {type(exc).__name__}: {exc}", []
 
@@ -351,6 +394,7 @@ class Suite:
         self.progress = progress or (lambda label, total: (lambda: None))
         self.n = 40 if quick else 300
         self.spare_uss_mib: list[float] = []  # idle spare cells of the warm standard jail
+        self.phases: dict[str, dict[str, float]] = {}  # per-run CPU by phase (ms), b2b_print
 
     def wanted(self, name: str) -> bool:
         return not self.only or name in self.only
@@ -444,12 +488,19 @@ class Suite:
                     m.samples_s = _timed(lambda: _check(sb.run(PRINT)), n, 0, self.progress(f"b2b_print {system}", n))
                     m.throughput_per_s = len(m.samples_s) / sum(m.samples_s)
                     m.note = note
+                    try:
+                        self.phases[system] = _phase_cpu(sb, n)
+                    except Exception as exc:  # noqa: BLE001 - said, not hidden
+                        m.note += f" (CPU by phase not measured: {type(exc).__name__}: {exc})"
                 self.measure("b2b_print", system, True, jc)
 
         def floor(m: Measurement) -> None:
             data = fork_floor("standard", [PRINT] * n, "b2b")
             m.samples_s = data["samples"]
             m.throughput_per_s = len(m.samples_s) / data["elapsed"]
+            self.phases["fork_floor"] = {"host": data["cpu_parent_s"] * 1000 / n,
+                                         "cells": data["cpu_children_s"] * 1000 / n,
+                                         "wall": data["elapsed"] * 1000 / n}
             m.note = ("a bare os.fork() per program, pipelined (the next forked while one runs), standard's "
                       "modules and allocator, no isolation, no protocol, no clean-up")
         self.measure("b2b_print", "fork_floor", False, floor)
@@ -874,6 +925,7 @@ class Suite:
             "mode": "quick" if self.quick else "full",
             "summary": [m.summary() for m in self.results],
             "ratios": self.ratios(),
+            "phases": self.phases,
             "samples": [{"workload": m.workload, "system": m.system, "samples_s": m.samples_s} for m in self.results],
         }
 

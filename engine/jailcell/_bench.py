@@ -65,6 +65,8 @@ def run_bench(quick: bool, only: list[str] | None, json_path: str | None, plot_p
     out = Console() if sys.stdout.isatty() else Console(width=200)  # files and pipes get whole rows
     out.print(_results_table(report, Table))
     out.print(_ratios_table(report, Table))
+    if report.get("phases"):
+        out.print(_phases_table(report, Table))
     if json_path:
         suite_mod.write_json(report, json_path)
         out.print(f"wrote {json_path}")
@@ -102,4 +104,18 @@ def _ratios_table(report: dict[str, Any], Table: Any) -> Any:
         t.add_row(r["ratio"], "-" if r["value"] is None else f"{r['value']:.2f}",
                   "-" if r["target"] is None else str(r["target"]),
                   met if r["value"] is not None else r.get("reason", "-"))
+    return t
+
+
+def _phases_table(report: dict[str, Any], Table: Any) -> Any:
+    """Per-run CPU by phase (ms) for back-to-back print(1): where each system spends it."""
+    phases = report["phases"]
+    names = list(dict.fromkeys(k for row in phases.values() for k in row if k != "wall"))
+    t = Table(title="back-to-back print(1): CPU per run by phase (ms), and wall per run")
+    for col in ("system", *names, "CPU in all", "wall"):
+        t.add_column(col, justify="left" if col == "system" else "right")
+    for system, row in phases.items():
+        cpu = sum(v for k, v in row.items() if k != "wall")
+        t.add_row(system, *("-" if k not in row else f"{row[k]:.2f}" for k in names), f"{cpu:.2f}",
+                  f"{row.get('wall', 0):.2f}")
     return t

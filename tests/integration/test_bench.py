@@ -16,7 +16,7 @@ def test_bench_quick_cli_writes_json_and_png(tmp_path):
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     assert b"ratios" in r.stdout and b"warm_print" in r.stdout
     report = json.loads(out.read_text())
-    assert set(report) == {"machine", "versions", "mode", "summary", "ratios", "samples"}
+    assert set(report) == {"machine", "versions", "mode", "summary", "ratios", "phases", "samples"}
     assert report["mode"] == "quick" and report["machine"]["cpus"] >= 1
     systems = {(s["workload"], s["system"]): s for s in report["summary"]}
     for key in [("warm_print", "jailcell"), ("warm_print", "idle_floor"), ("warm_print", "python_c"), ("warm_print", "nsjail_bare"),
@@ -50,6 +50,30 @@ def test_bench_quick_cli_writes_json_and_png(tmp_path):
     share = next(r for r in report["ratios"] if r["ratio"].startswith("HumanEval Pool.map / fork floor"))
     assert 0 < share["value"] and share["target"] is None
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and png.stat().st_size > 10_000
+
+
+def test_bench_cli_and_back_to_back_phases(tmp_path):
+    """The command line against its peers (python -c, bare nsjail, bubblewrap), with and without a
+    daemon, in one run; and where back-to-back runs spend their CPU, by phase, beside the fork floor."""
+    out = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, "-m", "jailcell", "bench", "--quick", "--only", "cli", "b2b_print",
+                        "--json", str(out)], capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    assert b"CPU per run by phase" in r.stdout
+    report = json.loads(out.read_text())
+    systems = {(s["workload"], s["system"]): s for s in report["summary"]}
+    for system in ("python_c", "nsjail_bare", "bwrap", "jailcell_run", "jailcell_run_daemon"):
+        s = systems[("cli", system)]
+        assert s["status"] == "ok" and s["n"] == 8 and s["p50_s"] > 0, s
+    assert systems[("cli", "bwrap")]["isolated"] and not systems[("cli", "python_c")]["isolated"]
+    ratios = {x["ratio"]: x for x in report["ratios"]}
+    assert ratios["jailcell run via the daemon / python -c (p50, lower is better)"]["target"] == 1.5
+    assert ratios["jailcell run, no daemon / bare nsjail python (p50, lower is better)"]["value"] > 0
+    phases = report["phases"]
+    assert set(phases) == {"jailcell", "jailcell_minimal", "fork_floor"}
+    for name in ("host", "zygote (loop + sweep)", "nursery (forks)", "cells", "wall"):
+        assert phases["jailcell"][name] > 0, (name, phases["jailcell"])
+    assert phases["fork_floor"]["cells"] > 0 and phases["fork_floor"]["wall"] > 0
 
 
 def test_failing_and_missing_peers_are_reported():

@@ -20,6 +20,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import signal
 import socket
 import tempfile
@@ -181,6 +182,7 @@ class Jail:
         self._interrupted = False
         self.ready: dict[str, Any] = {}
         self.delivered = False  # the last run's request reached a cell (so it may have run)
+        self._heavy: re.Pattern[str] | None = None  # names of modules only full cells have preloaded
         self._oom_seen = 0
         self.closed = False
         self._pid = os.getpid()  # a forked copy of this object does not own the jail
@@ -217,6 +219,9 @@ class Jail:
             if refused:  # not the jail asked for: nothing is sent to it
                 raise BackendUnavailable(refusal(refused))
             _warn_missing_preload(self.policy, self.ready)
+            heavy = self.ready.get("slim")  # the jail has a slim nursery: these need a full cell
+            if isinstance(heavy, list) and heavy and all(isinstance(n, str) and n.isidentifier() for n in heavy):
+                self._heavy = re.compile(r"\b(?:" + "|".join(map(re.escape, heavy)) + r")\b")
             if not self.session:
                 self._wait(lambda: bool(self._spares), deadline)  # the first run is warm
             self.backend.after_ready(spawned, self.policy)
@@ -332,6 +337,7 @@ class Jail:
         op = msg.get("op")
         if op == "spare" and len(fds) == 5:
             spare = Spare(int(msg["pid"]), msg.get("head"), fds)
+            spare.slim = msg.get("slim") is True
             if spare.head is None:
                 self._spares.append(spare)
             elif spare.head in self._closed_heads or spare.head in self._lost:
@@ -451,15 +457,29 @@ class Jail:
 
     # -- runs ------------------------------------------------------------------------------------
 
-    def _take_spare(self, head: str | None) -> Spare:
+    def _take_spare(self, head: str | None, code: str = "") -> Spare:
         deadline = time.monotonic() + SPARE_TIMEOUT_S
         if head is None:
             with self._cv:  # runs back to back: the last cell is parked, and its sweep is still to come
                 for used in self._used.values():
                     used.kill()  # as the sweep would, but now: it is exiting by the time the sweep looks
-            self._wait(lambda: not self._used and bool(self._spares), deadline)
+            # A program that names none of the heavy preloads gets a slim cell if one is ready (any
+            # cell if not); one that names them waits for a full cell.
+            slim_ok = self._heavy is None or not self._heavy.search(code)
+            slim_first = slim_ok and self._heavy is not None
+
+            def pick() -> Spare | None:
+                if self._used:
+                    return None
+                fitting = [s for s in self._spares if s.slim == slim_first] or (list(self._spares) if slim_ok else [])
+                return fitting[0] if fitting else None
+
+            self._wait(lambda: pick() is not None, deadline)
             with self._cv:
-                return self._spares.popleft()
+                spare = pick()
+                assert spare is not None
+                self._spares.remove(spare)
+                return spare
 
         def ready() -> bool:
             if head in self._lost:
@@ -510,7 +530,7 @@ class Jail:
         self.delivered = False
         cap = self.policy.limits.output_bytes
         for _attempt in range(3):
-            spare = self._take_spare(head)
+            spare = self._take_spare(head, req.code)
             if self._interrupted:  # interrupts sent while no run was going on do not count
                 self._interrupted = False
                 try:

@@ -38,6 +38,7 @@ class Spare:
 
     def __init__(self, pid: int, head: str | None, fds: list[int]) -> None:
         self.pid, self.head = pid, head
+        self.slim = False  # forked from the jail's slim image (no heavy preloads)
         self.req_w, self.out_r, self.err_r, res, self.pidfd = fds
         self.res = socket.socket(fileno=res)
         self.proc_fds: tuple[int, int] | None = None

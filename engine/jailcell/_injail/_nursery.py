@@ -125,19 +125,67 @@ def _nursery_main(sock: socket, pool_size: int) -> None:
                 pass  # the zygote is gone: the next poll sees it
 
 
-class Stateless:
-    """Runs in fresh cells forked from the nursery; after each run the jail is swept clean."""
+def _nursery_child(sock: socket, before=None) -> None:
+    """In a newly forked nursery: hold nothing of the zygote's, then serve (never returns)."""
+    default_signals()
+    devnull = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1):  # never hold the control socket
+        os.dup2(devnull, fd)
+    cell.close_fds({0, 1, 2, sock.fileno()})
+    try:
+        if before is not None:
+            before()
+        _nursery_main(sock, POOL_SIZE)
+    finally:
+        os._exit(0)
 
-    def __init__(self, zygote) -> None:
+
+def start_slim_nursery(finish_image) -> tuple[int, socket] | None:
+    """Fork the slim nursery from the zygote as it is now (before its heavy preloads): it finishes
+    its own image (``finish_image``) and forks spare cells from it.  Returns (pid, the zygote's end
+    of its channel), or None if it could not be forked (then every program gets a full cell)."""
+    parent, child = proto.socketpair()
+    try:
+        pid = os.fork()
+    except OSError:
+        parent.close()
+        child.close()
+        return None
+    if pid == 0:
+        parent.close()
+        _nursery_child(child, finish_image)
+    child.close()
+    return pid, parent
+
+
+class Nursery:
+    """A nursery as the zygote sees it: its pid, its channel, and whether its image is the slim one."""
+
+    def __init__(self, pid: int, sock: socket, slim: bool) -> None:
+        self.pid, self.sock, self.slim = pid, sock, slim
+        sock.settimeout(CHILD_IO_S)  # a stopped nursery must not hang the zygote mid-frame
+
+
+class Stateless:
+    """Runs in fresh cells forked from a nursery; after each run the jail is swept clean.
+
+    The full nursery is the zygote's image (every preload); a jail whose policy preloads heavy
+    packages has a slim one too, forked before those were loaded.  A lost full nursery is replaced;
+    a lost slim one is not (its image is gone): programs then all get full cells."""
+
+    def __init__(self, zygote, slim: tuple[int, socket] | None = None) -> None:
         self.zygote = zygote
         self.workspace = cell.CONFIG["workspace"]
-        self.spares: dict[int, int] = {}  # announced to the host, not used yet -> nursery pid
+        self.full: Nursery | None = None
+        self.slim: Nursery | None = Nursery(*slim, slim=True) if slim else None
+        self.spares: dict[int, Nursery] = {}  # announced to the host, not used yet -> its nursery
         self.exits: dict[int, dict] = {}
-        self.nursery_pid = 0
-        self.sock: socket | None = None
         self.restart_at: float | None = None
         self.rechecks: list[float] = []  # when to look again for processes a program stopped
         self._start_nursery()
+
+    def nurseries(self) -> list[Nursery]:
+        return [n for n in (self.full, self.slim) if n is not None]
 
     def _start_nursery(self) -> None:
         parent, child = proto.socketpair()
@@ -149,31 +197,24 @@ class Stateless:
             self.restart_at = time.monotonic() + NURSERY_RETRY_S
             return
         if pid == 0:
-            default_signals()
             parent.close()
-            devnull = os.open("/dev/null", os.O_RDWR)
-            for fd in (0, 1):  # never hold the control socket
-                os.dup2(devnull, fd)
-            cell.close_fds({0, 1, 2, child.fileno()})
-            try:
-                _nursery_main(child, POOL_SIZE)
-            finally:
-                os._exit(0)
+            _nursery_child(child)
         child.close()
-        parent.settimeout(CHILD_IO_S)  # a stopped nursery must not hang the zygote mid-frame
-        self.sock, self.nursery_pid, self.restart_at = parent, pid, None
+        self.full, self.restart_at = Nursery(pid, parent, slim=False), None
 
-    def _lose_nursery(self) -> None:
-        """The nursery is gone (a program killed it).  Its spares are orphans now; the sweep after
-        the run kills them, withdraws them from the host and starts a new nursery."""
-        if self.sock is not None:
-            self.sock.close()
-        kill(self.nursery_pid)
-        self.sock, self.nursery_pid = None, 0
-        self.restart_at = time.monotonic() + NURSERY_RETRY_S  # in case no sweep comes
+    def _lose(self, nursery: Nursery) -> None:
+        """A nursery is gone (a program killed it).  Its spares are orphans now; the sweep after the
+        run kills them and withdraws them from the host (and starts a new full nursery)."""
+        nursery.sock.close()
+        kill(nursery.pid)
+        if nursery is self.full:
+            self.full = None
+            self.restart_at = time.monotonic() + NURSERY_RETRY_S  # in case no sweep comes
+        elif nursery is self.slim:
+            self.slim = None
 
     def watch(self) -> list[socket]:
-        return [self.sock] if self.sock is not None else []
+        return [n.sock for n in self.nurseries()]
 
     def timeout(self) -> float | None:
         due = [t for t in (self.restart_at, *self.rechecks[:1]) if t is not None]
@@ -181,17 +222,20 @@ class Stateless:
 
     def on_timer(self) -> None:
         now = time.monotonic()
-        if self.restart_at is not None and now >= self.restart_at:
+        if self.restart_at is not None and now >= self.restart_at and self.full is None:
             self._start_nursery()
         if self.rechecks and now >= self.rechecks[0]:
             self.rechecks.pop(0)
-            continue_stopped([self.nursery_pid, *self.spares])
+            continue_stopped([n.pid for n in self.nurseries()] + list(self.spares))
 
     def on_readable(self, sock: socket) -> None:
+        nursery = next((n for n in self.nurseries() if n.sock is sock), None)
+        if nursery is None:
+            return
         try:
             (kind, *record), fds = recv_record(sock)
         except (EOFError, OSError):
-            self._lose_nursery()
+            self._lose(nursery)
             return
         pid = record[0]
         if kind == SPARE and len(fds) == 4:
@@ -199,10 +243,10 @@ class Stateless:
                 pidfd = os.pidfd_open(pid)
             except ProcessLookupError:
                 Channels.close(fds)
-                self._credit()
+                self._credit(nursery)
                 return
-            self.spares[pid] = self.nursery_pid
-            self.zygote.send({"op": "spare", "head": None, "pid": pid}, [*fds, pidfd])
+            self.spares[pid] = nursery
+            self.zygote.send({"op": "spare", "head": None, "pid": pid, "slim": nursery.slim}, [*fds, pidfd])
             Channels.close([*fds, pidfd])
         elif kind == CHILD_EXIT:
             self.exits[pid] = exit_info(*record)
@@ -211,46 +255,50 @@ class Stateless:
         else:
             Channels.close(fds)
 
-    def _credit(self) -> None:
-        if self.sock is None:
+    def _credit(self, nursery: Nursery) -> None:
+        if nursery not in self.nurseries():
             return
         try:
-            self.sock.send(CREDIT)
+            nursery.sock.send(CREDIT)
         except OSError:  # the nursery died just now
-            self._lose_nursery()
+            self._lose(nursery)
 
     def done(self, req: dict) -> None:
         used = int(req["cell"])
-        credits = 1 if self.spares.pop(used, None) == self.nursery_pid else 0
+        owner = self.spares.pop(used, None)
+        credits = [owner] if owner is not None and owner in self.nurseries() else []
         if not req.get("finished"):
             self.zygote.send({"op": "exit", **self._exit_of(used)})
-        nursery = self.nursery_pid
-        # Keep the nursery and its children that have not run anything (spares, possibly not yet
+        nurseries = {n.pid for n in self.nurseries()}
+        # Keep the nurseries and their children that have not run anything (spares, possibly not yet
         # announced); everything else -- the used cell and whatever it left -- dies.
-        kill_strays(lambda pid, ppid: pid == nursery or (ppid == nursery and pid != used), first=(used,))
-        if self.sock is None or not idle(nursery):
-            self._lose_nursery()
-            self._start_nursery()
-            credits = 0
+        kill_strays(lambda pid, ppid: pid in nurseries or (ppid in nurseries and pid != used), first=(used,))
+        for nursery in self.nurseries():
+            if not idle(nursery.pid):
+                self._lose(nursery)
+        if self.full is None:
+            self._start_nursery()  # it starts with its spares' credits
+        credits = [n for n in credits if n in self.nurseries()]
         wipe(self.workspace)
         wipe(cell.CONFIG["tmp"])
         for pid, parent in list(self.spares.items()):
-            if parent != self.nursery_pid or not idle(pid):  # an orphan of a lost nursery, or killed
+            if parent not in self.nurseries() or not idle(pid):  # an orphan of a lost nursery, or killed
                 kill(pid)
                 del self.spares[pid]
                 self.zygote.send({"op": "drop", "pid": pid})
-                credits += parent == self.nursery_pid
+                if parent in self.nurseries():
+                    credits.append(parent)
         self.zygote.send({"op": "clean", "cell": used})
-        for _ in range(credits):
-            self._credit()
+        for nursery in credits:
+            self._credit(nursery)
         now = time.monotonic()
         self.rechecks = [now + delay for delay in RECHECK_S]
 
     def _exit_of(self, pid: int) -> dict:
-        """How a cell that did not finish ended: as its parent (the nursery) saw it, or, if a
-        program killed the nursery, as the zygote saw its orphan.  A nursery the program stopped is
-        continued first: it cannot report while it is stopped."""
-        continue_stopped([self.nursery_pid])
+        """How a cell that did not finish ended: as its parent (a nursery) saw it, or, if a program
+        killed that nursery, as the zygote saw its orphan.  Stopped nurseries are continued first:
+        they cannot report while stopped."""
+        continue_stopped([n.pid for n in self.nurseries()])
         self.zygote.pump(time.monotonic() + EXIT_WAIT_S, lambda: pid in self.exits or pid in REAPED)
         info = self.exits.pop(pid, None) or REAPED.pop(pid, {})
         return {"cell": pid, **{k: info.get(k) for k in ("status", "utime", "stime", "maxrss")}}

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _cell as cell  # noqa: E402  (what runs inside a cell)
 import _guard as guard  # noqa: E402  (the import policy)
 import _protocol as proto  # noqa: E402  (stdlib-only framing shared with the host)
-from _nursery import Stateless  # noqa: E402
+from _nursery import Stateless, start_slim_nursery  # noqa: E402
 from _procs import kill_strays, log, reap_nohang  # noqa: E402
 from _sessions import HeadLost, Sessions  # noqa: E402
 from _spares import Channels  # noqa: E402
@@ -179,6 +179,34 @@ def _preload(modules: list[str]) -> dict:
     return {"loaded": loaded, "failed": failed}
 
 
+# Modules programs import all the time (HumanEval's solutions: typing, math, collections...): in the
+# slim image of a jail whose policy preloads heavy packages, so that a slim cell does not import them.
+SLIM_PRELOAD = ["typing", "re", "math", "collections", "itertools", "functools", "operator", "string", "random",
+                "heapq", "bisect", "copy", "json", "datetime", "dataclasses", "fractions", "statistics", "decimal"]
+
+
+def _split_preload(modules: list[str]) -> tuple[list[str], list[str]]:
+    """(the standard library's, the installed packages') modules of the preload list."""
+    std = sys.stdlib_module_names
+    return [m for m in modules if m.split(".")[0] in std], [m for m in modules if m.split(".")[0] not in std]
+
+
+def _finish_image() -> None:
+    """What every process that cells come from has, after its preloads: the policy's import guard,
+    the list of loaded modules it blocks, the builtins cells start with, a frozen heap."""
+    if CONFIG.get("code_mode") == "restricted":
+        import _restricted  # compile RestrictedPython once, not per cell
+
+        cell.STATE["run_restricted"] = _restricted.run_restricted
+    guard.install_import_guard()
+    guard.STATE["hide"] = guard.blocked_loaded_modules()
+    cell.PRISTINE_BUILTINS.update(__import__("builtins").__dict__)  # as cells start (guard included)
+    if CONFIG.get("session"):
+        guard.complete_image()  # a stateless jail's nursery does it once its first spare is out
+    gc.collect()
+    gc.freeze()  # preloaded objects: never scanned by a cell's GC, so never copied on write
+
+
 def _batch_scheduling() -> None:
     """Every process of the jail runs as SCHED_BATCH (children inherit it): woken by the host, it
     never preempts the host on its CPU -- a sweep or a fork after a run waits until the host has
@@ -236,22 +264,25 @@ def main() -> None:
     _batch_scheduling()
     os.chdir(CONFIG["workspace"])
     t0 = time.monotonic()
-    preload = _preload(CONFIG.get("preload", []))
-    if CONFIG.get("code_mode") == "restricted":
-        import _restricted  # compile RestrictedPython once, not per cell
-
-        cell.STATE["run_restricted"] = _restricted.run_restricted
-    guard.install_import_guard()
-    guard.STATE["hide"] = guard.blocked_loaded_modules()
-    cell.PRISTINE_BUILTINS.update(__import__("builtins").__dict__)  # as cells start (guard included)
-    if CONFIG.get("session"):
-        guard.complete_image()  # a stateless jail's nursery does it once its first spare is out
-    gc.collect()
-    gc.freeze()  # preloaded objects: never scanned by a cell's GC, so never copied on write
+    light, heavy = _split_preload(CONFIG.get("preload", []))
+    slim = None
+    if heavy and CONFIG.get("slim"):  # (the host asks for it: it gives the jail the processes it takes)
+        # A slim image first: the stdlib part, and what programs import all the time.  Its own nursery
+        # serves the programs that name none of the heavy modules, whose cells then fork (and exit)
+        # without their pages.
+        preload = _preload(light)
+        _preload([m for m in SLIM_PRELOAD if m not in light])
+        slim = start_slim_nursery(_finish_image)
+        more = _preload(heavy)
+        preload = {"loaded": preload["loaded"] + more["loaded"], "failed": {**preload["failed"], **more["failed"]}}
+    else:
+        preload = _preload(light + heavy)
+    _finish_image()
     zygote = Zygote(ctl)
-    zygote.engine = Sessions(zygote) if CONFIG.get("session") else Stateless(zygote)
+    zygote.engine = Sessions(zygote) if CONFIG.get("session") else Stateless(zygote, slim)
     zygote.send({"op": "ready", "version": proto.VERSION, "pid": os.getpid(), "preload": preload, "sees": sees,
-                 "preload_s": round(time.monotonic() - t0, 4), "python": sys.version.split()[0]})
+                 "preload_s": round(time.monotonic() - t0, 4), "python": sys.version.split()[0],
+                 "slim": sorted({m.split(".")[0] for m in heavy}) if slim else None})
     zygote.serve_forever()
 
 

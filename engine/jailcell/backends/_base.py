@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ class Backend:
             "tmp": tmp,
             "pid_namespace": pid_namespace,
             "preload": list(policy.preload),
+            "slim": slim_image(policy, session),
             "imports": {"allow": list(policy.imports.allow), "deny": list(policy.imports.deny)},
             "code_mode": policy.code_mode,
             "cpu_s": policy.limits.effective_cpu_s,
@@ -110,6 +112,17 @@ class Backend:
 # (a script is compiled from source at every start: ~15 ms).  The script path stays in argv
 # (it names the jail's processes in ps).
 _LAUNCHER = "import sys; sys.path.insert(0, sys.argv[1].rpartition('/')[0]); import zygote; zygote.main()"
+
+
+def slim_image(policy: Policy, session: bool) -> bool:
+    """Whether a stateless jail of ``policy`` gets a slim nursery too: when its preload list has
+    installed packages (not only the standard library), whose pages a program that does not use
+    them should not fork.  Its nursery and two spares are three more of the jail's processes."""
+    std = sys.stdlib_module_names
+    return not session and any(m.split(".")[0] not in std for m in policy.preload)
+
+
+SLIM_PROCESSES = 3  # the slim nursery and its two spares
 
 
 def zygote_argv(python: str, script: str) -> list[str]:

@@ -19,7 +19,16 @@ from typing import Any
 
 from .._errors import BackendUnavailable
 from .._policy import MIB, Policy
-from ._base import JAIL_SRC, JAIL_SRC_MOUNT, Backend, Spawned, preload_allowance, zygote_argv
+from ._base import (
+    JAIL_SRC,
+    JAIL_SRC_MOUNT,
+    SLIM_PROCESSES,
+    Backend,
+    Spawned,
+    preload_allowance,
+    slim_image,
+    zygote_argv,
+)
 from ._cgroups import CgroupDirs, Cgroups
 from ._layout import PythonLayout, outermost, overlaps, python_layout
 
@@ -137,6 +146,7 @@ class NsjailCommand:
     cgroup_args: list[str]
     python: str = ""
     workspace: str = "/work"
+    session: bool = False
 
     def argv(self) -> list[str]:
         lim = self.policy.limits
@@ -176,7 +186,8 @@ class NsjailCommand:
             "--rlimit_as", "inf", "--rlimit_cpu", "inf", "--rlimit_core", "0",
             "--rlimit_fsize", str(lim.file_size_mib), "--rlimit_nofile", str(lim.open_files),
             "--rlimit_stack", "8",
-            "--rlimit_nproc", "soft" if self.cgroup_args else str(lim.pids + 4),
+            "--rlimit_nproc", "soft" if self.cgroup_args else
+            str(lim.pids + 4 + (SLIM_PROCESSES if slim_image(self.policy, self.session) else 0)),
         ]
         args += self.cgroup_args
         args += ["--seccomp_string", SECCOMP_POLICY]
@@ -214,14 +225,15 @@ class NsjailBackend(Backend):
     def spawn(self, policy: Policy, *, session: bool, stderr: Any, channel: int) -> Spawned:
         lim = policy.limits
         allowance = preload_allowance(policy)
-        pids = lim.pids + 3  # zygote + spare (or head) + the cell's own main thread
+        pids = lim.pids + 3 + (SLIM_PROCESSES if slim_image(policy, session) else 0)  # zygote + spare (or head) +
+        # the cell's own main thread (+ the slim nursery's processes)
         dirs: CgroupDirs | None = None
         cgroup_args: list[str] = []
         if self.cgroups.version:
             dirs = self.cgroups.create(allowance, pids)
             cgroup_args = self.cgroups.nsjail_args(dirs, allowance, pids)
         workspace = workspace_path()
-        argv = NsjailCommand(self.path, policy, self.as_root, cgroup_args, workspace=workspace).argv()
+        argv = NsjailCommand(self.path, policy, self.as_root, cgroup_args, workspace=workspace, session=session).argv()
         config = self.zygote_config(policy, session=session, workspace=workspace, tmp=TMP,
                                     pid_namespace=True, rlimit_as=dirs is None)
         try:
