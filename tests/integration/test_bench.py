@@ -48,7 +48,7 @@ def test_bench_quick_cli_writes_json_and_png(tmp_path):
     scaling = next(r for r in report["ratios"] if "/ Pool(1)" in r["ratio"])  # Pool over the cores, same run
     assert systems[("humaneval", "jailcell_pool_1")]["status"] == "ok" and scaling["value"] > 0
     share = next(r for r in report["ratios"] if r["ratio"].startswith("HumanEval Pool.map / fork floor"))
-    assert 0 < share["value"] and share["target"] is None
+    assert 0 < share["value"] and share["target"] == 0.8
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and png.stat().st_size > 10_000
 
 
@@ -69,6 +69,9 @@ def test_bench_cli_and_back_to_back_phases(tmp_path):
     ratios = {x["ratio"]: x for x in report["ratios"]}
     assert ratios["jailcell run via the daemon / python -c (p50, lower is better)"]["target"] == 1.5
     assert ratios["jailcell run, no daemon / bare nsjail python (p50, lower is better)"]["value"] > 0
+    std_vs_min = ratios["back-to-back print(1), standard / minimal (p50, lower is better)"]
+    assert std_vs_min["value"] > 0 and std_vs_min["target"] == 1.15
+    assert ratios["back-to-back jailcell / fork floor (share of the ceiling, throughput)"]["target"] == 0.8
     phases = report["phases"]
     assert set(phases) == {"jailcell", "jailcell_minimal", "fork_floor"}
     for name in ("host", "zygote (loop + sweep)", "nursery (forks)", "cells", "wall"):
