@@ -231,6 +231,7 @@ class _Daemon:
         import signal
 
         listener = self._bind()
+        self._starting = asyncio.Lock()
         for spec in warm:  # before serving: the first run is warm
             await self._pool(spec, None, None)
         self.stopped = asyncio.Event()
@@ -264,16 +265,18 @@ class _Daemon:
 
         mtime = os.stat(spec).st_mtime_ns if os.path.isabs(spec) and os.path.exists(spec) else 0
         key = (spec, mtime, timeout, memory)
-        pool = self.pools.pop(key, None)
-        if pool is None:
-            policy = Policy.load(spec).with_overrides(timeout=timeout, memory=memory)
-            pool = await asyncio.to_thread(Pool, self.jails, policy, backend=self.backend.name)
-            idle = [k for k in self.pools if not self.busy.get(k)]
-            while len(self.pools) >= self.max_policies and idle:
-                old = idle.pop(0)
-                await asyncio.to_thread(self.pools.pop(old).close)
-        self.pools[key] = pool  # most recently used last
-        return key, pool
+        if key not in self.pools:
+            async with self._starting:  # two first calls of a policy start one Pool
+                if key not in self.pools:
+                    policy = Policy.load(spec).with_overrides(timeout=timeout, memory=memory)
+                    pool = await asyncio.to_thread(Pool, self.jails, policy, backend=self.backend.name)
+                    idle = [k for k in self.pools if not self.busy.get(k)]
+                    while len(self.pools) >= self.max_policies and idle:
+                        old = idle.pop(0)
+                        await asyncio.to_thread(self.pools.pop(old).close)
+                    self.pools[key] = pool
+        self.pools[key] = self.pools.pop(key)  # most recently used last
+        return key, self.pools[key]
 
     async def _client(self, reader: Any, writer: Any) -> None:
         import asyncio
@@ -318,6 +321,9 @@ class _Daemon:
             policy, timeout, memory = req.get("policy"), req.get("timeout"), req.get("memory")
             if not isinstance(code, str) or not isinstance(policy, str):
                 return _refusal("usage", "a run request needs code and policy as strings")
+            if not (timeout is None or (isinstance(timeout, (int, float)) and not isinstance(timeout, bool))) or \
+                    not (memory is None or (isinstance(memory, int) and not isinstance(memory, bool))):
+                return _refusal("usage", "timeout must be a number of seconds and memory a number of MiB (or null)")
             key, pool = await self._pool(policy, timeout, memory)
             self.busy[key] = self.busy.get(key, 0) + 1
             try:
@@ -337,7 +343,7 @@ class _Daemon:
         import asyncio
 
         run = asyncio.ensure_future(pool.arun(code, files=files or None))
-        gone = asyncio.ensure_future(reader.read(1))  # a client sends nothing more: EOF means it left
+        gone = asyncio.ensure_future(reader.read(1))  # a client sends nothing more: EOF (or more) means it left
         await asyncio.wait({run, gone}, return_when=asyncio.FIRST_COMPLETED)
         gone.cancel()
         if run.done():

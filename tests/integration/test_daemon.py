@@ -277,3 +277,30 @@ def test_run_without_a_daemon_leaves_nothing_behind(tmp_path):
         return found
 
     assert wait_for(lambda: not ours() and not jail_cgroups(proc.pid), 15), (ours(), jail_cgroups(proc.pid))
+
+
+def test_malformed_requests_get_an_answer_that_says_what_is_wrong(daemon, sock):
+    from jailcell import _daemon
+
+    for req, words in [
+        ({"op": "run", "code": "print(1)", "policy": "minimal", "timeout": [1]}, "timeout must be a number"),
+        ({"op": "run", "code": "print(1)", "policy": "minimal", "memory": "big"}, "memory a number"),
+        ({"op": "run", "code": 1, "policy": "minimal"}, "code and policy as strings"),
+        ({"op": "run", "code": "1", "policy": "minimal", "files": {"a": "%%%"}}, "not base64"),
+        ({"op": "frobnicate"}, "serves run, status and stop"),
+        (["not", "an", "object"], "serves run, status and stop"),
+    ]:
+        answer = _daemon.request(_daemon.connect(str(sock)), req)
+        assert answer["ok"] is False and answer["kind"] == "usage" and words in answer["message"], (req, answer)
+    assert status(sock)["served"] == 0
+
+
+def test_first_calls_of_a_policy_at_once_start_one_pool(daemon, sock):
+    env = {**os.environ, "JAILCELL_DAEMON_SOCKET": str(sock)}
+    procs = [subprocess.Popen([sys.executable, "-m", "jailcell", "run", "--policy", "minimal", "--timeout", "7", "-c",
+                               f"print({i})"], env=env, stdout=subprocess.PIPE) for i in range(4)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert outs == [f"{i}\n".encode() for i in range(4)]
+    info = status(sock)
+    assert info["served"] == 4 and len(info["policies"]) == 2, info  # minimal (warm), minimal with timeout 7
+    assert sorted(p["timeout"] or 0 for p in info["policies"]) == [0, 7]
