@@ -79,12 +79,32 @@ def gather() -> tuple[list[tuple[str, str, str]], bool]:
         verified = _verify()
         rows.extend(verified)
         jailed = all(state != "NO" for _, state, _ in verified)
+    rows.append(_daemon_row())
     rows.append(_row("process backend", None,
                      "only when asked for by name (--backend process or JAILCELL_BACKEND=process; as root also "
                      "JAILCELL_UNSAFE_PROCESS_AS_ROOT=1): NOT a boundary against the host"))
     rows.append(_row("programs run jailed", jailed, "yes: the default backend (nsjail) works here" if jailed else
                      "NO: jailcell refuses to run programs here until the items marked NO are fixed"))
     return rows, jailed
+
+
+def _daemon_row() -> tuple[str, str, str]:
+    """Whether `jailcell run` here hands its programs to a daemon of this user."""
+    from . import _daemon
+
+    path = _daemon.socket_path()
+    if not path:
+        return _row("jailcell daemon", None, f"not used (${_daemon.SOCKET_ENV} is empty): each `jailcell run` "
+                                             "starts its own jail")
+    sock = _daemon.connect(path)
+    if sock is None:
+        problem = _daemon.private_folder_problem(os.path.dirname(path)) if os.path.exists(path) else None
+        return _row("jailcell daemon", None, (f"a socket at {path} is not used: {problem}" if problem else
+                                              f"none at {path}: each `jailcell run` starts its own jail (start one "
+                                              "with `jailcell daemon` for warm runs)"))
+    info = _daemon.request(sock, {"op": "status"})
+    return _row("jailcell daemon", True, f"pid {info.get('pid')} serves {path} (backend {info.get('backend')}): "
+                                         "`jailcell run` hands its programs to it")
 
 
 def _verify() -> list[tuple[str, str, str]]:

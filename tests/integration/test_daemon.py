@@ -304,3 +304,14 @@ def test_first_calls_of_a_policy_at_once_start_one_pool(daemon, sock):
     info = status(sock)
     assert info["served"] == 4 and len(info["policies"]) == 2, info  # minimal (warm), minimal with timeout 7
     assert sorted(p["timeout"] or 0 for p in info["policies"]) == [0, 7]
+
+
+def test_check_says_whether_run_uses_a_daemon(sock):
+    r = jailcell("check", sock=sock)
+    assert r.returncode == 0 and f"none at {sock}".encode() in r.stdout
+    d = Daemon(sock, "--policy", "minimal")
+    try:
+        r = jailcell("check", sock=sock)
+        assert r.returncode == 0 and f"pid {d.proc.pid} serves {sock}".encode() in r.stdout, r.stdout
+    finally:
+        d.stop()
