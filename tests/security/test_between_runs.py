@@ -10,6 +10,9 @@ from jailcell import Policy, Sandbox
 from jailcell.backends._base import JAIL_SRC
 
 OPEN = Policy(name="open-between-runs")
+# The same with a package preloaded: its jails have a slim nursery too (programs that do not name numpy run
+# in slim cells), and both kinds of cell must come out clean after an attack from either.
+OPEN_SLIM = Policy(name="open-between-runs-slim", preload=("numpy",))
 
 # Every process of the jail but the program's own: the targets a hostile cell would pick.
 OTHERS = "import os\nME = os.getpid()\nOTHERS = [int(p) for p in os.listdir('/proc') if p.isdigit() and int(p) != ME]\n"
@@ -25,17 +28,20 @@ LATER = [
 ]
 
 
-@pytest.fixture
-def sandbox():
-    with Sandbox(OPEN, timeout=10, memory=256) as sb:
+@pytest.fixture(params=[OPEN, OPEN_SLIM], ids=["full", "slim"])
+def sandbox(request):
+    with Sandbox(request.param, timeout=10, memory=256) as sb:
         yield sb
 
 
 def later_runs_are_clean(sb: Sandbox) -> None:
+    slim = bool(sb.policy.preload)
     for _ in range(2):
         for code, expected in LATER:
-            r = sb.run(code)
-            assert r.status == "ok" and r.stdout == expected, (code, r.status, r.stdout, r.error)
+            for program in [code, "# numpy: a full cell\n" + code] if slim else [code]:
+                r = sb.run(program)
+                assert r.status == "ok" and r.stdout == expected, (program, r.status, r.stdout, r.error)
+    assert sb._jail is not None and sb._jail.ready["slim"] == (["numpy"] if slim else None)
 
 
 SCHEDULING = """
