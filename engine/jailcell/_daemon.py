@@ -194,7 +194,7 @@ class _Daemon:
         self.pools: dict[tuple, Any] = {}  # policy key -> Pool, least recently used first
         self.busy: dict[tuple, int] = {}
         self.served = 0
-        self._bound = False
+        self._bound = self._made_folder = False
 
     def _bind(self) -> Any:
         import socket
@@ -202,6 +202,7 @@ class _Daemon:
         from ._errors import UsageError
 
         folder = os.path.dirname(self.path)
+        self._made_folder = not os.path.exists(folder)
         try:
             os.makedirs(folder, mode=0o700, exist_ok=True)
         except OSError as exc:
@@ -248,6 +249,8 @@ class _Daemon:
         if self._bound:
             try:
                 os.unlink(self.path)
+                if self._made_folder:
+                    os.rmdir(os.path.dirname(self.path))  # only if empty: nothing of ours is left
             except OSError:
                 pass
             self._bound = False

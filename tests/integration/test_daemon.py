@@ -149,7 +149,7 @@ def test_stop_status_and_one_daemon_per_socket(sock):
         stop = jailcell("daemon", "--stop", sock=sock)
         assert stop.returncode == 0
         assert d.proc.wait(timeout=30) == 0
-        assert not sock.exists()
+        assert not sock.exists() and not sock.parent.exists()  # it made the folder: it removes it
         gone = jailcell("daemon", "--status", sock=sock)
         assert gone.returncode == 1 and b"no daemon serves" in gone.stderr
     finally:
