@@ -8,8 +8,10 @@ import collections
 import os
 import select
 import signal
+import subprocess
 import threading
 import time
+from typing import Callable
 
 from .._threads import LazyThread
 from ..backends import Backend
@@ -68,21 +70,27 @@ class Teardown:
                 self._cv.wait(max(0.0, deadline - time.monotonic()))
 
 
-def end(backend: Backend, spawned: Spawned) -> None:
+def end(backend: Backend, spawned: Spawned, exited: Callable[[float], bool] | None = None) -> None:
     """trio's rule: the channel is closed (the zygote exits on EOF), wait briefly, kill; then
-    remove the backend's cgroups and temp dirs."""
+    remove the backend's cgroups and temp dirs.  ``exited(seconds)``: whether the jail's first
+    process has ended within that time (default: wait for this process's child)."""
     proc = spawned.proc
-    try:
-        proc.wait(timeout=2.0)  # off the caller's path: time for a process-backend zygote's sweep
-    except Exception:
+    if exited is None:
+        exited = lambda seconds: _waited(proc, seconds)  # noqa: E731
+    if not exited(2.0):  # off the caller's path: time for a process-backend zygote's sweep
         killpg(proc.pid)
-        try:
-            proc.wait(timeout=5)
-        except Exception:
-            pass
+        exited(5.0)
     if backend.name == "process":
         killpg(proc.pid)  # anything the zygote's session left
     backend.teardown(spawned)
+
+
+def _waited(proc: subprocess.Popen, seconds: float) -> bool:
+    try:
+        proc.wait(timeout=seconds)
+        return True
+    except Exception:
+        return False
 
 
 def _end_detached(backend: Backend, spawned: Spawned) -> bool:
@@ -115,17 +123,17 @@ def _end_detached(backend: Backend, spawned: Spawned) -> bool:
         os.closerange(pidfd + 1, 1 << 16)
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
-        for timeout_ms in (2000, 5000):  # as end(): time to exit, then a kill
-            if poller.poll(timeout_ms):
-                break
+
+        def exited(seconds: float) -> bool:  # not our child: its pidfd says when it ends
+            if poller.poll(int(seconds * 1000)):
+                return True
             try:
                 signal.pidfd_send_signal(pidfd, 0)  # still the jail's process: its group is still its own
             except ProcessLookupError:
-                break
-            killpg(proc.pid)
-        if backend.name == "process":
-            killpg(proc.pid)
-        backend.teardown(spawned)
+                return True
+            return False
+
+        end(backend, spawned, exited)
     finally:
         os._exit(0)
 
