@@ -289,3 +289,12 @@ def blocked(module: str, deny: ModulePatterns | None, allow: ModulePatterns | No
     if deny is not None and deny.match(module):
         return True
     return allow is not None and not allow.match(module)
+
+
+def split_preload(modules) -> tuple[list, list]:
+    """A preload list as (the standard library's modules, the installed packages'): one rule for the
+    host (does a jail get a slim nursery, and the pids for it) and the zygote (what its slim image holds)."""
+    import sys
+
+    std = sys.stdlib_module_names
+    return [m for m in modules if m.split(".")[0] in std], [m for m in modules if m.split(".")[0] not in std]

@@ -185,12 +185,6 @@ SLIM_PRELOAD = ["typing", "re", "math", "collections", "itertools", "functools",
                 "heapq", "bisect", "copy", "json", "datetime", "dataclasses", "fractions", "statistics", "decimal"]
 
 
-def _split_preload(modules: list[str]) -> tuple[list[str], list[str]]:
-    """(the standard library's, the installed packages') modules of the preload list."""
-    std = sys.stdlib_module_names
-    return [m for m in modules if m.split(".")[0] in std], [m for m in modules if m.split(".")[0] not in std]
-
-
 def _finish_image() -> None:
     """What every process that cells come from has, after its preloads: the policy's import guard,
     the list of loaded modules it blocks, the builtins cells start with, a frozen heap."""
@@ -264,7 +258,7 @@ def main() -> None:
     _batch_scheduling()
     os.chdir(CONFIG["workspace"])
     t0 = time.monotonic()
-    light, heavy = _split_preload(CONFIG.get("preload", []))
+    light, heavy = proto.split_preload(CONFIG.get("preload", []))
     slim = None
     if heavy and CONFIG.get("slim"):  # (the host asks for it: it gives the jail the processes it takes)
         # A slim image first: the stdlib part, and what programs import all the time.  Its own nursery

@@ -5,11 +5,11 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._injail import _protocol as proto
 from .._policy import MIB, Policy
 from ._layout import python_layout
 
@@ -118,8 +118,7 @@ def slim_image(policy: Policy, session: bool) -> bool:
     """Whether a stateless jail of ``policy`` gets a slim nursery too: when its preload list has
     installed packages (not only the standard library), whose pages a program that does not use
     them should not fork.  Its nursery and two spares are three more of the jail's processes."""
-    std = sys.stdlib_module_names
-    return not session and any(m.split(".")[0] not in std for m in policy.preload)
+    return not session and bool(proto.split_preload(policy.preload)[1])
 
 
 SLIM_PROCESSES = 3  # the slim nursery and its two spares
