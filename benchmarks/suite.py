@@ -245,23 +245,36 @@ def _rss_tree(pid: int) -> int:
         return 0
 
 
-def _phase_cpu(sb: Any, n: int, code: str = "print(1)") -> dict[str, float]:
-    """Where a warm jail's runs spend CPU, per run (ms), over ``n`` back-to-back runs: this process
-    (the caller and the control thread), the zygote (its event loop and the sweep after each run),
-    the nursery (forking spares) and the cells (the program, and the cell's own set-up and exit; as
-    the nursery reaps them).  nsjail itself sleeps."""
+def _jail_processes(nsjail_pid: int) -> tuple[Any, Any, list[Any]]:
+    """A stateless jail's nsjail process, its zygote, and the zygote's nurseries (the full one, and the
+    slim one if any), as psutil processes."""
     import psutil
 
-    nsjail = psutil.Process(sb._jail.pid)
+    nsjail = psutil.Process(nsjail_pid)
     zygote = nsjail.children()[0]
-    nurseries = [c for c in zygote.children() if c.children()]  # the full one, and the slim one if any
+    return nsjail, zygote, [c for c in zygote.children() if c.status() != psutil.STATUS_ZOMBIE]
+
+
+def _jail_cpu(nsjail_pid: int) -> dict[str, float]:
+    """CPU seconds so far of a jail's zygote (its event loop and the sweep after each run), its
+    nurseries (forking spares) and the cells they reaped (the program, the cell's own set-up and exit).
+    nsjail itself sleeps."""
+    _, zygote, nurseries = _jail_processes(nsjail_pid)
+    z, nu = zygote.cpu_times(), [n.cpu_times() for n in nurseries]
+    return {"zygote (loop + sweep)": z.user + z.system, "nursery (forks)": sum(t.user + t.system for t in nu),
+            "cells": sum(t.children_user + t.children_system for t in nu)}
+
+
+def _phase_cpu(sb: Any, n: int, code: str = "print(1)") -> dict[str, float]:
+    """Where a warm jail's runs spend CPU, per run (ms), over ``n`` back-to-back runs: this process
+    (the caller and the control thread) and the jail's phases (``_jail_cpu``)."""
+    import psutil
+
     me = psutil.Process()
 
     def snap() -> dict[str, float]:
-        z, h, nu = zygote.cpu_times(), me.cpu_times(), [n.cpu_times() for n in nurseries]
-        return {"host": h.user + h.system, "zygote (loop + sweep)": z.user + z.system,
-                "nursery (forks)": sum(t.user + t.system for t in nu),
-                "cells": sum(t.children_user + t.children_system for t in nu)}
+        h = me.cpu_times()
+        return {"host": h.user + h.system, **_jail_cpu(sb._jail.pid)}
 
     for _ in range(10):
         sb.run(code)
@@ -278,30 +291,19 @@ def _phase_cpu(sb: Any, n: int, code: str = "print(1)") -> dict[str, float]:
 
 
 def _jails_cpu(sandboxes: list[Any]) -> float:
-    """CPU seconds used so far by this process and by every process of these jails (zygotes, their
-    nurseries, and the cells those reaped)."""
+    """CPU seconds used so far by this process and by every process of these jails."""
     import psutil
 
-    total = sum(psutil.Process().cpu_times()[:2])
-    for sb in sandboxes:
-        zygote = psutil.Process(sb._jail.pid).children()[0]
-        total += sum(zygote.cpu_times()[:2])
-        for nursery in zygote.children():
-            t = nursery.cpu_times()
-            total += t.user + t.system + t.children_user + t.children_system
-    return total
+    return sum(psutil.Process().cpu_times()[:2]) + sum(sum(_jail_cpu(sb._jail.pid).values()) for sb in sandboxes)
 
 
 def _jail_memory(nsjail_pid: int) -> tuple[str, list[float]]:
     """Unique memory (USS) of a warm, idle jail's processes: the idle spare cells (the nursery's
     children), the nursery, the zygote, nsjail.  Returns a note and the spares' USS in MiB."""
     try:
-        import psutil
-
-        nsjail = psutil.Process(nsjail_pid)
-        zygote = nsjail.children()[0]
+        nsjail, zygote, nurseries = _jail_processes(nsjail_pid)
         # The full nursery shares the whole preloaded image (the larger RSS); the slim one forked before it.
-        nurseries = sorted((c for c in zygote.children() if c.children()), key=lambda p: -p.memory_info().rss)
+        nurseries.sort(key=lambda p: -p.memory_info().rss)
         mib = lambda p: p.memory_full_info().uss / 2**20  # noqa: E731
         spares = [mib(p) for n in nurseries for p in n.children()]
         total = sum(mib(p) for p in (nsjail, zygote, *nurseries)) + sum(spares)
