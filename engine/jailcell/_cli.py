@@ -255,12 +255,12 @@ def _version() -> str:
     return __version__
 
 
-def _unknown_option(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[str, argparse.ArgumentParser] | None:
-    """The first option the chosen command does not know, with the nearest one it does: argparse
-    alone reports a misspelled ``--polcy minimal -c ...`` as "-c: not allowed with argument FILE"
-    (it took ``minimal`` for the FILE)."""
+def _unknown_option(parser: argparse.ArgumentParser, argv: list[str],
+                    command: str | None) -> tuple[str, argparse.ArgumentParser] | None:
+    """The first option the chosen ``command`` (argv's first word) does not know, with the nearest
+    one it does: argparse alone reports a misspelled ``--polcy minimal -c ...`` as "-c: not allowed
+    with argument FILE" (it took ``minimal`` for the FILE)."""
     sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
-    command = next((t for t in argv if not t.startswith("-")), None)
     target = sub.choices.get(command) if sub is not None and command else None
     if target is None or command is None:
         return None
@@ -290,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokens = list(sys.argv[1:] if argv is None else argv)
     command = next((t for t in tokens if not t.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
-    unknown = _unknown_option(parser, tokens)
+    unknown = _unknown_option(parser, tokens, command)
     if unknown:
         message, command_parser = unknown
         command_parser.print_usage(sys.stderr)
