@@ -10,7 +10,7 @@ The client half (:func:`run_via_daemon`) is what every ``jailcell run`` imports 
 sockets and JSON only, nothing of the engine.  The server half imports the engine when it starts.
 
 Frames: a 4-byte big-endian length, then UTF-8 JSON.  Requests: ``{"op": "run", "code", "policy",
-"timeout", "memory", "files": {name: base64}, "backend"}``, ``{"op": "status"}``, ``{"op": "stop"}``.
+"cwd", "timeout", "memory", "files": {name: base64}, "backend"}``, ``{"op": "status"}``, ``{"op": "stop"}``.
 Answers: ``{"ok": true, "result": Result.to_dict()}`` (or the status), or ``{"ok": false, "kind",
 "message"}`` where kind ``usage`` is the caller's mistake (exit 2) and ``backend`` means "not here:
 run it yourself".
@@ -146,9 +146,11 @@ def run_via_daemon(code: str, *, policy: str, timeout: float | None, memory: int
         return None
     import base64
 
-    if "/" in policy or policy.endswith(".toml"):  # a file: the daemon may run in another folder
-        policy = os.path.abspath(policy)
-    req = {"op": "run", "code": code, "policy": policy, "timeout": timeout, "memory": memory,
+    try:
+        cwd = os.getcwd()
+    except OSError:  # a folder removed under the caller: a relative policy file cannot be found anyway
+        cwd = "/"
+    req = {"op": "run", "code": code, "policy": policy, "cwd": cwd, "timeout": timeout, "memory": memory,
            "files": {name: base64.b64encode(data).decode() for name, data in files.items()},
            "backend": backend or os.environ.get("JAILCELL_BACKEND") or None}
     try:
@@ -305,6 +307,7 @@ class _Daemon:
 
     async def _answer(self, req: Any, reader: Any) -> dict[str, Any] | None:
         from ._errors import JailcellError
+        from ._policy import looks_like_path
 
         op = req.get("op") if isinstance(req, dict) else None
         if op == "status":
@@ -327,6 +330,11 @@ class _Daemon:
             if not (timeout is None or (isinstance(timeout, (int, float)) and not isinstance(timeout, bool))) or \
                     not (memory is None or (isinstance(memory, int) and not isinstance(memory, bool))):
                 return _refusal("usage", "timeout must be a number of seconds and memory a number of MiB (or null)")
+            cwd = req.get("cwd")
+            if not isinstance(cwd, str) or not os.path.isabs(cwd):
+                return _refusal("usage", "a run request needs the caller's folder (cwd) as an absolute path")
+            if looks_like_path(policy):  # a file: as the caller would read it, from its own folder
+                policy = os.path.join(cwd, os.path.expanduser(policy))
             key, pool = await self._pool(policy, timeout, memory)
             self.busy[key] = self.busy.get(key, 0) + 1
             try:

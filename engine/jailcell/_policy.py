@@ -216,9 +216,13 @@ def _toml(v: Any) -> str:
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def looks_like_path(spec: str) -> bool:
+    """A policy spec that names a file (else it names a built-in policy)."""
+    return "/" in spec or spec.endswith(".toml") or os.sep in spec
+
+
 def _resolve(spec: str, base: Path | None) -> Path:
-    looks_like_path = "/" in spec or spec.endswith(".toml") or os.sep in spec
-    if looks_like_path:
+    if looks_like_path(spec):
         path = Path(spec).expanduser()
         if base is not None and not path.is_absolute():
             path = base / path

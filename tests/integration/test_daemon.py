@@ -21,8 +21,8 @@ NOBODY = 65534
 
 
 def jailcell(*args: str, sock: Path | str, input: bytes | None = None, timeout: float = 120,
-             **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAILCELL_DAEMON_SOCKET": str(sock)}
+             env_home: Path | None = None, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAILCELL_DAEMON_SOCKET": str(sock), **({"HOME": str(env_home)} if env_home else {})}
     return subprocess.run([sys.executable, "-m", "jailcell", *args], input=input, capture_output=True,
                           timeout=timeout, env=env, **kw)
 
@@ -34,10 +34,10 @@ def status(sock: Path) -> dict:
 
 
 class Daemon:
-    def __init__(self, sock: Path, *args: str) -> None:
+    def __init__(self, sock: Path, *args: str, env: dict | None = None) -> None:
         self.sock = sock
         self.proc = subprocess.Popen([sys.executable, "-m", "jailcell", "daemon", "--socket", str(sock), *args],
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, env=env)
         self.start_line = self.proc.stderr.readline()
         assert "serving" in self.start_line, self.start_line + self.proc.stderr.read()
 
@@ -286,6 +286,8 @@ def test_malformed_requests_get_an_answer_that_says_what_is_wrong(daemon, sock):
         ({"op": "run", "code": "print(1)", "policy": "minimal", "timeout": [1]}, "timeout must be a number"),
         ({"op": "run", "code": "print(1)", "policy": "minimal", "memory": "big"}, "memory a number"),
         ({"op": "run", "code": 1, "policy": "minimal"}, "code and policy as strings"),
+        ({"op": "run", "code": "1", "policy": "minimal"}, "caller's folder (cwd)"),
+        ({"op": "run", "code": "1", "policy": "minimal", "cwd": "rel"}, "caller's folder (cwd)"),
         ({"op": "run", "code": "1", "policy": "minimal", "files": {"a": "%%%"}}, "not base64"),
         ({"op": "frobnicate"}, "serves run, status and stop"),
         (["not", "an", "object"], "serves run, status and stop"),
@@ -313,5 +315,26 @@ def test_check_says_whether_run_uses_a_daemon(sock):
     try:
         r = jailcell("check", sock=sock)
         assert r.returncode == 0 and f"pid {d.proc.pid} serves {sock}".encode() in r.stdout, r.stdout
+    finally:
+        d.stop()
+
+
+def test_a_policy_file_is_read_as_the_caller_names_it(sock, tmp_path):
+    """Relative to the caller's folder, and with ~, as without a daemon (both must give the same)."""
+    home = tmp_path / "home"
+    (home / "pol").mkdir(parents=True)
+    (home / "pol" / "tight.toml").write_text('extends = "minimal"\n[limits]\nwall_s = 1\n')
+    env = {**os.environ, "HOME": str(home)}
+    d = Daemon(sock, "--policy", "minimal", env=env)
+    try:
+        code = "import time; time.sleep(3)"  # over the file's wall_s (1), under minimal's (10)
+        for spec, cwd in (("pol/tight.toml", home), ("~/pol/tight.toml", "/"), ("./tight.toml", home / "pol")):
+            for how in ([], ["--no-daemon"]):
+                r = jailcell("run", "--policy", spec, *how, "--json", "-c", code, sock=sock, cwd=cwd, env_home=home)
+                res = json.loads(r.stdout)
+                assert r.returncode == 1 and res["status"] == "timeout", (spec, how, r)
+        assert status(sock)["served"] == 3
+        r = jailcell("run", "--policy", "pol/nope.toml", "-c", "1", sock=sock, cwd=home, env_home=home)
+        assert r.returncode == 2 and str(home / "pol" / "nope.toml").encode() in r.stderr, r.stderr
     finally:
         d.stop()
