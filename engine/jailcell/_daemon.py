@@ -93,11 +93,7 @@ def _recv_exactly(sock: Any, n: int) -> bytes:
 
 
 class DaemonError(Exception):
-    """The daemon took the run and then failed it (``kind`` says how)."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
+    """The daemon refused the request (the caller's mistake) or took the run and then failed it."""
 
 
 def connect(path: str | None = None, *, quiet: bool = True) -> Any:
@@ -132,7 +128,7 @@ def request(sock: Any, obj: dict[str, Any]) -> dict[str, Any]:
     finally:
         sock.close()
     if not isinstance(answer, dict):
-        raise DaemonError("internal", "the daemon's answer is not an object")
+        raise DaemonError("the daemon's answer is not an object")
     return answer
 
 
@@ -140,7 +136,7 @@ def run_via_daemon(code: str, *, policy: str, timeout: float | None, memory: int
                    files: dict[str, bytes], backend: str | None) -> dict[str, Any] | None:
     """The Result (as a dict) of ``code`` run by this user's daemon, or None when no daemon takes it
     (then the caller runs it in a jail of its own).  Raises DaemonError when the daemon took the run
-    and could not finish it, or refused the request (kind ``usage``)."""
+    and could not finish it, or refused the request."""
     sock = connect(quiet=False)
     if sock is None:
         return None
@@ -156,13 +152,12 @@ def run_via_daemon(code: str, *, policy: str, timeout: float | None, memory: int
     try:
         answer = request(sock, req)
     except (OSError, EOFError, ValueError) as exc:
-        raise DaemonError("internal", f"the jailcell daemon failed during the run ({exc})") from None
+        raise DaemonError(f"the jailcell daemon failed during the run ({exc})") from None
     if answer.get("ok") and isinstance(answer.get("result"), dict):
         return answer["result"]
-    kind = str(answer.get("kind", "internal"))
-    if kind == "backend":  # it serves another backend than asked for: not ours to use
+    if answer.get("kind") == "backend":  # it serves another backend than asked for: not ours to use
         return None
-    raise DaemonError(kind, str(answer.get("message", "the daemon failed the run")))
+    raise DaemonError(str(answer.get("message", "the daemon failed the run")))
 
 
 # ------------------------------------------------------------------------------------------------
