@@ -258,7 +258,7 @@ class NsjailBackend(Backend):
         return f"the jail built by nsjail ({self.path}) is not isolated ({why}); refusing to run programs in it"
 
     def start_failure(self, jail_log: str) -> str | None:
-        said = any(line.startswith(("[W]", "[E]", "[F]")) for line in jail_log.splitlines())  # --quiet: only trouble
+        said = any(line.startswith(NSJAIL_TROUBLE) for line in jail_log.splitlines())  # --quiet: only trouble
         return explain_failure(jail_log, python_layout()) if said else None
 
     def after_ready(self, spawned: Spawned, policy: Policy) -> None:
@@ -360,11 +360,14 @@ def _probe() -> tuple[bool, str]:
     return False, f"the jail built by nsjail ({backend.path}) is not isolated ({why}); refusing to run programs in it"
 
 
+NSJAIL_TROUBLE = ("[W]", "[E]", "[F]")  # how nsjail starts its warning, error and fatal lines
+
+
 def explain_failure(stderr: str, layout: PythonLayout) -> str:
     """nsjail's and Python's complaint in plain words: the cause, and the fix."""
     lines = [line for line in stderr.splitlines() if line.strip()]
-    nsjail_lines = [line for line in lines if line.startswith(("[W]", "[E]", "[F]"))]
-    python_lines = [line for line in lines if not line.startswith(("[I]", "[D]", "[W]", "[E]", "[F]"))]
+    nsjail_lines = [line for line in lines if line.startswith(NSJAIL_TROUBLE)]
+    python_lines = [line for line in lines if not line.startswith(("[I]", "[D]", *NSJAIL_TROUBLE))]
     said = "\n".join(nsjail_lines[-4:] + python_lines[-4:]) or "no message"
     text = "\n".join(lines)
     cause, fix = "nsjail could not create the jail", ""
