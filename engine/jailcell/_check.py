@@ -96,9 +96,8 @@ def _daemon_row() -> tuple[str, str, str]:
     if not path:
         return _row("jailcell daemon", None, f"not used (${_daemon.SOCKET_ENV} is empty): each `jailcell run` "
                                              "starts its own jail")
-    sock = _daemon.connect(path)
+    sock, problem = _daemon.reach(path)
     if sock is None:
-        problem = _daemon.private_folder_problem(os.path.dirname(path)) if os.path.exists(path) else None
         return _row("jailcell daemon", None, (f"a socket at {path} is not used: {problem}" if problem else
                                               f"none at {path}: each `jailcell run` starts its own jail (start one "
                                               "with `jailcell daemon` for warm runs)"))

@@ -100,24 +100,31 @@ def connect(path: str | None = None, *, quiet: bool = True) -> Any:
     """A connection to this user's daemon, or None when there is none to use (not running, or its
     socket is somewhere another user could have put it: then, unless ``quiet``, a warning says so)."""
     path = socket_path() if path is None else path
-    if not path or not os.path.exists(path):
-        return None
-    problem = private_folder_problem(os.path.dirname(path))
-    if problem is None:
-        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
-        try:
-            sock.connect(path)
-        except OSError:  # a socket left by a daemon that is gone
-            sock.close()
-            return None
-        uid = peer_uid(sock)
-        if uid == os.geteuid():
-            return sock
-        sock.close()
-        problem = f"it is served by uid {uid}, not by this user"
-    if not quiet:
+    sock, problem = reach(path) if path else (None, None)
+    if problem and not quiet:
         print(f"jailcell: not using the daemon socket {path}: {problem}", file=sys.stderr)
-    return None
+    return sock
+
+
+def reach(path: str) -> tuple[Any, str | None]:
+    """(a connection to the daemon at ``path``, None), or (None, why a socket there is not to be
+    used), or (None, None) when no daemon is there."""
+    if not os.path.exists(path):
+        return None, None
+    problem = private_folder_problem(os.path.dirname(path))
+    if problem:
+        return None, problem
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except OSError:  # a socket left by a daemon that is gone
+        sock.close()
+        return None, None
+    uid = peer_uid(sock)
+    if uid == os.geteuid():
+        return sock, None
+    sock.close()
+    return None, f"it is served by uid {uid}, not by this user"
 
 
 def request(sock: Any, obj: dict[str, Any]) -> dict[str, Any]:
