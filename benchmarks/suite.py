@@ -335,7 +335,7 @@ def nsjail_argv(code: str) -> list[str]:
     from jailcell.backends._nsjail import NsjailBackend, NsjailCommand, workspace_path
 
     backend = NsjailBackend()
-    argv = NsjailCommand(backend.path, Policy.load("standard"), backend.as_root, [], workspace=workspace_path()).argv()
+    argv = NsjailCommand(backend.path, Policy.load("standard"), backend.as_root, False, workspace=workspace_path()).argv()
     return argv[: argv.index("--") + 1] + [python_layout().python, "-I", "-c", code]
 
 

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from jailcell import AsyncSandbox, InputError, Pool, Sandbox
+from jailcell._injail import _protocol as proto
 
 from ..conftest import OPEN_POLICY
 
@@ -87,7 +88,7 @@ def test_arguments_must_be_json(sb):
 FRAMING = ("import json, os, struct\n"
            "def encode(obj):\n"
            "    body = json.dumps(obj).encode()\n"
-           "    return struct.pack('>2sBBI', b'JC', 2, 1, len(body)) + body\n"
+           f"    return struct.pack('>2sBBI', b'JC', {proto.VERSION}, 1, len(body)) + body\n"
            "def read_frame(fd):\n"
            "    n = struct.unpack('>2sBBI', os.read(fd, 8))[3]\n"
            "    data = b''\n"

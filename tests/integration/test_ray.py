@@ -141,8 +141,18 @@ def test_a_session_is_pinned_and_says_when_it_is_lost(cluster):
         assert s.run("x").result == "41" and branch.run("x").result == "0"
         slot = next(sl for sl in pool._slots if sl.name == s.where)
         ray.kill(slot.actor, no_restart=True)
+        # ray.kill is asynchronous: a call made at once can still reach the actor (a busy machine).
+        assert wait_for(lambda: _gone(slot.actor), timeout=30), "the killed actor is still there"
         with pytest.raises(SessionLost, match="state is lost"):
             s.run("x")
+
+
+def _gone(actor) -> bool:
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=10)
+    except ray.exceptions.RayActorError:
+        return True
+    return False
 
 
 def test_a_worker_that_cannot_jail_refuses_to_serve(cluster):

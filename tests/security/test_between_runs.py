@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from jailcell import Policy, Sandbox
+from jailcell._injail import _protocol as proto
 from jailcell.backends._base import JAIL_SRC
 
 OPEN = Policy(name="open-between-runs")
@@ -171,13 +172,13 @@ def test_a_cell_leads_its_own_process_group(sandbox):
 # A session cell holds its holder's socket to the zygote (it becomes the holder if it finishes);
 # it can write anything there.  The zygote relays holders' reports to the host.
 # jailcell's own modules are not in a cell's sys.modules: the frames are made by hand.
-FRAMES = """
+FRAMES = f"""
 import array, json, socket, struct
 
 
 def send(sock, obj, fds=()):
     body = json.dumps(obj).encode()
-    frame = struct.pack(">2sBBI", b"JC", 2, 1, len(body)) + body
+    frame = struct.pack(">2sBBI", b"JC", {proto.VERSION}, 1, len(body)) + body
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
     sock.sendmsg([frame], anc)
 """

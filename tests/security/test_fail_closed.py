@@ -5,6 +5,7 @@ the host if it ran anywhere."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -87,6 +88,35 @@ def test_nsjail_that_does_not_isolate_is_refused(marker, tmp_path, flaw, seen):
     assert cli.returncode == 2 and "refusing to run programs in it" in cli.stderr
     check = _cli({"JAILCELL_NSJAIL": fake}, "check")
     assert check.returncode == 1 and "not isolated" in check.stdout
+
+
+def test_a_hello_from_outside_the_jail_moves_nothing_and_is_refused(marker, tmp_path):
+    """The zygote's first byte tells the host which process to put in the jail's cgroups.  Here
+    the wrapper around nsjail -- outside the jail -- says it first: that process is not one the
+    nsjail started, so nothing is moved and the jail is refused."""
+    from jailcell.backends._nsjail import nsjail_path
+
+    fake = _fake_nsjail(tmp_path, f"printf '\\006'; exec {nsjail_path()} \"$@\"\n")
+    api = _api({"JAILCELL_NSJAIL": fake}, _code(marker))
+    assert api.returncode == 1 and "BackendUnavailable" in api.stderr, api.stderr
+    assert "could not be put in its cgroups" in api.stderr and "Nothing was run" in api.stderr
+
+
+def test_nsjail_under_a_wrapper_that_does_not_exec_is_jailed_in_its_cgroups(tmp_path):
+    """The zygote is then nsjail's grandchild: still one the nsjail started, so it is moved."""
+    from jailcell.backends._nsjail import nsjail_path
+
+    fake = _fake_nsjail(tmp_path, f'{nsjail_path()} "$@"\n')
+    script = ("import json\nfrom jailcell import Sandbox\nwith Sandbox('minimal') as sb:\n"
+              "    r = sb.run(\"print(open('/proc/self/cgroup').read())\")\n"
+              "    dirs = sb._jail._spawned.cleanup['cgroups']\n"
+              "    print(json.dumps([r.status, r.stdout, dirs and dirs.memory.name]))")
+    r = subprocess.run([sys.executable, "-c", script], env={**os.environ, "JAILCELL_NSJAIL": fake},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    status, seen, name = json.loads(r.stdout.splitlines()[-1])
+    assert status == "ok" and name, (status, seen, name)
+    assert any(line.endswith("/" + name) for line in seen.splitlines()), (seen, name)
 
 
 def test_interpreter_unreadable_by_the_jail_user_names_the_path(tmp_path, marker):

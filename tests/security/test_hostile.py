@@ -159,6 +159,31 @@ def test_thread_bomb_contained(open_sandbox):
     assert open_sandbox.run("print('alive')").stdout == "alive\n"
 
 
+def _descendants(pid: int) -> set[int]:
+    try:
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return set()
+    return set(children).union(*(_descendants(c) for c in children))
+
+
+def test_every_process_of_the_jail_is_born_in_its_cgroups(open_sandbox):
+    """nsjail makes no cgroups: jailcell moves the zygote into the jail's before it forks anything,
+    so the zygote, the nurseries, the spare cells and what a program forks are all in them."""
+    r = open_sandbox.run("import os\npid = os.fork()\nif pid == 0:\n    print(open('/proc/self/cgroup').read())\n"
+                         "    os._exit(0)\nos.waitpid(pid, 0)")
+    jail = open_sandbox._jail
+    dirs = jail._spawned.cleanup.get("cgroups")
+    if dirs is None:
+        pytest.skip("no cgroups on this machine (jailcell check says why)")
+    inside = _descendants(jail.pid)
+    assert len(inside) >= 3, inside  # the zygote, a nursery, a spare cell
+    for d in dirs.all():
+        procs = {int(p) for p in (d / "cgroup.procs").read_text().split()}
+        assert inside <= procs and jail.pid not in procs, (d, inside, procs)
+        assert any(line.endswith("/" + d.name) for line in r.stdout.splitlines()), r.stdout  # a program's child
+
+
 def test_fd_exhaustion_contained(open_sandbox):
     r = open_sandbox.run("fs = []\nwhile True:\n    fs.append(open('/dev/null'))")
     assert r.status == "error" and r.error["type"] == "OSError" and "Too many open files" in r.error["message"]

@@ -6,10 +6,14 @@ from __future__ import annotations
 import logging
 import os
 import select
+import socket
+import sys
 import threading
+import time
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
+from .._injail import _protocol as proto
 from .._threads import LazyThread
 
 if TYPE_CHECKING:
@@ -87,3 +91,28 @@ class ControlLoop:
 
 
 control = ControlLoop()
+
+
+def read_hello(sock: socket.socket, deadline: float, idle: Callable[[], None], idle_s: float) -> int | None:
+    """The zygote's HELLO, the first byte on a jail's control channel (before any frame), and the
+    pid of its sender as this process sees it: the socket has SO_PASSCRED set, and the kernel
+    translates the pid of the zygote (pid 1 of its own namespace).  None if it has not come by
+    ``deadline``; ``idle()`` runs after each ``idle_s`` of waiting."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        if select.select([sock], [], [], min(remaining, idle_s))[0]:
+            break
+        idle()
+    data, ancillary, _, _ = sock.recvmsg(1, socket.CMSG_SPACE(12))  # struct ucred: pid, uid, gid
+    if not data:
+        raise EOFError("the jail ended before its zygote started")
+    if data != proto.HELLO:
+        raise proto.ProtocolError(f"the zygote's first byte is {data!r}, not the HELLO")
+    for level, kind, value in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(value) >= 4:
+            pid = int.from_bytes(value[:4], sys.byteorder, signed=True)
+            if pid > 0:
+                return pid
+    raise proto.ProtocolError("the zygote's HELLO came without its sender's pid")

@@ -35,6 +35,7 @@ from .._policy import Policy
 from ..backends import Backend, refusal
 from ..backends._base import Spawned
 from ._control import control as _control
+from ._control import read_hello
 from ._run import Outcome, RunRequest
 from ._supervisor import Spare, outcome, supervise
 from ._teardown import killpg, teardown
@@ -198,6 +199,7 @@ class Jail:
     def _start(self) -> None:
         try:
             host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            host.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # who sends the HELLO
         except OSError as exc:
             raise JailError(_start_failure(self.backend.name, exc, "")) from None
         self.ctl = host
@@ -209,9 +211,18 @@ class Jail:
             child.close()
         self._spawned = spawned
         try:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            pid = read_hello(host, deadline, self._continue_stopped, STOPPED_CHECK_S)
+            if pid is None:
+                raise JailTimeout()
+            try:  # while the zygote imports its modules; it forks nothing before its config
+                self.backend.admit(spawned, pid)
+            except OSError as exc:
+                raise BackendUnavailable(refusal(f"the jail's first process could not be put in its cgroups "
+                                                 f"({exc.strerror or exc})")) from None
+            host.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
             proto.send(host, spawned.config)
             _control.add(self, host.fileno())
-            deadline = time.monotonic() + START_TIMEOUT_S
             self.ready = self._reply(deadline)
             if self.ready.get("op") != "ready":
                 raise JailError(f"zygote answered {self.ready!r} instead of ready")

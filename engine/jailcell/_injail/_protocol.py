@@ -11,7 +11,11 @@ JSON goes through the C accelerator ``_json`` directly -- the same encoder and s
 Channels (see ``zygote.py`` for the processes):
 
 - host <-> zygote: a unix stream socket (the zygote's fd 0); control frames, and file
-  descriptors (SCM_RIGHTS) travelling with the header of a frame;
+  descriptors (SCM_RIGHTS) travelling with the header of a frame.  Before any frame, the
+  zygote's interpreter writes the one byte ``HELLO`` as it starts, before it imports anything:
+  its credentials (SO_PASSCRED) tell the host the zygote's pid as the host sees it, and the
+  backend puts that process in the jail's cgroups while it imports its modules.  The zygote
+  forks nothing before the config frame, which the host sends only then;
 - host -> cell: a pipe carrying exactly one request frame;
 - cell -> host: a unix stream socket (the cell's fd 3) carrying the cell's report, and
   host-function calls and their answers.
@@ -35,7 +39,8 @@ except ImportError:  # an interpreter without the accelerator: the json module d
     _c_make_scanner = None  # type: ignore[assignment,misc]
 
 MAGIC = b"JC"
-VERSION = 2
+VERSION = 3
+HELLO = b"\x06"  # the zygote's first byte on its control socket (see above); not a frame
 KIND_JSON = 1
 HEADER = struct.Struct(">2sBBI")
 DEFAULT_LIMIT = 64 * 1024 * 1024

@@ -64,6 +64,12 @@ class Backend:
         the fix; None when the log does not say."""
         return None
 
+    def admit(self, spawned: Spawned, pid: int) -> None:
+        """Put the zygote -- host pid ``pid``, from the credentials of its HELLO -- in what
+        ``spawn`` set up for it (its cgroups).  Called before the zygote gets its config, so
+        before anything is forked in the jail.  Raises OSError (with why) when it cannot: the
+        jail is then refused."""
+
     def after_ready(self, spawned: Spawned, policy: Policy) -> None:
         """Called once the zygote has preloaded its modules (e.g. to tighten memory limits)."""
 
@@ -110,8 +116,10 @@ class Backend:
 
 # The zygote is imported as a module, not run as a script, so its compiled bytecode is used
 # (a script is compiled from source at every start: ~15 ms).  The script path stays in argv
-# (it names the jail's processes in ps).
-_LAUNCHER = "import sys; sys.path.insert(0, sys.argv[1].rpartition('/')[0]); import zygote; zygote.main()"
+# (it names the jail's processes in ps).  Its first act is the HELLO byte on fd 1 (the control
+# socket), before its imports: the host puts it in the jail's cgroups meanwhile (Backend.admit).
+_LAUNCHER = (f"import posix; posix.write(1, {proto.HELLO!r}); "
+             "import sys; sys.path.insert(0, sys.argv[1].rpartition('/')[0]); import zygote; zygote.main()")
 
 
 def slim_image(policy: Policy, session: bool) -> bool:

@@ -96,6 +96,16 @@ def ro_mounts() -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=1)
+def parent_pid(pid: int) -> int | None:
+    """Process ``pid``'s parent (None when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2 :].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def workspace_path() -> str:
     for path in WORKSPACE_CHOICES:
         if not any(overlaps(path, m) for m in ro_mounts()):
@@ -143,7 +153,7 @@ class NsjailCommand:
     nsjail: str
     policy: Policy
     as_root: bool
-    cgroup_args: list[str]
+    cgroups: bool  # the jail's processes are in cgroups of jailcell's (their pids limit is there)
     python: str = ""
     workspace: str = "/work"
     session: bool = False
@@ -186,10 +196,9 @@ class NsjailCommand:
             "--rlimit_as", "inf", "--rlimit_cpu", "inf", "--rlimit_core", "0",
             "--rlimit_fsize", str(lim.file_size_mib), "--rlimit_nofile", str(lim.open_files),
             "--rlimit_stack", "8",
-            "--rlimit_nproc", "soft" if self.cgroup_args else
+            "--rlimit_nproc", "soft" if self.cgroups else
             str(lim.pids + 4 + (SLIM_PROCESSES if slim_image(self.policy, self.session) else 0)),
         ]
-        args += self.cgroup_args
         args += ["--seccomp_string", SECCOMP_POLICY]
         for key, value in Backend.env(self.policy, tmp=TMP, home=self.workspace).items():
             args += ["--env", f"{key}={value}"]
@@ -228,12 +237,11 @@ class NsjailBackend(Backend):
         pids = lim.pids + 3 + (SLIM_PROCESSES if slim_image(policy, session) else 0)  # zygote + spare (or head) +
         # the cell's own main thread (+ the slim nursery's processes)
         dirs: CgroupDirs | None = None
-        cgroup_args: list[str] = []
-        if self.cgroups.version:
+        if self.cgroups.version:  # the zygote enters them as it starts (admit)
             dirs = self.cgroups.create(allowance, pids)
-            cgroup_args = self.cgroups.nsjail_args(dirs, allowance, pids)
         workspace = workspace_path()
-        argv = NsjailCommand(self.path, policy, self.as_root, cgroup_args, workspace=workspace, session=session).argv()
+        argv = NsjailCommand(self.path, policy, self.as_root, dirs is not None, workspace=workspace,
+                             session=session).argv()
         config = self.zygote_config(policy, session=session, workspace=workspace, tmp=TMP,
                                     pid_namespace=True, rlimit_as=dirs is None)
         try:
@@ -244,6 +252,23 @@ class NsjailBackend(Backend):
                 self.cgroups.remove(dirs)
             raise BackendUnavailable(f"cannot start nsjail ({self.path}): {exc}") from None
         return Spawned(proc, config, {"cgroups": dirs})
+
+    def admit(self, spawned: Spawned, pid: int) -> None:
+        dirs = spawned.cleanup.get("cgroups")
+        if dirs is None:
+            return
+        # The HELLO came through the channel nsjail was given: from the jail's first process, a
+        # descendant of the nsjail started here (its child; a grandchild under a wrapper script
+        # that does not exec).  Any other process is not the zygote, and is not moved.
+        ancestor = pid
+        for _ in range(4):
+            ancestor = parent_pid(ancestor) or 0
+            if ancestor in (0, 1, spawned.proc.pid):
+                break
+        if ancestor != spawned.proc.pid:
+            raise OSError(f"the process that said hello (host pid {pid}) is not one the nsjail started here "
+                          f"(pid {spawned.proc.pid}) started")
+        self.cgroups.enter(dirs, pid)
 
     def verify(self, ready: dict[str, Any]) -> str | None:
         sees = ready.get("sees")
@@ -341,7 +366,7 @@ def _probe() -> tuple[bool, str]:
         workspace = workspace_path()
     except (BackendUnavailable, OSError) as exc:
         return False, str(exc)
-    argv = NsjailCommand(backend.path, Policy(name="probe"), backend.as_root, [], workspace=workspace).argv()
+    argv = NsjailCommand(backend.path, Policy(name="probe"), backend.as_root, False, workspace=workspace).argv()
     argv = argv[: argv.index("--") + 1] + [layout.python, "-I", "-c", PROBE]
     argv.remove("--quiet")  # keep all of nsjail's words for the report
     try:
