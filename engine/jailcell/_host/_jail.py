@@ -15,21 +15,20 @@ background thread (``close()`` returns at once) and interpreter exit waits for i
 
 from __future__ import annotations
 
+import _socket as socket  # not socket.py, whose enums cost ~1.7 ms at every `jailcell run`
 import collections
 import contextlib
 import errno
-import logging
 import os
 import re
 import signal
-import socket
 import tempfile
 import threading
 import time
 import weakref
 from typing import Any, Callable
 
-from .._errors import BackendUnavailable, JailError
+from .._errors import BackendUnavailable, JailError, warn
 from .._injail import _protocol as proto
 from .._policy import Policy
 from ..backends import Backend, refusal
@@ -93,7 +92,6 @@ class HeadLost(JailError):
 
 
 
-log = logging.getLogger("jailcell")
 
 
 def _start_failure(backend: str, exc: BaseException, jail_log: str) -> str:
@@ -121,7 +119,7 @@ def _warn_missing_preload(policy: Policy, ready: dict[str, Any]) -> None:
         return
     _preload_warned.add(key)
     names = ", ".join(sorted(map(str, failed)))
-    log.warning("jailcell: policy %r preloads %s, which cannot be imported here (programs that import them get "
+    warn("jailcell: policy %r preloads %s, which cannot be imported here (programs that import them get "
                 "ModuleNotFoundError); for numpy, pandas and matplotlib: pip install \"jailcell[datascience]\"",
                 policy.name, names)
 
@@ -221,7 +219,8 @@ class Jail:
                 raise BackendUnavailable(refusal(f"the jail's first process could not be put in its cgroups "
                                                  f"({exc.strerror or exc})")) from None
             host.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
-            proto.send(host, spawned.config)
+            proto.send(host, spawned.config, spawned.config_fds)
+            spawned.close_config_fds()
             _control.add(self, host.fileno())
             self.ready = self._reply(deadline)
             if self.ready.get("op") != "ready":
@@ -243,6 +242,8 @@ class Jail:
             if why:  # the backend could not build the jail here, and says why
                 raise BackendUnavailable(refusal(why)) from None
             raise JailError(_start_failure(self.backend.name, exc, jail_log)) from None
+        finally:
+            spawned.close_config_fds()  # sent, or never will be
 
     @property
     def pid(self) -> int | None:
@@ -423,7 +424,7 @@ class Jail:
             except (OSError, IndexError):
                 continue
             if state in (b"T", b"t"):
-                log.warning("jailcell: a process of a jail (host pid %d) was stopped from outside; continuing it", pid)
+                warn("jailcell: a process of a jail (host pid %d) was stopped from outside; continuing it", pid)
                 try:
                     os.kill(pid, signal.SIGCONT)
                 except OSError:

@@ -13,9 +13,9 @@ Channels (see ``zygote.py`` for the processes):
 - host <-> zygote: a unix stream socket (the zygote's fd 0); control frames, and file
   descriptors (SCM_RIGHTS) travelling with the header of a frame.  Before any frame, the
   zygote's interpreter writes the one byte ``HELLO`` as it starts, before it imports anything:
-  its credentials (SO_PASSCRED) tell the host the zygote's pid as the host sees it, and the
-  backend puts that process in the jail's cgroups while it imports its modules.  The zygote
-  forks nothing before the config frame, which the host sends only then;
+  its credentials (SO_PASSCRED) tell the host the zygote's pid as the host sees it.  The host
+  then sends the config (with cgroup v1, the cgroups' ``tasks`` files the zygote moves itself
+  with; with v2, the host has moved it first).  The zygote forks nothing before that;
 - host -> cell: a pipe carrying exactly one request frame;
 - cell -> host: a unix stream socket (the cell's fd 3) carrying the cell's report, and
   host-function calls and their answers.

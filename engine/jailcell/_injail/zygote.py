@@ -227,6 +227,21 @@ def _harden() -> None:
         cell.prctl(cell.PR_SET_CHILD_SUBREAPER, 1)
 
 
+def _enter_cgroups(fds: list[int]) -> None:
+    """Move this process -- one thread yet -- into the jail's cgroups: with cgroup v1 the host sends
+    their ``tasks`` files, opened by it, and a thread that writes "0" there moves itself (with v2 the
+    host has moved this process already).  An error ends the zygote, so the jail, before anything is
+    forked; the host also checks that it is in them before it sends a program."""
+    try:
+        if len(fds) != CONFIG.get("enter_cgroups", 0):
+            raise RuntimeError(f"the config came with {len(fds)} file descriptors, not {CONFIG.get('enter_cgroups')}")
+        for fd in fds:
+            os.write(fd, b"0")
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def _add_site_dirs(paths: list[str]) -> None:
     """What site.main() would add -- the host computed it (site directories and the plain path lines
     of their .pth files, in order; never the executable ``import`` lines)."""
@@ -247,7 +262,8 @@ def main() -> None:
     for fd in (0, 1):  # the control socket is only ever used through ``ctl``
         os.dup2(devnull, fd)
     os.close(devnull)
-    CONFIG, _ = proto.recv(ctl)
+    CONFIG, fds = proto.recv(ctl)
+    _enter_cgroups(fds)  # first: nothing is forked here before
     # What this process sees before anything else runs here: the host checks that it is a jail
     # (its own pid namespace, none of the host's files) before it sends a program.
     sees = {"root": sorted(os.listdir("/")), "etc_passwd": os.path.exists("/etc/passwd")}

@@ -3,12 +3,11 @@ runs only when asked for by name."""
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 
-from .._errors import BackendUnavailable
-from ._base import Backend
+from .._errors import BackendUnavailable, warn
+from ._base import Backend, refusal
 from ._nsjail import NsjailBackend
 from ._process import ProcessBackend
 
@@ -17,7 +16,6 @@ __all__ = ["Backend", "get_backend", "refusal", "pidfd_support", "BACKENDS", "BA
 BACKENDS = ("auto", "nsjail", "process")
 _lock = threading.Lock()
 _cache: dict[str, Backend] = {}
-log = logging.getLogger("jailcell")
 
 
 def pidfd_support() -> tuple[bool, str]:
@@ -39,11 +37,6 @@ def pidfd_support() -> tuple[bool, str]:
 
 UNSAFE_ROOT_ENV = "JAILCELL_UNSAFE_PROCESS_AS_ROOT"
 BACKEND_ENV = "JAILCELL_BACKEND"
-
-
-def refusal(why: str) -> str:
-    """The words for "this jail cannot be built here": the cause, the fix, and that nothing ran."""
-    return f"cannot run programs jailed: {why}. Nothing was run. `jailcell check` shows what works on this machine."
 
 
 def get_backend(name: str | None = None) -> Backend:
@@ -74,7 +67,7 @@ def get_backend(name: str | None = None) -> Backend:
                     "(`jailcell check` says what it needs), or run jailcell as an unprivileged user; if you "
                     f"really mean it, set {UNSAFE_ROOT_ENV}=1 as well")
             backend: Backend = ProcessBackend()
-            log.warning("jailcell: the process backend gives NO isolation: programs can read this user's files "
+            warn("jailcell: the process backend gives NO isolation: programs can read this user's files "
                         "and use the network (asked for by name)")
         else:
             try:  # each jail is checked from inside as it starts (Backend.verify), before any program

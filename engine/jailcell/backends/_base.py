@@ -36,6 +36,11 @@ BASE_ENV = {
 }
 
 
+def refusal(why: str) -> str:
+    """The words for "this jail cannot be built here": the cause, the fix, and that nothing ran."""
+    return f"cannot run programs jailed: {why}. Nothing was run. `jailcell check` shows what works on this machine."
+
+
 @dataclass
 class Spawned:
     """A started zygote process and what the backend set up for it."""
@@ -43,6 +48,11 @@ class Spawned:
     proc: subprocess.Popen
     config: dict[str, Any]
     cleanup: dict[str, Any] = field(default_factory=dict)
+    config_fds: list[int] = field(default_factory=list)  # sent with the config, then closed here
+
+    def close_config_fds(self) -> None:
+        while self.config_fds:
+            os.close(self.config_fds.pop())
 
 
 class Backend:
@@ -146,7 +156,16 @@ def zygote_argv(python: str, script: str) -> list[str]:
 def ensure_bytecode() -> None:
     """Compile the in-jail modules once (a wheel install already did; an editable checkout may
     not have), so every jail imports them from bytecode.  Best effort: a read-only install
-    without bytecode still works, only slower to start."""
+    without bytecode still works, only slower to start.  Bytecode newer than every source is
+    taken as it is, without importing compileall (~1.5 ms of every `jailcell run`)."""
+    import importlib.util
+
+    try:
+        sources = [e for e in os.scandir(JAIL_SRC) if e.name.endswith(".py")]
+        if all(os.stat(importlib.util.cache_from_source(e.path)).st_mtime_ns >= e.stat().st_mtime_ns for e in sources):
+            return
+    except OSError:
+        pass
     import compileall
 
     try:

@@ -26,6 +26,7 @@ from ._base import (
     Backend,
     Spawned,
     preload_allowance,
+    refusal,
     slim_image,
     zygote_argv,
 )
@@ -237,21 +238,30 @@ class NsjailBackend(Backend):
         pids = lim.pids + 3 + (SLIM_PROCESSES if slim_image(policy, session) else 0)  # zygote + spare (or head) +
         # the cell's own main thread (+ the slim nursery's processes)
         dirs: CgroupDirs | None = None
-        if self.cgroups.version:  # the zygote enters them as it starts (admit)
+        entry_fds: list[int] = []
+        if self.cgroups.version:  # the zygote enters them before it forks anything (admit, entry_fds)
             dirs = self.cgroups.create(allowance, pids)
+            try:
+                entry_fds = self.cgroups.entry_fds(dirs)
+            except OSError:
+                self.cgroups.remove(dirs)
+                raise
         workspace = workspace_path()
         argv = NsjailCommand(self.path, policy, self.as_root, dirs is not None, workspace=workspace,
                              session=session).argv()
         config = self.zygote_config(policy, session=session, workspace=workspace, tmp=TMP,
                                     pid_namespace=True, rlimit_as=dirs is None)
+        config["enter_cgroups"] = len(entry_fds)
         try:
             proc = subprocess.Popen(argv, stdin=channel, stdout=channel, stderr=stderr,
                                     env={}, close_fds=True, start_new_session=True)
         except OSError as exc:
+            for fd in entry_fds:
+                os.close(fd)
             if dirs is not None:
                 self.cgroups.remove(dirs)
             raise BackendUnavailable(f"cannot start nsjail ({self.path}): {exc}") from None
-        return Spawned(proc, config, {"cgroups": dirs})
+        return Spawned(proc, config, {"cgroups": dirs}, config_fds=entry_fds)
 
     def admit(self, spawned: Spawned, pid: int) -> None:
         dirs = spawned.cleanup.get("cgroups")
@@ -268,7 +278,9 @@ class NsjailBackend(Backend):
         if ancestor != spawned.proc.pid:
             raise OSError(f"the process that said hello (host pid {pid}) is not one the nsjail started here "
                           f"(pid {spawned.proc.pid}) started")
-        self.cgroups.enter(dirs, pid)
+        spawned.cleanup["zygote"] = pid
+        if not spawned.config_fds:  # cgroup v2: no move of its own (Cgroups.entry_fds), moved from here
+            self.cgroups.enter(dirs, pid)
 
     def verify(self, ready: dict[str, Any]) -> str | None:
         sees = ready.get("sees")
@@ -290,6 +302,10 @@ class NsjailBackend(Backend):
         dirs = spawned.cleanup.get("cgroups")
         if dirs is None:
             return
+        zygote = spawned.cleanup.get("zygote")
+        if zygote is None or not self.cgroups.holds(dirs, zygote):  # whoever moved it: it must be there
+            raise BackendUnavailable(refusal(f"the jail's first process (host pid {zygote}) is not in its cgroups "
+                                             f"({', '.join(map(str, dirs.all()))})"))
         baseline = self.cgroups.usage(dirs)
         spawned.cleanup["baseline"] = baseline
         self.cgroups.set_memory(dirs, baseline + policy.limits.memory_mib * MIB)
