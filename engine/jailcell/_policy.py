@@ -77,6 +77,8 @@ def builtin_policy_names() -> list[str]:
 
 @dataclass(frozen=True)
 class Limits:
+    """A policy's resource limits (the ``[limits]`` table)."""
+
     wall_s: float = 30.0
     cpu_s: float | None = None
     memory_mib: int = 512
@@ -110,6 +112,8 @@ _LIMIT_RULES: dict[str, tuple[type, float, float, str]] = {
 
 @dataclass(frozen=True)
 class Imports:
+    """A policy's import rules (the ``[imports]`` table): module patterns allowed and denied."""
+
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
 

@@ -5,7 +5,7 @@ the same methods in worker threads, with a cancel token that really stops the ru
 
 from __future__ import annotations
 
-import base64
+import binascii  # not base64.py, which costs every `jailcell run` ~0.9 ms
 import os
 import threading
 import time
@@ -219,7 +219,7 @@ class Session:
         req = self._engine.run_request(code, timeout, files)
         # Files of a session run are uploaded into the session's workspace first.
         for name, b64 in req.files.items():
-            self._upload(name, base64.b64decode(b64))
+            self._upload(name, binascii.a2b_base64(b64))
         req = req.without_files()
         with self._shared.lock:
             try:
@@ -244,7 +244,7 @@ class Session:
         link), SandboxClosed, or JailError when the session is lost."""
         check_file_name(name)
         payload = _check_files({name: data}, self._engine.policy)[name]
-        self._upload(name, base64.b64decode(payload))
+        self._upload(name, binascii.a2b_base64(payload))
 
     def _upload(self, name: str, raw: bytes) -> None:
         """In chunks of FILE_CHUNK bytes: a file as large as the policy allows never makes one
@@ -254,7 +254,7 @@ class Session:
         while True:
             chunk = view[offset:offset + FILE_CHUNK]
             self._call({"op": "upload", "name": name, "offset": offset,
-                        "data": base64.b64encode(chunk).decode("ascii")})
+                        "data": binascii.b2a_base64(chunk, newline=False).decode("ascii")})
             offset += len(chunk)
             if offset >= len(raw):
                 return
@@ -269,7 +269,7 @@ class Session:
         while True:
             reply = self._call({"op": "download", "name": name, "limit": limit, "offset": offset,
                                 "length": FILE_CHUNK})
-            data = base64.b64decode(reply.get("data", ""))
+            data = binascii.a2b_base64(reply.get("data", ""))
             size = reply.get("size")
             if not isinstance(size, int) or size > limit or offset + len(data) > size:
                 raise JailError(f"the jail answered a download of {name!r} with a wrong size")

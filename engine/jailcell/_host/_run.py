@@ -14,6 +14,8 @@ from .._result import Status
 
 @dataclass(frozen=True)
 class RunRequest:
+    """One run, as the engine checked it: what the cell gets (``frame``)."""
+
     code: str
     timeout: float                      # wall-clock seconds
     cpu_s: float                        # CPU seconds

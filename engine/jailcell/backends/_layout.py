@@ -66,6 +66,8 @@ def broad_dirs() -> frozenset[str]:
 
 @dataclass(frozen=True)
 class PythonLayout:
+    """What of the host's Python installation a jail binds, and the sys.path its zygote builds."""
+
     python: str                  # the interpreter binary the jail executes (real path)
     version: str
     mounts: tuple[str, ...]      # read-only binds, outermost first (the stdlib, site dirs, .pth dirs)
@@ -76,12 +78,12 @@ class PythonLayout:
         return f"Python {self.version} at {self.python} ({sys.executable} on the host)"
 
 
-def _site_dirs() -> list[str]:
+def _site_dirs(paths: dict[str, str]) -> list[str]:
     """The host's site directories, venv-aware (``--system-site-packages`` included), plus the user
-    site when this interpreter uses it (``pip install --user``)."""
+    site when this interpreter uses it (``pip install --user``).  ``paths``: sysconfig's."""
     dirs = list(site.getsitepackages())
-    dirs += sysconfig.get_paths().get("purelib", "").split(os.pathsep)
-    dirs += sysconfig.get_paths().get("platlib", "").split(os.pathsep)
+    dirs += paths.get("purelib", "").split(os.pathsep)
+    dirs += paths.get("platlib", "").split(os.pathsep)
     if site.ENABLE_USER_SITE:
         dirs.append(site.getusersitepackages())
     return [d for d in dict.fromkeys(dirs) if d and os.path.isdir(d)]
@@ -129,12 +131,13 @@ def python_layout() -> PythonLayout:
     for prefix in (sys.base_prefix, sys.base_exec_prefix, sys.prefix, sys.exec_prefix):
         if _real(prefix) not in broad:
             wanted.append(prefix)
+    paths = sysconfig.get_paths()
     for key in ("stdlib", "platstdlib"):
-        wanted.append(sysconfig.get_paths()[key])
+        wanted.append(paths[key])
     wanted.append(python)
     own = _own_source_root()
     sys_path: list[str] = []  # site.py's order: a site directory, then what its .pth files name
-    for d in _site_dirs():
+    for d in _site_dirs(paths):
         sys_path.append(d)
         sys_path += [extra for extra in pth_dirs(d) if not (own and _real(extra) == _real(own))]
     wanted += sys_path

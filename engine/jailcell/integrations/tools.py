@@ -80,6 +80,8 @@ def tool_definition(kind: str = "chat") -> dict[str, Any]:
 
 @dataclass
 class ExecutedCall:
+    """One code-interpreter call a tool loop made: its id, the code and the Result."""
+
     id: str
     code: str
     result: Result
