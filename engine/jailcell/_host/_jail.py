@@ -209,6 +209,7 @@ class Jail:
             child.close()
         self._spawned = spawned
         try:
+            _control.start()
             deadline = time.monotonic() + START_TIMEOUT_S
             pid = read_hello(host, deadline, self._continue_stopped, STOPPED_CHECK_S)
             if pid is None:

@@ -38,7 +38,8 @@ class Teardown:
         """From now on, each closed jail is ended by a detached child process of its own instead of
         this process's thread, so a short-lived command (``jailcell run``) exits without waiting for
         the jail's teardown; the child still waits for the jail to end and removes its cgroups and
-        temp dirs, so nothing is left behind."""
+        temp dirs, so nothing is left behind.  For a process that ends right after: its children
+        (that child, the jail's first process) are then reaped by init, not by threads of its own."""
         self._detached = True
 
     def add(self, backend: Backend, spawned: Spawned) -> None:
@@ -109,9 +110,7 @@ def _end_detached(backend: Backend, spawned: Spawned) -> bool:
         return False
     if pid:
         os.close(pidfd)
-        proc.returncode = 0  # reaped below (or, once this process is gone, by init): never waited for
-        for waited in (pid, proc.pid):  # reaped here while this process lives: no zombies
-            threading.Thread(target=_reap, args=(waited,), daemon=True).start()
+        proc.returncode = 0  # reaped by init once this process is gone (detach's contract): never waited for
         return True
     try:  # the child: only plain calls until the backend's teardown (other threads' locks may be held)
         os.setsid()
@@ -136,13 +135,6 @@ def _end_detached(backend: Backend, spawned: Spawned) -> bool:
         end(backend, spawned, exited)
     finally:
         os._exit(0)
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
 
 
 teardown = Teardown()
