@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     from ._jail import Jail
 
 
-
 class ControlLoop:
     """One daemon thread that reads every jail's control channel as messages arrive, so what the
     zygote sends after a run (its sweep, the next spare) is taken in while the caller is busy
@@ -87,7 +86,7 @@ class ControlLoop:
                     alive = jail is not None and jail.on_readable()
                 except Exception as exc:  # noqa: BLE001 - one jail's failure never stops the others'
                     warn("jailcell: a jail's control channel failed (%s: %s); that jail is replaced",
-                                type(exc).__name__, exc)
+                         type(exc).__name__, exc)
                     if jail is not None:
                         jail.mark_broken(f"its control channel failed ({type(exc).__name__}: {exc})")
                     alive = False

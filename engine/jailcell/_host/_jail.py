@@ -90,10 +90,6 @@ class HeadLost(JailError):
     """A session's state is gone (a program killed the process that held it)."""
 
 
-
-
-
-
 def _start_failure(backend: str, exc: BaseException, jail_log: str) -> str:
     """Why a jail did not start, and what to do about it."""
     if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
@@ -120,8 +116,8 @@ def _warn_missing_preload(policy: Policy, ready: dict[str, Any]) -> None:
     _preload_warned.add(key)
     names = ", ".join(sorted(map(str, failed)))
     warn("jailcell: policy %r preloads %s, which cannot be imported here (programs that import them get "
-                "ModuleNotFoundError); for numpy, pandas and matplotlib: pip install \"jailcell[datascience]\"",
-                policy.name, names)
+         "ModuleNotFoundError); for numpy, pandas and matplotlib: pip install \"jailcell[datascience]\"",
+         policy.name, names)
 
 
 LOG_CAP, LOG_KEEP = 1 << 20, 64 << 10  # a jail's log file: trimmed to its tail past this size

@@ -68,7 +68,7 @@ def get_backend(name: str | None = None) -> Backend:
                     f"really mean it, set {UNSAFE_ROOT_ENV}=1 as well")
             backend: Backend = ProcessBackend()
             warn("jailcell: the process backend gives NO isolation: programs can read this user's files "
-                        "and use the network (asked for by name)")
+                 "and use the network (asked for by name)")
         else:
             try:  # each jail is checked from inside as it starts (Backend.verify), before any program
                 backend = NsjailBackend()

@@ -96,7 +96,6 @@ def ro_mounts() -> tuple[str, ...]:
     return tuple(outermost([*SYSTEM_RO, *python_layout().mounts]))
 
 
-@functools.lru_cache(maxsize=1)
 def parent_pid(pid: int) -> int | None:
     """Process ``pid``'s parent (None when it is gone)."""
     try:
@@ -107,6 +106,7 @@ def parent_pid(pid: int) -> int | None:
         return None
 
 
+@functools.lru_cache(maxsize=1)
 def workspace_path() -> str:
     for path in WORKSPACE_CHOICES:
         if not any(overlaps(path, m) for m in ro_mounts()):
