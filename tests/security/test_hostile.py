@@ -184,6 +184,60 @@ def test_every_process_of_the_jail_is_born_in_its_cgroups(open_sandbox):
         assert any(line.endswith("/" + d.name) for line in r.stdout.splitlines()), r.stdout  # a program's child
 
 
+def test_a_zygote_moved_by_the_host_is_in_its_cgroups_before_it_forks(monkeypatch):
+    """cgroup v2 has no move of one's own: there the host moves the zygote (its HELLO's sender) before
+    its config.  That path, taken on this machine's cgroups: the jail's processes, and a fork bomb's,
+    are in them, and the pids limit holds."""
+    from jailcell.backends import get_backend
+
+    from ..conftest import OPEN_POLICY
+
+    backend = get_backend("nsjail")
+    if backend.cgroups.version is None:
+        pytest.skip("no cgroups on this machine (jailcell check says why)")
+    monkeypatch.setattr(backend.cgroups, "entry_fds", lambda dirs: [])  # as v2: no tasks files to move by
+    with Sandbox(OPEN_POLICY, timeout=5, memory=256) as sb:
+        assert sb.run("print(1)").stdout == "1\n"
+        jail = sb._jail
+        assert not jail._spawned.config["enter_cgroups"]
+        dirs = jail._spawned.cleanup["cgroups"]
+        inside = _descendants(jail.pid)
+        for d in dirs.all():
+            procs = {int(p) for p in (d / "cgroup.procs").read_text().split()}
+            assert inside and inside <= procs and jail.pid not in procs, (d, inside, procs)
+        r = sb.run("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+                   timeout=3)
+        assert r.status in ("timeout", "killed")
+        assert sb.run("print('alive')").stdout == "alive\n"
+
+
+def test_cgroup_v2_moves_a_process_into_a_leaf(tmp_path):
+    """The v2 host move (Cgroups.enter, cgroup.procs) on this machine's cgroup2 hierarchy, which has no
+    controllers here (hybrid): the move itself, and holds(), on a real cgroup2 file system."""
+    import subprocess
+
+    from jailcell.backends._cgroups import CgroupDirs, Cgroups
+
+    unified = Path("/sys/fs/cgroup/unified")
+    if not (unified / "cgroup.procs").exists() or os.geteuid() != 0:
+        pytest.skip("no separate cgroup2 hierarchy to try it on (on a v2 machine, every jail takes this path)")
+    leaf = unified / f"jailcell-test-{os.getpid()}"
+    leaf.mkdir()
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        cgroups = Cgroups("v2", unified, unified, unified, "test")
+        dirs = CgroupDirs(leaf, leaf)
+        assert not cgroups.holds(dirs, proc.pid)
+        cgroups.enter(dirs, proc.pid)
+        assert cgroups.holds(dirs, proc.pid)
+        assert (leaf / "cgroup.procs").read_text().split() == [str(proc.pid)]
+    finally:
+        proc.kill()
+        proc.wait()
+        cgroups.remove(dirs)
+    assert not leaf.exists()
+
+
 def test_fd_exhaustion_contained(open_sandbox):
     r = open_sandbox.run("fs = []\nwhile True:\n    fs.append(open('/dev/null'))")
     assert r.status == "error" and r.error["type"] == "OSError" and "Too many open files" in r.error["message"]
