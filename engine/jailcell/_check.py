@@ -62,10 +62,13 @@ def gather() -> tuple[list[tuple[str, str, str]], bool]:
                          "Ubuntu AppArmor restriction is on: as non-root, nsjail needs "
                          "`sudo sysctl kernel.apparmor_restrict_unprivileged_userns=0` or an AppArmor profile"))
     cg = Cgroups.detect()
+    entry = {"v1": "; each jail's first process moves itself in (0.06 ms)",
+             "v2": "; jailcell moves each jail's first process in while it starts (a move waits 6-22 ms for the "
+                   "kernel)"}.get(cg.version or "", "")
     rows.append(_row("cgroup v1 (memory, pids)", cg.version == "v1" if cg.version != "v2" else None,
-                     cg.reason if cg.version != "v2" else "v2 in use"))
+                     cg.reason + entry if cg.version != "v2" else "v2 in use"))
     rows.append(_row("cgroup v2 (memory, pids)", cg.version == "v2" if cg.version != "v1" else None,
-                     cg.reason if cg.version != "v1" else "v1 in use"))
+                     cg.reason + entry if cg.version != "v1" else "v1 in use"))
     rows.append(_row("memory limit", True, "cgroup memory (no swap), OOM kills the cell not the jail" if cg.version
                      else "RLIMIT_AS per cell (no cgroup: " + cg.reason + ")"))
     rows.append(_row("process limit", True, "cgroup pids" if cg.version else "RLIMIT_NPROC (no cgroup)"))
