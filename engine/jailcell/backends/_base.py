@@ -142,6 +142,11 @@ def slim_image(policy: Policy, session: bool) -> bool:
 SLIM_PROCESSES = 3  # the slim nursery and its two spares
 
 
+def slim_processes(policy: Policy, session: bool) -> int:
+    """The processes a jail's slim nursery adds to its process limits (0 without one)."""
+    return SLIM_PROCESSES if slim_image(policy, session) else 0
+
+
 def zygote_argv(python: str, script: str) -> list[str]:
     # -S: no site.main(), so installed packages' .pth *import hooks* do not run at every start
     # (57 ms here); the zygote adds site-packages and the plain path lines of .pth files itself.

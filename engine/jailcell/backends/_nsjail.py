@@ -22,12 +22,11 @@ from .._policy import MIB, Policy
 from ._base import (
     JAIL_SRC,
     JAIL_SRC_MOUNT,
-    SLIM_PROCESSES,
     Backend,
     Spawned,
     preload_allowance,
     refusal,
-    slim_image,
+    slim_processes,
     zygote_argv,
 )
 from ._cgroups import CgroupDirs, Cgroups
@@ -198,7 +197,7 @@ class NsjailCommand:
             "--rlimit_fsize", str(lim.file_size_mib), "--rlimit_nofile", str(lim.open_files),
             "--rlimit_stack", "8",
             "--rlimit_nproc", "soft" if self.cgroups else
-            str(lim.pids + 4 + (SLIM_PROCESSES if slim_image(self.policy, self.session) else 0)),
+            str(lim.pids + 4 + slim_processes(self.policy, self.session)),
         ]
         args += ["--seccomp_string", SECCOMP_POLICY]
         for key, value in Backend.env(self.policy, tmp=TMP, home=self.workspace).items():
@@ -235,7 +234,7 @@ class NsjailBackend(Backend):
     def spawn(self, policy: Policy, *, session: bool, stderr: Any, channel: int) -> Spawned:
         lim = policy.limits
         allowance = preload_allowance(policy)
-        pids = lim.pids + 3 + (SLIM_PROCESSES if slim_image(policy, session) else 0)  # zygote + spare (or head) +
+        pids = lim.pids + 3 + slim_processes(policy, session)  # zygote + spare (or head) +
         # the cell's own main thread (+ the slim nursery's processes)
         dirs: CgroupDirs | None = None
         entry_fds: list[int] = []
@@ -290,9 +289,7 @@ class NsjailBackend(Backend):
             why = not_isolated(ready.get("pid", 0), list(sees.get("root", [])), bool(sees.get("etc_passwd")))
         except TypeError:
             why = f"it said {sees!r:.300}"
-        if why is None:
-            return None
-        return f"the jail built by nsjail ({self.path}) is not isolated ({why}); refusing to run programs in it"
+        return None if why is None else not_isolated_refusal(self.path, why)
 
     def start_failure(self, jail_log: str) -> str | None:
         said = any(line.startswith(NSJAIL_TROUBLE) for line in jail_log.splitlines())  # --quiet: only trouble
@@ -355,6 +352,11 @@ def not_isolated(pid: int, root: list[str], etc_passwd: bool) -> str | None:
     return f"pid {pid}, /etc/passwd {'present' if etc_passwd else 'absent'}, / holds {sorted(root)[:20]}"
 
 
+def not_isolated_refusal(nsjail: str, why: str) -> str:
+    """The refusal of a jail that ``not_isolated`` judged (the probe's, or a zygote's at its start)."""
+    return f"the jail built by nsjail ({nsjail}) is not isolated ({why}); refusing to run programs in it"
+
+
 # What the probe reports from inside: the same look a zygote takes at every jail start.
 PROBE = ("import json, os; print(json.dumps([os.getpid(), sorted(os.listdir('/')), "
          "os.path.exists('/etc/passwd')]))")
@@ -398,7 +400,7 @@ def _probe() -> tuple[bool, str]:
         why = f"the probe said {stdout[-300:]!r}"
     if why is None:
         return True, f"nsjail builds an isolated jail for {layout.describe()}"
-    return False, f"the jail built by nsjail ({backend.path}) is not isolated ({why}); refusing to run programs in it"
+    return False, not_isolated_refusal(backend.path, why)
 
 
 NSJAIL_TROUBLE = ("[W]", "[E]", "[F]")  # how nsjail starts its warning, error and fatal lines

@@ -16,7 +16,7 @@ import tempfile
 from typing import Any
 
 from .._policy import MIB, Policy
-from ._base import JAIL_SRC, SLIM_PROCESSES, Backend, Spawned, slim_image, zygote_argv
+from ._base import JAIL_SRC, Backend, Spawned, slim_processes, zygote_argv
 from ._layout import python_layout
 
 
@@ -42,7 +42,7 @@ class ProcessBackend(Backend):
         workspace, tmp = os.path.join(root, "work"), os.path.join(root, "tmp")
         os.mkdir(workspace, 0o700)
         os.mkdir(tmp, 0o700)
-        nproc = _count_user_processes() + lim.pids + 4 + (SLIM_PROCESSES if slim_image(policy, session) else 0)
+        nproc = _count_user_processes() + lim.pids + 4 + slim_processes(policy, session)
 
         def limits() -> None:  # runs in the child before exec
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
