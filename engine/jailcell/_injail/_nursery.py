@@ -140,10 +140,11 @@ def _nursery_child(sock: socket, before=None) -> None:
         os._exit(0)
 
 
-def start_slim_nursery(finish_image) -> tuple[int, socket] | None:
-    """Fork the slim nursery from the zygote as it is now (before its heavy preloads): it finishes
-    its own image (``finish_image``) and forks spare cells from it.  Returns (pid, the zygote's end
-    of its channel), or None if it could not be forked (then every program gets a full cell)."""
+def fork_nursery(before=None) -> tuple[int, socket] | None:
+    """Fork a nursery from the zygote as it is now; it runs ``before()`` first (the slim nursery,
+    forked before the heavy preloads, finishes its own image so) and then forks spare cells.
+    Returns (pid, the zygote's end of its channel), or None if it could not be forked (e.g. the pids
+    limit, while a program fills it)."""
     parent, child = proto.socketpair()
     try:
         pid = os.fork()
@@ -153,7 +154,7 @@ def start_slim_nursery(finish_image) -> tuple[int, socket] | None:
         return None
     if pid == 0:
         parent.close()
-        _nursery_child(child, finish_image)
+        _nursery_child(child, before)
     child.close()
     return pid, parent
 
@@ -188,19 +189,11 @@ class Stateless:
         return [n for n in (self.full, self.slim) if n is not None]
 
     def _start_nursery(self) -> None:
-        parent, child = proto.socketpair()
-        try:
-            pid = os.fork()
-        except OSError:  # e.g. the pids limit, while a program fills it: try again shortly
-            parent.close()
-            child.close()
+        forked = fork_nursery()
+        if forked is None:  # try again shortly
             self.restart_at = time.monotonic() + NURSERY_RETRY_S
             return
-        if pid == 0:
-            parent.close()
-            _nursery_child(child)
-        child.close()
-        self.full, self.restart_at = Nursery(pid, parent, slim=False), None
+        self.full, self.restart_at = Nursery(*forked, slim=False), None
 
     def _lose(self, nursery: Nursery) -> None:
         """A nursery is gone (a program killed it).  Its spares are orphans now; the sweep after the

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _cell as cell  # noqa: E402  (what runs inside a cell)
 import _guard as guard  # noqa: E402  (the import policy)
 import _protocol as proto  # noqa: E402  (stdlib-only framing shared with the host)
-from _nursery import Stateless, start_slim_nursery  # noqa: E402
+from _nursery import Stateless, fork_nursery  # noqa: E402
 from _procs import kill_strays, log, reap_nohang  # noqa: E402
 from _sessions import HeadLost, Sessions  # noqa: E402
 from _spares import Channels  # noqa: E402
@@ -282,7 +282,7 @@ def main() -> None:
         # without their pages.
         preload = _preload(light)
         _preload([m for m in SLIM_PRELOAD if m not in light])
-        slim = start_slim_nursery(_finish_image)
+        slim = fork_nursery(_finish_image)  # None: every program gets a full cell
         more = _preload(heavy)
         preload = {"loaded": preload["loaded"] + more["loaded"], "failed": {**preload["failed"], **more["failed"]}}
     else:
