@@ -67,9 +67,14 @@ def peer_uid(sock: Any) -> int:
     return _CRED.unpack(sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _CRED.size))[1]
 
 
-def send_frame(sock: Any, obj: Any) -> None:
+def frame(obj: Any) -> bytes:
+    """One frame: the length, then the JSON (both sides, the client's and the daemon's)."""
     data = json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass")
-    sock.sendall(_LEN.pack(len(data)) + data)
+    return _LEN.pack(len(data)) + data
+
+
+def send_frame(sock: Any, obj: Any) -> None:
+    sock.sendall(frame(obj))
 
 
 def recv_frame(sock: Any) -> Any:
@@ -299,8 +304,7 @@ class _Daemon:
             else:
                 answer = await self._answer(json.loads(await reader.readexactly(size)), reader)
             if answer is not None:
-                data = json.dumps(answer, ensure_ascii=False).encode("utf-8", "surrogatepass")
-                writer.write(_LEN.pack(len(data)) + data)
+                writer.write(frame(answer))
                 await writer.drain()
         except (EOFError, ValueError, OSError, asyncio.IncompleteReadError):
             pass
@@ -308,7 +312,7 @@ class _Daemon:
             writer.close()
 
     async def _answer(self, req: Any, reader: Any) -> dict[str, Any] | None:
-        from ._errors import JailcellError
+        from ._errors import InputError, JailcellError, PolicyError
         from ._policy import looks_like_path
 
         op = req.get("op") if isinstance(req, dict) else None
@@ -344,7 +348,7 @@ class _Daemon:
             finally:
                 self.busy[key] -= 1
         except JailcellError as exc:
-            return _refusal("usage" if type(exc).__name__ in ("PolicyError", "InputError") else "jail", str(exc))
+            return _refusal("usage" if isinstance(exc, (PolicyError, InputError)) else "jail", str(exc))
         if result is None:
             return None
         self.served += 1
