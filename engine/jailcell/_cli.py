@@ -445,8 +445,6 @@ def _exit_now(code: int) -> NoReturn:
 
 def _run_here(args: argparse.Namespace, code: str, files: dict[str, bytes]) -> dict[str, Any]:
     """One run in a jail of this process's own."""
-    import dataclasses
-
     from ._host._teardown import teardown
     from ._policy import Policy
     from ._sandbox import Sandbox
@@ -454,7 +452,7 @@ def _run_here(args: argparse.Namespace, code: str, files: dict[str, bytes]) -> d
     policy = Policy.load(args.policy).with_overrides(timeout=args.timeout, memory=args.memory)
     # One run in a fresh jail: preloading the policy's modules would only pay for them ahead of
     # time, all of them, where the program imports just the ones it uses (same rules either way).
-    policy = dataclasses.replace(policy, preload=())
+    policy = policy.replace(preload=())
     teardown.detach()  # exit as soon as the result is out: a child of its own ends the jail
     with Sandbox(policy, backend=args.backend) as sandbox:
         return sandbox.run(code, files=files or None).to_dict()

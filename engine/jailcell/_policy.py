@@ -44,16 +44,15 @@ naming the file, the key and what is allowed.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ._errors import PolicyError
 from ._injail._protocol import blocked, matcher
+from ._values import Frozen
 
 __all__ = ["Policy", "Limits", "Imports", "builtin_policy_names", "policies_dir"]
 
@@ -75,20 +74,28 @@ def builtin_policy_names() -> list[str]:
     return sorted(p.stem for p in policies_dir().glob("*.toml"))
 
 
-@dataclass(frozen=True)
-class Limits:
-    """A policy's resource limits (the ``[limits]`` table)."""
+class Limits(Frozen):
+    """A policy's resource limits (the ``[limits]`` table).  Immutable; ``replace(**changes)`` derives one."""
 
-    wall_s: float = 30.0
-    cpu_s: float | None = None
-    memory_mib: int = 512
-    pids: int = 64
-    file_size_mib: int = 64
-    open_files: int = 256
-    output_bytes: int = 1024 * 1024
-    workspace_mib: int = 256
-    tmp_mib: int = 64
-    code_bytes: int = 4 * MIB
+    __slots__ = ("wall_s", "cpu_s", "memory_mib", "pids", "file_size_mib", "open_files", "output_bytes",
+                 "workspace_mib", "tmp_mib", "code_bytes")
+    wall_s: float
+    cpu_s: float | None
+    memory_mib: int
+    pids: int
+    file_size_mib: int
+    open_files: int
+    output_bytes: int
+    workspace_mib: int
+    tmp_mib: int
+    code_bytes: int
+
+    def __init__(self, wall_s: float = 30.0, cpu_s: float | None = None, memory_mib: int = 512, pids: int = 64,
+                 file_size_mib: int = 64, open_files: int = 256, output_bytes: int = 1024 * 1024,
+                 workspace_mib: int = 256, tmp_mib: int = 64, code_bytes: int = 4 * MIB) -> None:
+        self._set(wall_s=wall_s, cpu_s=cpu_s, memory_mib=memory_mib, pids=pids, file_size_mib=file_size_mib,
+                  open_files=open_files, output_bytes=output_bytes, workspace_mib=workspace_mib, tmp_mib=tmp_mib,
+                  code_bytes=code_bytes)
 
     @property
     def effective_cpu_s(self) -> float:
@@ -110,12 +117,15 @@ _LIMIT_RULES: dict[str, tuple[type, float, float, str]] = {
 }
 
 
-@dataclass(frozen=True)
-class Imports:
+class Imports(Frozen):
     """A policy's import rules (the ``[imports]`` table): module patterns allowed and denied."""
 
-    allow: tuple[str, ...] = ()
-    deny: tuple[str, ...] = ()
+    __slots__ = ("allow", "deny")
+    allow: tuple[str, ...]
+    deny: tuple[str, ...]
+
+    def __init__(self, allow: tuple[str, ...] = (), deny: tuple[str, ...] = ()) -> None:
+        self._set(allow=allow, deny=deny)
 
     def blocks(self, module: str) -> bool:
         """True if an import of ``module`` by user code is refused (the rule the jail applies:
@@ -135,19 +145,27 @@ _MODULE_RE = re.compile(r"^[A-Za-z_*?\[\]][A-Za-z0-9_.*?\[\]!-]*$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-@dataclass(frozen=True)
-class Policy:
-    """A validated policy.  Build with :meth:`Policy.load`; derive with :meth:`with_overrides`."""
+class Policy(Frozen):
+    """A validated policy.  Build with :meth:`Policy.load`; derive with :meth:`with_overrides` (or
+    ``replace(**changes)``).  Immutable."""
 
-    name: str = "custom"
-    description: str = ""
-    source: str = "<builtin>"
-    limits: Limits = field(default_factory=Limits)
-    network: bool = False
-    preload: tuple[str, ...] = ()
-    imports: Imports = field(default_factory=Imports)
-    code_mode: str = "python"
-    env: tuple[tuple[str, str], ...] = ()
+    __slots__ = ("name", "description", "source", "limits", "network", "preload", "imports", "code_mode", "env")
+    name: str
+    description: str
+    source: str
+    limits: Limits
+    network: bool
+    preload: tuple[str, ...]
+    imports: Imports
+    code_mode: str
+    env: tuple[tuple[str, str], ...]
+
+    def __init__(self, name: str = "custom", description: str = "", source: str = "<builtin>",
+                 limits: Limits | None = None, network: bool = False, preload: tuple[str, ...] = (),
+                 imports: Imports | None = None, code_mode: str = "python",
+                 env: tuple[tuple[str, str], ...] = ()) -> None:
+        self._set(name=name, description=description, source=source, limits=limits or Limits(), network=network,
+                  preload=preload, imports=imports or Imports(), code_mode=code_mode, env=env)
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -181,7 +199,7 @@ class Policy:
                 allowed = ", ".join(sorted([*_LIMIT_RULES, *aliases, "network"]))
                 raise PolicyError(f"unknown override {key!r}; allowed: {allowed}")
             limits[name] = _check_limit(f"override {key!r}", name, value)
-        return replace(self, limits=replace(self.limits, **limits), network=network)
+        return self.replace(limits=self.limits.replace(**limits), network=network)
 
     # -- views -----------------------------------------------------------------------------
 
@@ -190,7 +208,7 @@ class Policy:
             "name": self.name,
             "description": self.description,
             "source": self.source,
-            "limits": dataclasses.asdict(self.limits),
+            "limits": self.limits.as_dict(),
             "network": {"enabled": self.network},
             "preload": {"modules": list(self.preload)},
             "imports": {"allow": list(self.imports.allow), "deny": list(self.imports.deny)},

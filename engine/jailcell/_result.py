@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
+
+from ._values import Value
 
 __all__ = ["Result", "STATUSES", "Status"]
 
@@ -12,8 +13,7 @@ Status = Literal["ok", "error", "timeout", "memory_limit", "output_limit", "kill
 STATUSES: tuple[str, ...] = get_args(Status)
 
 
-@dataclass
-class Result:
+class Result(Value):
     """What happened when a program ran.
 
     ``status`` is one of :data:`STATUSES`:
@@ -27,24 +27,32 @@ class Result:
     - ``policy_violation``: the policy refused the code (a blocked import, restricted syntax).
     """
 
-    status: Status
-    stdout: str = ""
-    stderr: str = ""
-    result: str | None = None
-    error: dict[str, str] | None = None
-    outputs: list[dict[str, str]] = field(default_factory=list)
-    files: list[dict[str, Any]] = field(default_factory=list)
-    duration_s: float = 0.0
-    cpu_s: float = 0.0
-    peak_memory_bytes: int = 0
-    isolation: dict[str, Any] = field(default_factory=dict)
+    __slots__ = ("status", "stdout", "stderr", "result", "error", "outputs", "files", "duration_s", "cpu_s",
+                 "peak_memory_bytes", "isolation")
+
+    def __init__(self, status: Status, stdout: str = "", stderr: str = "", result: str | None = None,
+                 error: dict[str, str] | None = None, outputs: list[dict[str, str]] | None = None,
+                 files: list[dict[str, Any]] | None = None, duration_s: float = 0.0, cpu_s: float = 0.0,
+                 peak_memory_bytes: int = 0, isolation: dict[str, Any] | None = None) -> None:
+        self.status = status
+        self.stdout = stdout
+        self.stderr = stderr
+        self.result = result
+        self.error = error
+        self.outputs = outputs if outputs is not None else []
+        self.files = files if files is not None else []
+        self.duration_s = duration_s
+        self.cpu_s = cpu_s
+        self.peak_memory_bytes = peak_memory_bytes
+        self.isolation = isolation if isolation is not None else {}
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The JSON form: every field, its lists and dicts copied."""
+        return {name: _copied(value) for name, value in self.as_dict().items()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False)
@@ -59,6 +67,14 @@ class Result:
             bits.append(f"error={self.error.get('type')}: {_clip(self.error.get('message', ''))}")
         bits.append(f"duration_s={self.duration_s:.4f}")
         return f"Result({', '.join(bits)})"
+
+
+def _copied(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copied(v) for v in value]
+    return value
 
 
 def _clip(s: str, n: int = 60) -> str:

@@ -16,7 +16,7 @@ MAX_LINES = 600
 
 # Lower layers first; a module may import from its own layer and the ones before it.
 LAYERS = [
-    {"_injail", "_errors", "_result", "_threads"},
+    {"_injail", "_errors", "_values", "_result", "_threads"},
     {"_policy", "_bridge"},
     {"backends"},
     {"_host"},
@@ -125,3 +125,17 @@ def test_the_command_line_loads_nothing_of_the_engine_until_it_needs_it():
     ours = {m for m in loaded if m.startswith("jailcell.")}
     assert ours == {"jailcell._cli", "jailcell._daemon", "jailcell._errors"}, ours
     assert not heavy & loaded, heavy & loaded
+
+
+def test_a_run_without_a_daemon_imports_no_dataclasses_or_asyncio():
+    """`jailcell run` without a daemon imports the engine, but nothing that costs every call
+    milliseconds for what the run does not use: dataclasses (and the inspect it imports), asyncio,
+    logging.  The value classes are ``_values`` ones for this reason."""
+    import subprocess
+    import sys
+
+    script = ("import sys, jailcell._cli, jailcell._daemon, jailcell._policy, jailcell._sandbox, "
+              "jailcell._host._teardown; print(' '.join(sorted(sys.modules)))")
+    loaded = set(subprocess.run([sys.executable, "-S", "-c", script], capture_output=True, text=True, check=True,
+                                env={"PYTHONPATH": str(PKG.parent)}).stdout.split())
+    assert not {"dataclasses", "inspect", "asyncio", "logging", "importlib.metadata"} & loaded

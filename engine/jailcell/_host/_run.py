@@ -5,22 +5,26 @@ into a :class:`~jailcell.Result`; nothing in between reshapes dicts."""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .._result import Status
+from .._values import Frozen, Value
 
 
-@dataclass(frozen=True)
-class RunRequest:
+class RunRequest(Frozen):
     """One run, as the engine checked it: what the cell gets (``frame``)."""
 
+    __slots__ = ("code", "timeout", "cpu_s", "files", "functions")
     code: str
     timeout: float                      # wall-clock seconds
     cpu_s: float                        # CPU seconds
-    files: Mapping[str, str] = field(default_factory=dict)  # input files: name -> base64 (names checked)
-    functions: tuple[str, ...] = ()     # host functions the program may call
+    files: Mapping[str, str]            # input files: name -> base64 (names checked)
+    functions: tuple[str, ...]          # host functions the program may call
+
+    def __init__(self, code: str, timeout: float, cpu_s: float, files: Mapping[str, str] | None = None,
+                 functions: tuple[str, ...] = ()) -> None:
+        self._set(code=code, timeout=timeout, cpu_s=cpu_s, files=files if files is not None else {},
+                  functions=functions)
 
     def frame(self) -> dict[str, Any]:
         """The one request frame a cell reads (``_injail/_cell.serve``)."""
@@ -31,26 +35,33 @@ class RunRequest:
         return frame
 
     def without_files(self) -> RunRequest:
-        return dataclasses.replace(self, files={})
+        return self.replace(files={})
 
 
-@dataclass
-class Outcome:
+class Outcome(Value):
     """How a run ended, as the host decided it (``_supervisor.outcome``)."""
 
-    status: Status = "ok"
-    stdout: str = ""
-    stderr: str = ""
-    result: str | None = None
-    error: dict[str, Any] | None = None
-    outputs: list[dict[str, Any]] = field(default_factory=list)
-    files: list[dict[str, Any]] = field(default_factory=list)
-    duration_s: float = 0.0
-    cpu_s: float = 0.0
-    peak_memory_bytes: int = 0
-    signal: str | None = None           # the signal that ended the cell, if one did
-    exit_code: int | None = None
-    input_error: str | None = None      # the request's input files could not be written
+    __slots__ = ("status", "stdout", "stderr", "result", "error", "outputs", "files", "duration_s", "cpu_s",
+                 "peak_memory_bytes", "signal", "exit_code", "input_error")
+
+    def __init__(self, status: Status = "ok", stdout: str = "", stderr: str = "", result: str | None = None,
+                 error: dict[str, Any] | None = None, outputs: list[dict[str, Any]] | None = None,
+                 files: list[dict[str, Any]] | None = None, duration_s: float = 0.0, cpu_s: float = 0.0,
+                 peak_memory_bytes: int = 0, signal: str | None = None, exit_code: int | None = None,
+                 input_error: str | None = None) -> None:
+        self.status: Status = status
+        self.stdout = stdout
+        self.stderr = stderr
+        self.result = result
+        self.error = error
+        self.outputs = outputs if outputs is not None else []
+        self.files = files if files is not None else []
+        self.duration_s = duration_s
+        self.cpu_s = cpu_s
+        self.peak_memory_bytes = peak_memory_bytes
+        self.signal = signal                # the signal that ended the cell, if one did
+        self.exit_code = exit_code
+        self.input_error = input_error      # the request's input files could not be written
 
     def fail(self, status: Status, kind: str, message: str) -> Outcome:
         self.status, self.error = status, {"type": kind, "message": message, "traceback": ""}

@@ -17,7 +17,6 @@ import select
 import signal
 import struct
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from .._injail import _protocol as proto
@@ -202,18 +201,20 @@ def _clean_answer(answer: dict[str, Any]) -> dict[str, Any]:
 # watching a run
 # ------------------------------------------------------------------------------------------------
 
-@dataclass
 class Observed:
     """What the host saw of one run."""
 
-    finished: bool = False           # a complete report arrived (the cell is parked or holds state)
-    killed_for: str | None = None    # timeout | cpu | output | report | corrupt | bridge | interrupted
-    misuse: str = ""
-    report: bytes = b""
-    stdout: bytes = b""
-    stderr: bytes = b""
-    duration_s: float = 0.0
-    started: bool = True             # False: the spare was dead before it got the request
+    __slots__ = ("finished", "killed_for", "misuse", "report", "stdout", "stderr", "duration_s", "started")
+
+    def __init__(self) -> None:
+        self.finished = False                   # a complete report arrived (the cell is parked or holds state)
+        self.killed_for: str | None = None      # timeout | cpu | output | report | corrupt | bridge | interrupted
+        self.misuse = ""
+        self.report = b""
+        self.stdout = b""
+        self.stderr = b""
+        self.duration_s = 0.0
+        self.started = True                     # False: the spare was dead before it got the request
 
 
 def _send_request(spare: Spare, data: bytes, deadline: float) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +40,15 @@ def refusal(why: str) -> str:
     return f"cannot run programs jailed: {why}. Nothing was run. `jailcell check` shows what works on this machine."
 
 
-@dataclass
 class Spawned:
     """A started zygote process and what the backend set up for it."""
 
-    proc: subprocess.Popen
-    config: dict[str, Any]
-    cleanup: dict[str, Any] = field(default_factory=dict)
-    config_fds: list[int] = field(default_factory=list)  # sent with the config, then closed here
+    def __init__(self, proc: subprocess.Popen, config: dict[str, Any], cleanup: dict[str, Any] | None = None,
+                 config_fds: list[int] | None = None) -> None:
+        self.proc = proc
+        self.config = config
+        self.cleanup = cleanup if cleanup is not None else {}
+        self.config_fds = config_fds if config_fds is not None else []  # sent with the config, then closed here
 
     def close_config_fds(self) -> None:
         while self.config_fds:

@@ -19,7 +19,6 @@ import itertools
 import os
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT_NAME = "jailcell"
@@ -50,12 +49,17 @@ def _read(path: Path) -> str:
         return f.read()
 
 
-@dataclass
 class CgroupDirs:
     """The directories of one jail (v1: memory + pids; v2: one unified directory)."""
 
-    memory: Path
-    pids: Path
+    __slots__ = ("memory", "pids")
+
+    def __init__(self, memory: Path, pids: Path) -> None:
+        self.memory = memory
+        self.pids = pids
+
+    def __repr__(self) -> str:
+        return f"CgroupDirs(memory={str(self.memory)!r}, pids={str(self.pids)!r})"
 
     def all(self) -> list[Path]:
         return list(dict.fromkeys([self.memory, self.pids]))

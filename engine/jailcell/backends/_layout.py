@@ -25,8 +25,9 @@ import os
 import site
 import sys
 import sysconfig
-from dataclasses import dataclass
 from pathlib import Path
+
+from .._values import Frozen
 
 # Directories that hold much more than a Python installation: bound only through narrower paths.
 BROAD = frozenset({
@@ -64,15 +65,19 @@ def broad_dirs() -> frozenset[str]:
     return BROAD | ({_real(home)} if home.startswith("/") else set())
 
 
-@dataclass(frozen=True)
-class PythonLayout:
+class PythonLayout(Frozen):
     """What of the host's Python installation a jail binds, and the sys.path its zygote builds."""
 
+    __slots__ = ("python", "version", "mounts", "sys_path", "skipped")
     python: str                  # the interpreter binary the jail executes (real path)
     version: str
     mounts: tuple[str, ...]      # read-only binds, outermost first (the stdlib, site dirs, .pth dirs)
     sys_path: tuple[str, ...]    # what the zygote adds to sys.path: site dirs, each followed by its .pth dirs
     skipped: tuple[str, ...]     # paths the host's Python uses that are not bound, and why
+
+    def __init__(self, python: str, version: str, mounts: tuple[str, ...], sys_path: tuple[str, ...],
+                 skipped: tuple[str, ...]) -> None:
+        self._set(python=python, version=version, mounts=mounts, sys_path=sys_path, skipped=skipped)
 
     def describe(self) -> str:
         return f"Python {self.version} at {self.python} ({sys.executable} on the host)"

@@ -13,7 +13,6 @@ import re
 import shutil
 import stat
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,17 +145,18 @@ def unreadable_for_jail(paths: tuple[str, ...], as_root: bool) -> list[str]:
 THP_DIR = "/sys/kernel/mm/transparent_hugepage"
 
 
-@dataclass
 class NsjailCommand:
     """Policy -> nsjail argv.  Pure: no side effects, easy to read and to test."""
 
-    nsjail: str
-    policy: Policy
-    as_root: bool
-    cgroups: bool  # the jail's processes are in cgroups of jailcell's (their pids limit is there)
-    python: str = ""
-    workspace: str = "/work"
-    session: bool = False
+    def __init__(self, nsjail: str, policy: Policy, as_root: bool, cgroups: bool, python: str = "",
+                 workspace: str = "/work", session: bool = False) -> None:
+        self.nsjail = nsjail
+        self.policy = policy
+        self.as_root = as_root
+        self.cgroups = cgroups  # the jail's processes are in cgroups of jailcell's (their pids limit is there)
+        self.python = python
+        self.workspace = workspace
+        self.session = session
 
     def argv(self) -> list[str]:
         lim = self.policy.limits
