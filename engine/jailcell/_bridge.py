@@ -10,11 +10,11 @@ passed while a host function ran is stopped when the function returns).
 
 from __future__ import annotations
 
-import json
 import keyword
 from typing import Any, Callable, Mapping
 
 from ._errors import InputError
+from ._injail import _protocol as proto
 
 MAX_VALUE_BYTES = 8 * 1024 * 1024 - 4096  # what fits in a call-result frame the cell accepts
 
@@ -62,7 +62,7 @@ class HostFunctions:
             message = str(exc.args[0]) if isinstance(exc, KeyError) and len(exc.args) == 1 else str(exc)
             return _error(type(exc).__name__, message)
         try:
-            size = len(json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+            size = len(proto.encode(value)) - proto.HEADER.size  # as the answer's frame will carry it
         except (TypeError, ValueError) as exc:
             return _error("TypeError", f"host function {name}() returned a {type(value).__name__}, which is not a "
                                        f"JSON value ({exc})")

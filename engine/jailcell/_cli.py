@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -461,6 +460,8 @@ def _run_here(args: argparse.Namespace, code: str, files: dict[str, bytes]) -> d
 def _print_result(result: dict[str, Any], as_json: bool) -> None:
     """The program's output as it printed it (or the Result as one JSON object)."""
     if as_json:
+        import json  # only here: a run without --json never needs it
+
         sys.stdout.write(json.dumps(result, ensure_ascii=False) + "\n")
         return
     sys.stdout.write(result["stdout"])
@@ -491,6 +492,8 @@ def _daemon(args: argparse.Namespace) -> int:
         if args.stop:
             print(f"jailcell: the daemon at {path} is stopping")
         else:
+            import json
+
             print(json.dumps(answer, indent=2))
         return EXIT_OK
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal, get_args
 
 from ._values import Value
@@ -55,6 +54,8 @@ class Result(Value):
         return {name: _copied(value) for name, value in self.as_dict().items()}
 
     def to_json(self) -> str:
+        import json  # at first use: `jailcell run` without --json never needs it
+
         return json.dumps(self.to_dict(), ensure_ascii=False)
 
     def __repr__(self) -> str:  # short: stdout may be megabytes

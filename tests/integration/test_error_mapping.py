@@ -6,6 +6,7 @@ BrokenPipeError.  Faults are injected where they would happen."""
 from __future__ import annotations
 
 import errno
+import os
 import sys
 import tempfile
 
@@ -99,7 +100,15 @@ def test_the_hosts_own_resources_running_out_is_a_jail_error(monkeypatch, err, w
     def failing(*args, **kwargs):
         raise OSError(err, "injected")
 
-    monkeypatch.setattr(tempfile, "TemporaryFile", failing)
+    real_open = os.open
+
+    def tmpfile_failing(path, flags, *args, **kwargs):  # the jail's log is its first resource: an O_TMPFILE file
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(err, "injected")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", tmpfile_failing)
+    monkeypatch.setattr(tempfile, "TemporaryFile", failing)  # where O_TMPFILE fails, tempfile is asked
     with pytest.raises(JailError, match=words):
         Sandbox("minimal", warm=True)
 

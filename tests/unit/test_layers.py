@@ -130,7 +130,8 @@ def test_the_command_line_loads_nothing_of_the_engine_until_it_needs_it():
 def test_a_run_without_a_daemon_imports_no_dataclasses_or_asyncio():
     """`jailcell run` without a daemon imports the engine, but nothing that costs every call
     milliseconds for what the run does not use: dataclasses (and the inspect it imports), asyncio,
-    logging.  The value classes are ``_values`` ones for this reason."""
+    logging, tempfile and shutil (bz2, lzma), json (the protocol uses the C accelerator).  The value
+    classes are ``_values`` ones for this reason."""
     import subprocess
     import sys
 
@@ -138,4 +139,5 @@ def test_a_run_without_a_daemon_imports_no_dataclasses_or_asyncio():
               "jailcell._host._teardown; print(' '.join(sorted(sys.modules)))")
     loaded = set(subprocess.run([sys.executable, "-S", "-c", script], capture_output=True, text=True, check=True,
                                 env={"PYTHONPATH": str(PKG.parent)}).stdout.split())
-    assert not {"dataclasses", "inspect", "asyncio", "logging", "importlib.metadata"} & loaded
+    assert not {"dataclasses", "inspect", "asyncio", "logging", "importlib.metadata", "tempfile", "shutil", "json",
+                "bz2", "lzma"} & loaded

@@ -9,7 +9,6 @@ import threading
 from .._errors import BackendUnavailable, warn
 from ._base import Backend, refusal
 from ._nsjail import NsjailBackend
-from ._process import ProcessBackend
 
 __all__ = ["Backend", "get_backend", "refusal", "pidfd_support", "BACKENDS", "BACKEND_ENV", "UNSAFE_ROOT_ENV"]
 
@@ -66,6 +65,8 @@ def get_backend(name: str | None = None) -> Backend:
                     "program could read, change or kill anything on this machine. Use the nsjail backend "
                     "(`jailcell check` says what it needs), or run jailcell as an unprivileged user; if you "
                     f"really mean it, set {UNSAFE_ROOT_ENV}=1 as well")
+            from ._process import ProcessBackend  # only when asked for by name: not on every `jailcell run`
+
             backend: Backend = ProcessBackend()
             warn("jailcell: the process backend gives NO isolation: programs can read this user's files "
                  "and use the network (asked for by name)")
