@@ -21,7 +21,7 @@ from _procs import (
     continue_stopped,
     default_signals,
     exit_info,
-    idle,
+    fit,
     kill,
     kill_strays,
 )
@@ -265,9 +265,10 @@ class Stateless:
         nurseries = {n.pid for n in self.nurseries()}
         # Keep the nurseries and their children that have not run anything (spares, possibly not yet
         # announced); everything else -- the used cell and whatever it left -- dies.
-        kill_strays(lambda pid, ppid: pid in nurseries or (ppid in nurseries and pid != used), first=(used,))
+        table = kill_strays(lambda pid, ppid: pid in nurseries or (ppid in nurseries and pid != used), first=(used,))
+        kept = lambda pid: pid in table and fit(table[pid])  # noqa: E731 - as idle(pid), from the sweep's last scan
         for nursery in self.nurseries():
-            if not idle(nursery.pid):
+            if not kept(nursery.pid):
                 self._lose(nursery)
         if self.full is None:
             self._start_nursery()  # it starts with its spares' credits
@@ -275,7 +276,7 @@ class Stateless:
         wipe(self.workspace)
         wipe(cell.CONFIG["tmp"])
         for pid, parent in list(self.spares.items()):
-            if parent not in self.nurseries() or not idle(pid):  # an orphan of a lost nursery, or killed
+            if parent not in self.nurseries() or not kept(pid):  # an orphan of a lost nursery, or killed
                 kill(pid)
                 del self.spares[pid]
                 self.zygote.send({"op": "drop", "pid": pid})

@@ -43,10 +43,17 @@ def idle(pid: int) -> bool:
     (A stopped process is continued by the sweep.)  One read of /proc/<pid>/stat: a SIGKILL is
     put in every thread's own pending set at once, and the main thread's flags say if it exits."""
     try:
-        fields = _stat_fields(pid)
+        return fit(_stat_fields(pid))
+    except OSError:
+        return False
+
+
+def fit(fields: list[bytes]) -> bool:
+    """``idle`` from the fields of a /proc/<pid>/stat read already (a sweep's scan)."""
+    try:
         return chr(fields[0][0]) not in ("Z", "X") and not int(fields[6]) & PF_EXITING \
             and not int(fields[28]) & SIGKILL_BIT
-    except (OSError, ValueError, IndexError):
+    except (ValueError, IndexError):
         return False
 
 
@@ -69,29 +76,31 @@ def _exiting(pid: int) -> bool:
     return True
 
 
-def _process_table() -> dict[int, tuple[int, str]]:
-    """pid -> (ppid, state) for every process this /proc shows (the jail's own in a pid namespace)."""
+def _process_table() -> dict[int, list[bytes]]:
+    """pid -> the fields of its /proc/<pid>/stat after the command name (state [0], ppid [1]) for every
+    process this /proc shows (the jail's own in a pid namespace)."""
     table = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
                 rest = _stat_fields(name)
-                table[int(name)] = (int(rest[1]), chr(rest[0][0]))
+                int(rest[1])
+                table[int(name)] = rest
             except (OSError, ValueError, IndexError):
                 continue
     return table
 
 
-def _descendants(root: int, table: dict[int, tuple[int, str]]) -> list[int]:
+def _descendants(root: int, table: dict[int, list[bytes]]) -> list[int]:
     """Live (non-zombie) processes below ``root``."""
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _state) in table.items():
-        children.setdefault(ppid, []).append(pid)
+    for pid, fields in table.items():
+        children.setdefault(int(fields[1]), []).append(pid)
     out, todo = [], [root]
     while todo:
         for child in children.get(todo.pop(), []):
             todo.append(child)
-            if table[child][1] not in ("Z", "X"):
+            if chr(table[child][0][0]) not in ("Z", "X"):
                 out.append(child)
     return out
 
@@ -122,45 +131,43 @@ def kill(pid: int) -> None:
         pass
 
 
-def kill_strays(keep, first: tuple[int, ...] = ()) -> None:
+def kill_strays(keep, first: tuple[int, ...] = ()) -> dict[int, list[bytes]]:
     """Kill every process of this jail below the zygote for which ``keep(pid, ppid)`` is false,
     wait until each is exiting (not until its teardown is over: that happens off the request
     path, while the next run may already be going), and continue the ones kept (the program may
     have stopped them).  ``first``: strays known already (the used cell), killed before the scan.
 
-    One scan of /proc finds the strays; while the killed ones are not exiting yet, only they are
-    looked at again; then one more scan, for anything they forked in the meantime."""
+    Each scan of /proc comes after every process killed so far is exiting, so nothing of the run
+    can signal or fork after the last one: it is returned (pid -> /proc stat fields), and the
+    sweep judges the kept processes from it.  A scan that finds new strays kills them and, once
+    they are exiting, scans again (for anything they forked in the meantime)."""
     me = os.getpid()
-    killed: set[int] = set()
+    killed: set[int] = set(first)
     for pid in first:
         kill(pid)
-        killed.add(pid)
-    below: list[int] = []
+    pending = list(first)
     attempts = 0  # bounded, as a process stuck in the kernel may never get to exit
-    while attempts < 5000:
-        table = _process_table()
-        below = _descendants(me, table)
-        strays = [p for p in below if not keep(p, table[p][0])]
-        new = [p for p in strays if p not in killed]
-        waiting = [p for p in strays if p in killed and not _exiting(p)]
-        if not new and not waiting:
-            break
-        for pid in new:
-            kill(pid)
-            killed.add(pid)
-        waiting += new
-        while waiting and attempts < 5000:
+    while True:
+        while pending and attempts < 5000:
+            pending = [p for p in pending if not _exiting(p)]
+            if not pending:
+                break
             attempts += 1
             reap_nohang()
-            waiting = [p for p in waiting if not _exiting(p)]
-            for pid in waiting:  # again (harmless; covers a reused pid)
+            for pid in pending:  # again (harmless; covers a reused pid)
                 kill(pid)
-            if not waiting:
-                break
             if attempts > 20:
                 time.sleep(0.0002)
             else:
                 os.sched_yield()  # a killed process queued on this CPU gets to exit now
+        table = _process_table()
+        below = _descendants(me, table)
+        pending = [p for p in below if not keep(p, int(table[p][1])) and p not in killed]
+        if not pending or attempts >= 5000:
+            break
+        for pid in pending:
+            kill(pid)
+            killed.add(pid)
     for pid in below:
         if pid not in killed:
             try:
@@ -173,6 +180,7 @@ def kill_strays(keep, first: tuple[int, ...] = ()) -> None:
         # jail's pids limit, and the next run's fork() would fail.  (A run that left nothing but
         # its cell does not wait: the usual case stays off the next request's path.)
         _wait_reaped(killed, GONE_WAIT_S)
+    return table
 
 
 GONE_WAIT_S = 2.0
