@@ -146,8 +146,8 @@ _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class Policy(Frozen):
-    """A validated policy.  Build with :meth:`Policy.load`; derive with :meth:`with_overrides` (or
-    ``replace(**changes)``).  Immutable."""
+    """A validated policy.  Build with :meth:`Policy.load`; derive with :meth:`with_overrides` (validated)
+    or ``replace(**changes)`` (not validated: for values checked already).  Immutable."""
 
     __slots__ = ("name", "description", "source", "limits", "network", "preload", "imports", "code_mode", "env")
     name: str
