@@ -216,3 +216,30 @@ def test_run_requests_check_the_timeout(timeout, ok):
     else:
         with pytest.raises(InputError):
             e.run_request("print(1)", timeout, None)
+
+
+def test_the_jails_bytecode_is_judged_as_the_interpreter_judges_it(tmp_path):
+    """ensure_bytecode recompiles the in-jail modules when the interpreter would not use their .pyc:
+    a source edited within the second its bytecode was written (same mtime, other size) counts as
+    stale, which a check of file mtimes alone (compileall's) misses."""
+    import importlib.util
+    import py_compile
+
+    from jailcell.backends._base import _bytecode_matches
+
+    src = tmp_path / "mod.py"
+    src.write_text("x = 1\n")
+    pyc = importlib.util.cache_from_source(str(src))
+    py_compile.compile(str(src), cfile=pyc)
+    entry = next(e for e in os.scandir(tmp_path) if e.name == "mod.py")
+    assert _bytecode_matches(entry, pyc)
+    st = src.stat()
+    src.write_text("x = 12345\n")
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))  # the same second: only the size tells
+    entry = next(e for e in os.scandir(tmp_path) if e.name == "mod.py")
+    assert not _bytecode_matches(entry, pyc)
+    py_compile.compile(str(src), cfile=pyc, invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+    assert _bytecode_matches(entry, pyc)  # hash-based: the interpreter checks it itself
+    with open(pyc, "r+b") as f:
+        f.truncate(8)
+    assert not _bytecode_matches(entry, pyc)
