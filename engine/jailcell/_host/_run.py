@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .._result import Status
-from .._values import Frozen, Value
+from .._result import Result, Status
+from .._values import Frozen
 
 
 class RunRequest(Frozen):
@@ -38,27 +38,16 @@ class RunRequest(Frozen):
         return self.replace(files={})
 
 
-class Outcome(Value):
-    """How a run ended, as the host decided it (``_supervisor.outcome``)."""
+class Outcome(Result):
+    """How a run ended, as the host decided it (``_supervisor.outcome``): a Result's fields (the engine
+    then adds what applied, ``isolation``, and what the host's cgroups say of a SIGKILL) and how the
+    cell ended."""
 
-    __slots__ = ("status", "stdout", "stderr", "result", "error", "outputs", "files", "duration_s", "cpu_s",
-                 "peak_memory_bytes", "signal", "exit_code", "input_error")
+    __slots__ = ("signal", "exit_code", "input_error")
 
-    def __init__(self, status: Status = "ok", stdout: str = "", stderr: str = "", result: str | None = None,
-                 error: dict[str, Any] | None = None, outputs: list[dict[str, Any]] | None = None,
-                 files: list[dict[str, Any]] | None = None, duration_s: float = 0.0, cpu_s: float = 0.0,
-                 peak_memory_bytes: int = 0, signal: str | None = None, exit_code: int | None = None,
-                 input_error: str | None = None) -> None:
-        self.status: Status = status
-        self.stdout = stdout
-        self.stderr = stderr
-        self.result = result
-        self.error = error
-        self.outputs = outputs if outputs is not None else []
-        self.files = files if files is not None else []
-        self.duration_s = duration_s
-        self.cpu_s = cpu_s
-        self.peak_memory_bytes = peak_memory_bytes
+    def __init__(self, status: Status = "ok", *, signal: str | None = None, exit_code: int | None = None,
+                 input_error: str | None = None, **fields: Any) -> None:
+        super().__init__(status, **fields)
         self.signal = signal                # the signal that ended the cell, if one did
         self.exit_code = exit_code
         self.input_error = input_error      # the request's input files could not be written

@@ -84,7 +84,7 @@ def _process_table() -> dict[int, list[bytes]]:
         if name.isdigit():
             try:
                 rest = _stat_fields(name)
-                int(rest[1])
+                int(rest[1])  # a ppid that parses, or the entry is left out
                 table[int(name)] = rest
             except (OSError, ValueError, IndexError):
                 continue
