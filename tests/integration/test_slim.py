@@ -42,12 +42,14 @@ def _nurseries(sb: Sandbox) -> list[psutil.Process]:
     return [c for c in zygote.children() if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
 
-def test_a_killed_slim_nursery_leaves_full_cells_that_still_work():
-    """A program that kills every process it can (the slim nursery among them) costs its jail the slim
-    cells, nothing else: later programs run in full cells, correctly and jailed."""
+def test_a_killed_slim_nursery_retires_its_jail_and_the_next_has_slim_cells_again():
+    """A program that kills every process it can (the slim nursery among them) costs its jail: it is
+    retired after that run (its slim image cannot be made again, and a jail under attack is not
+    trusted), and later programs run in a new jail, in slim cells again, correctly and jailed."""
     with Sandbox("standard") as sb:
         assert sb.run("print(1)").stdout == "1\n"
         assert len(_nurseries(sb)) == 2
+        jail = sb._jail
         r = sb.run("import os\nfor p in os.listdir('/proc'):\n    if p.isdigit() and int(p) != os.getpid():\n"
                    "        try: os.kill(int(p), 9)\n        except OSError: pass")
         assert r.status in ("ok", "killed"), r
@@ -55,8 +57,9 @@ def test_a_killed_slim_nursery_leaves_full_cells_that_still_work():
             assert sb.run("print(2)").stdout == "2\n"
             assert sb.run("import numpy\nprint(numpy.int64(3))").stdout == "3\n"
             assert sb.run("import socket").status == "policy_violation"
-        assert sb.run(LOADED).stdout == "['numpy', 'pandas']\n"  # a full cell: the slim image is gone
-        assert len(_nurseries(sb)) == 1  # the full nursery was replaced, the slim one was not
+        assert sb._jail is not jail
+        assert sb.run(LOADED).stdout == "[]\n"  # a slim cell again
+        assert len(_nurseries(sb)) == 2
 
 
 def test_no_slim_image_where_it_would_not_help():

@@ -67,7 +67,39 @@ except PermissionError:
     pass
 """
 
+
+GROUP_SIGNALS = OTHERS + """
+import ctypes, fcntl, signal, struct
+libc = ctypes.CDLL(None, use_errno=True)
+groups = sorted({os.getpgid(pid) for pid in OTHERS if pid > 0} - {os.getpgid(0)})
+for pgid in groups:
+    r, w = os.pipe()
+    try:  # SIGSTOP to a whole group when the pipe is readable
+        fcntl.fcntl(r, fcntl.F_SETSIG, signal.SIGSTOP)
+        fcntl.fcntl(r, fcntl.F_SETOWN, -pgid)
+        fcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC | os.O_NONBLOCK)
+        os.write(w, b"x")
+        print("signalled by F_SETOWN", pgid)
+    except OSError:
+        pass
+    owner = struct.pack("ii", 2, pgid)  # F_OWNER_PGRP
+    if libc.fcntl(r, 15, ctypes.c_char_p(owner)) == 0:  # F_SETOWN_EX
+        print("signalled by F_SETOWN_EX", pgid)
+    for request in (0x8901, 0x8902):  # FIOSETOWN, SIOCSPGRP
+        if libc.ioctl(r, request, ctypes.byref(ctypes.c_int(-pgid))) == 0:
+            print("signalled by ioctl", hex(request), pgid)
+    try:  # join the group, then signal "my own group"
+        os.setpgid(0, pgid)
+        os.kill(0, signal.SIGSTOP)
+        print("signalled by setpgid", pgid)
+    except OSError:
+        pass
+    os.write(w, b"y")
+"""
+
 ATTACKS = {
+    # signals to a process group by any route (F_SETOWN, F_SETOWN_EX, owner ioctls, joining a group)
+    "group_signals": GROUP_SIGNALS,
     # resource limits of the jail's other processes: RLIMIT_CPU=1 kills the zygote, FSIZE=0 or a
     # small AS on the nursery silently poisons every later cell
     "prlimit": OTHERS + """
@@ -391,3 +423,78 @@ def test_killed_runs_return_right_after_their_limit(sandbox, code, session):
         r, took = run(sandbox)
     assert r.status in ("timeout", "memory_limit"), r
     assert took < 2.6, took  # the limit is 1 s: no second-long wait for an exit status after it
+
+# Every other process of the jail, from a cell: its /proc/<pid>/mem must never open for writing, and
+# its /proc files must never belong to the cell's uid (they do while a process is dumpable), at any
+# moment -- above all while the zygote starts a replacement for the nursery this program killed.
+NEVER_DUMPABLE = OTHERS + """
+import signal, time
+me, uid = os.getpid(), os.getuid()
+parent = os.getppid()
+os.kill(parent, signal.SIGKILL)
+seen, hits, deadline = set(), [], time.monotonic() + float(WAIT)
+while time.monotonic() < deadline:
+    for name in os.listdir('/proc'):
+        if not name.isdigit() or int(name) in (me, parent):
+            continue
+        seen.add(int(name))
+        try:
+            if os.stat(f'/proc/{name}/mem').st_uid == uid:
+                hits.append(('dumpable', name))
+            fd = os.open(f'/proc/{name}/mem', os.O_RDWR)
+            hits.append(('opened', name))
+            os.close(fd)
+        except OSError:
+            pass
+print(len(seen) > len(OTHERS) - 1, sorted(set(hits)))
+"""
+
+
+def test_no_process_of_the_jail_is_ever_dumpable_not_even_while_a_nursery_starts(sandbox):
+    """Breach: a nursery made itself dumpable for a moment to write its oom_score_adj; a cell that
+    killed the nursery raced the replacement's start window and kept a handle on its memory."""
+    numpy = "# numpy: a full cell\n" if sandbox.policy.preload else ""
+    sandbox.run("print('warm')")
+    r = sandbox.run(numpy + "WAIT = 2.5\n" + NEVER_DUMPABLE, timeout=10)
+    assert r.status == "ok" and r.stdout == "True []\n", (r.stdout, r.error)
+    r = sandbox.run("import os\nprint(open('/proc/self/oom_score_adj').read().strip(), "
+                    "open(f'/proc/{os.getppid()}/oom_score_adj').read().strip(), "
+                    "open('/proc/1/oom_score_adj').read().strip())")
+    assert r.stdout == "1000 1000 0\n", r.stdout  # the new nursery and its cells as before; the zygote's own
+    later_runs_are_clean(sandbox)
+
+
+def test_a_session_cell_cannot_make_itself_or_its_holder_dumpable(sandbox):
+    with sandbox.session() as s:
+        r = s.run("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                  "print(libc.prctl(4, 1, 0, 0, 0), ctypes.get_errno(), libc.prctl(3, 0, 0, 0, 0))")
+        assert r.stdout == "-1 1 0\n", r.stdout  # EPERM, and still not dumpable
+        s.run("x = 7")
+        r = s.run("import os\nprint(os.stat(f'/proc/{os.getppid()}/mem').st_uid != os.getuid(), x)")
+        assert r.stdout == "True 7\n", r.stdout  # the holder (the last run's cell) is not dumpable either
+
+
+def test_a_jail_whose_nursery_was_killed_twice_or_whose_slim_nursery_died_is_retired(sandbox):
+    sandbox.run("print('warm')")
+    jail = sandbox._jail
+    slim = bool(sandbox.policy.preload)
+    # one full nursery lost: replaced in the jail (slim: the slim nursery, by a cell of it: retired)
+    r = sandbox.run("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)")
+    assert r.status == "ok", r.error
+    assert sandbox.run("print(2)").stdout == "2\n"
+    assert (sandbox._jail is not jail) == slim
+    if slim:  # a new jail, with a slim nursery again: a program that names no numpy runs without it
+        assert sandbox.run("import sys\nprint('nu' 'mpy' in sys.modules)").stdout == "False\n"
+    # the full nursery killed, and its replacement too, in one run: retired
+    jail = sandbox._jail
+    numpy = "# numpy: a full cell\n" if slim else ""
+    r = sandbox.run(numpy + "import os, signal, time\nos.kill(os.getppid(), signal.SIGKILL)\n"
+                    "pids = set(os.listdir('/proc'))\ntime.sleep(1.6)\n"
+                    "for p in set(os.listdir('/proc')) - pids:\n"
+                    "    if p.isdigit() and int(p) != os.getpid():\n"
+                    "        try:\n            os.kill(int(p), signal.SIGKILL)\n        except OSError:\n            pass\n",
+                    timeout=10)
+    assert r.status == "ok", r.error
+    assert sandbox.run("print(3)").stdout == "3\n"
+    assert sandbox._jail is not jail
+    later_runs_are_clean(sandbox)

@@ -477,6 +477,8 @@ class Jail:
             slim_first = slim_ok and self._heavy is not None
 
             def pick() -> Spare | None:
+                if self._broken is not None:  # e.g. retired by the sweep after the last run: no more runs here
+                    raise EOFError(f"the jail's control channel broke ({self._broken})")
                 if self._used:
                     return None
                 fitting = [s for s in self._spares if s.slim == slim_first] or (list(self._spares) if slim_ok else [])
@@ -490,6 +492,8 @@ class Jail:
                 return spare
 
         def ready() -> bool:
+            if self._broken is not None:
+                raise EOFError(f"the jail's control channel broke ({self._broken})")
             if head in self._lost:
                 raise HeadLost("the session's state was lost: a program killed the process that held it")
             if head not in self._heads:

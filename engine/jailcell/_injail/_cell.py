@@ -338,36 +338,86 @@ def _set_memory_limit(session: bool) -> None:
 
 
 PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 4, 36
+NOT_HARDENED_EXIT = 124  # the zygote exits so when it cannot make itself non-dumpable
 
 
-def prctl(option: int, arg: int) -> None:
-    """prctl(2) through ctypes, best effort (hardening that an odd libc cannot give is skipped)."""
+PR_GET_DUMPABLE = 3
+
+
+def prctl(option: int, arg: int) -> int:
+    """prctl(2) through ctypes; -1 if it failed (or an odd libc cannot make the call)."""
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
+        return int(ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0))
     except Exception:  # pragma: no cover
-        pass
+        return -1
+
+
+def never_dumpable() -> None:
+    """Make this process non-dumpable, or end it: a jail's process that forks cells, holds a
+    session or hands out spares must never be reachable through /proc/<pid>/mem or ptrace."""
+    prctl(PR_SET_DUMPABLE, 0)
+    if prctl(PR_GET_DUMPABLE, 0) != 0:
+        os.write(2, b"jailcell: cannot make the jail's processes non-dumpable (prctl)\n")
+        os._exit(NOT_HARDENED_EXIT)
+
+
+# The zygote's own /proc/self/oom_score_adj, opened once at its start (while it is still dumpable and
+# nothing of a program exists yet): see fork_expendable.
+OOM_FD, OOM_OWN = -1, b"0"
+
+
+def hold_oom_score() -> None:
+    """At the zygote's start, before it is made non-dumpable: keep its oom_score_adj file open.  A
+    non-dumpable process's /proc files belong to root, so it could not open it later -- and no
+    process of the jail may ever be dumpable again once a program could reach it (a handle on
+    /proc/<pid>/mem opened in such a moment stays valid after it)."""
+    try:
+        fd = os.open("/proc/self/oom_score_adj", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return
+    global OOM_FD, OOM_OWN
+    OOM_FD, OOM_OWN = fd, os.read(fd, 16).strip() or b"0"
+
+
+def fork_expendable() -> int:
+    """os.fork() from the zygote for a process that forks cells (a nursery, a session's first holder):
+    the child starts with oom_score_adj 1000, which every cell inherits, so that under memory
+    pressure a cell (or its parent) dies, never the zygote.  The zygote raises its own score for the
+    fork and lowers it back (down to where it was is allowed unprivileged); the child closes the
+    zygote's file.  Nothing changes dumpability."""
+    global OOM_FD
+    fd = OOM_FD
+    raised = fd >= 0 and _write_oom(fd, b"1000")
+    try:
+        pid = os.fork()
+    except OSError:
+        if raised:
+            _write_oom(fd, OOM_OWN)
+        raise
+    if pid == 0:
+        if fd >= 0:
+            os.close(fd)
+            OOM_FD = -1
+        return 0
+    if raised:
+        _write_oom(fd, OOM_OWN)
+    return pid
+
+
+def _write_oom(fd: int, value: bytes) -> bool:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, value)
+        return True
+    except OSError:
+        return False
 
 
 def prepare() -> None:
-    """In a process that forks cells (nursery, session holder): what every cell should inherit.
-
-    oom_score_adj 1000: under memory pressure a cell (or this process) dies, never the zygote.
-    The jail's processes are not dumpable (no /proc/<pid>/mem, no ptrace), and a non-dumpable
-    process's /proc files belong to root, so this process writes its own while it is dumpable
-    for a moment (it runs no user code, and nothing else runs in it)."""
-    prctl(PR_SET_DUMPABLE, 1)
-    try:
-        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
-        try:
-            os.write(fd, b"1000")
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-    finally:
-        prctl(PR_SET_DUMPABLE, 0)
+    """In a process that forks cells (nursery, session holder), before its first cell: fresh stdio
+    objects for the cells to inherit.  (Its oom_score_adj came with its fork: fork_expendable.)"""
     fresh_stdio()
 
 

@@ -147,7 +147,7 @@ def fork_nursery(before=None) -> tuple[int, socket] | None:
     limit, while a program fills it)."""
     parent, child = proto.socketpair()
     try:
-        pid = os.fork()
+        pid = cell.fork_expendable()
     except OSError:
         parent.close()
         child.close()
@@ -171,8 +171,10 @@ class Stateless:
     """Runs in fresh cells forked from a nursery; after each run the jail is swept clean.
 
     The full nursery is the zygote's image (every preload); a jail whose policy preloads heavy
-    packages has a slim one too, forked before those were loaded.  A lost full nursery is replaced;
-    a lost slim one is not (its image is gone): programs then all get full cells."""
+    packages has a slim one too, forked before those were loaded.  A lost full nursery is replaced
+    at the sweep; a jail that lost its slim one (whose image is gone) or more than one nursery in a
+    run is retired after that run (the host replaces the jail).  No process of the jail is ever
+    dumpable: a nursery forked while a program runs cannot be reached through /proc either."""
 
     def __init__(self, zygote, slim: tuple[int, socket] | None = None) -> None:
         self.zygote = zygote
@@ -183,6 +185,8 @@ class Stateless:
         self.exits: dict[int, dict] = {}
         self.restart_at: float | None = None
         self.rechecks: list[float] = []  # when to look again for processes a program stopped
+        self.had_slim = self.slim is not None
+        self.losses = 0  # nurseries lost since the last sweep
         self._start_nursery()
 
     def nurseries(self) -> list[Nursery]:
@@ -200,6 +204,7 @@ class Stateless:
         run kills them and withdraws them from the host (and starts a new full nursery)."""
         nursery.sock.close()
         kill(nursery.pid)
+        self.losses += 1
         if nursery is self.full:
             self.full = None
             self.restart_at = time.monotonic() + NURSERY_RETRY_S  # in case no sweep comes
@@ -282,11 +287,22 @@ class Stateless:
                 self.zygote.send({"op": "drop", "pid": pid})
                 if parent in self.nurseries():
                     credits.append(parent)
+        self._retire_if_attacked()
         self.zygote.send({"op": "clean", "cell": used})
         for nursery in credits:
             self._credit(nursery)
         now = time.monotonic()
         self.rechecks = [now + delay for delay in RECHECK_S]
+
+    def _retire_if_attacked(self) -> None:
+        """A program killed the slim nursery (its image cannot be made again: a new jail has it), or
+        more than one nursery in one run: the host retires this jail after the run instead of trusting
+        it, and the next run gets a new one."""
+        lost, self.losses = self.losses, 0
+        if (self.had_slim and self.slim is None) or lost > 1:
+            what = "the slim nursery" if self.had_slim and self.slim is None else f"{lost} nurseries"
+            self.zygote.send({"op": "broken", "message": f"retired: a program killed {what} of this jail"})
+            self.had_slim = False  # said once
 
     def _exit_of(self, pid: int) -> dict:
         """How a cell that did not finish ended: as its parent (a nursery) saw it, or, if a program

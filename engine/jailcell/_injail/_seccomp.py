@@ -14,14 +14,25 @@ next runs), so without it a program could reach them by pid:
   allowed only on the calling process itself, named as pid 0 (``resource.setrlimit``,
   ``os.sched_setaffinity(0, ...)``, ``os.nice``); naming any pid, even one's own, is EPERM;
 - ``kcmp`` (comparing another process's open files): denied;
-- signals to every process at once (``kill(-1)``) or to a process group by number
-  (``kill(-pgid)``): denied; a cell leads its own process group, and ``kill(0)`` reaches it.
-  A signal to a single pid is still delivered: the jail's processes ignore every signal they can,
-  and recover from SIGKILL and SIGSTOP (a killed nursery or spare is replaced; stopped ones are
-  continued by the sweep), so it cannot change a later run's result.
+- signals to every process at once (``kill(-1)``) or to a process group, by any route: ``kill`` and
+  ``rt_sigqueueinfo`` with a negative pid, ``fcntl(F_SETOWN)`` with a negative owner (SIGIO or the
+  ``F_SETSIG`` signal, e.g. SIGSTOP, sent to a group when a file is ready), ``F_SETOWN_EX`` and the
+  ``FIOSETOWN``/``SIOCSPGRP``/``TIOCSPGRP`` ioctls (their owner sits behind a pointer the filter
+  cannot read), and joining another process group (``setpgid`` with a non-zero group: a cell that
+  joined the nursery's group would reach it with ``kill(0)``): denied.  A cell leads its own
+  process group, and ``kill(0)`` reaches it.  A signal to a single pid is still delivered: the
+  jail's processes ignore every signal they can, and recover from SIGKILL and SIGSTOP (a killed
+  nursery or spare is replaced; stopped ones are continued by the sweep), so it cannot change a
+  later run's result;
+- another process's memory and files: ``ptrace``, ``process_vm_readv``/``writev`` and
+  ``pidfd_getfd`` are denied (the jail's own processes are never dumpable either, which the
+  kernel checks for all of them and for ``/proc/<pid>/mem``), and so is making oneself dumpable
+  (``prctl(PR_SET_DUMPABLE, 1)``: a session's cell becomes the holder of its state);
+- ``io_uring``, whose operations no seccomp filter sees: denied.
 
-Unknown architectures get no cell filter (nsjail's filter still applies); x32 system calls on
-x86_64 are denied.  Standard library only: this module runs inside the jail.
+Any other architecture's system calls (``int 0x80`` on x86_64, x32) are denied: the filter's
+numbers are the native architecture's only.  Unknown native architectures get no cell filter
+(nsjail's filter still applies).  Standard library only: this module runs inside the jail.
 """
 
 from __future__ import annotations
@@ -47,15 +58,25 @@ ARCHES = {
     "x86_64": (0xC000003E, {
         "kill": 62, "rt_sigqueueinfo": 129, "prlimit64": 302, "setpriority": 141, "sched_setparam": 142,
         "sched_setscheduler": 144, "sched_setaffinity": 203, "sched_setattr": 314, "ioprio_set": 251,
-        "migrate_pages": 256, "move_pages": 279, "kcmp": 312}),
+        "migrate_pages": 256, "move_pages": 279, "kcmp": 312, "setpgid": 109, "fcntl": 72, "ioctl": 16,
+        "prctl": 157, "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "pidfd_getfd": 438,
+        "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427}),
     "aarch64": (0xC00000B7, {
         "kill": 129, "rt_sigqueueinfo": 138, "prlimit64": 261, "setpriority": 140, "sched_setparam": 118,
         "sched_setscheduler": 119, "sched_setaffinity": 122, "sched_setattr": 274, "ioprio_set": 30,
-        "migrate_pages": 238, "move_pages": 239, "kcmp": 272}),
+        "migrate_pages": 238, "move_pages": 239, "kcmp": 272, "setpgid": 154, "fcntl": 25, "ioctl": 29,
+        "prctl": 167, "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "pidfd_getfd": 438,
+        "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427}),
 }
 PRIO_PROCESS, IOPRIO_WHO_PROCESS = 0, 1
 SELF_ONLY = ("prlimit64", "sched_setparam", "sched_setscheduler", "sched_setaffinity", "sched_setattr",
              "migrate_pages", "move_pages")
+DENIED = ("kcmp", "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "io_uring_setup",
+          "io_uring_enter", "io_uring_register")
+F_SETOWN, F_SETOWN_EX = 8, 15
+OWNER_IOCTLS = (0x8901, 0x8902, 0x5410)  # FIOSETOWN, SIOCSPGRP, TIOCSPGRP
+PR_SET_DUMPABLE = 4
+SIGN_BIT = 0x80000000
 
 
 def _arg_lo(i: int) -> int:
@@ -96,8 +117,8 @@ def program(machine: str | None = None) -> bytes | None:
         return None
     audit, nr = arch
     a = _Asm()
-    a.op(LD_ABS, 4)                       # arch
-    a.op(JEQ, audit, 0, "allow")
+    a.op(LD_ABS, 4)                       # arch: any other (int 0x80 on x86_64) is denied
+    a.op(JEQ, audit, 0, "deny")
     a.op(LD_ABS, 0)                       # syscall number
     a.op(JSET, X32_BIT, "deny", 0)
     for name in SELF_ONLY:
@@ -106,7 +127,12 @@ def program(machine: str | None = None) -> bytes | None:
     a.op(JEQ, nr["ioprio_set"], "ioprio", 0)
     a.op(JEQ, nr["kill"], "signal", 0)
     a.op(JEQ, nr["rt_sigqueueinfo"], "signal", 0)
-    a.op(JEQ, nr["kcmp"], "deny", 0)
+    a.op(JEQ, nr["setpgid"], "pgid", 0)
+    a.op(JEQ, nr["fcntl"], "fcntl", 0)
+    a.op(JEQ, nr["ioctl"], "ioctl", 0)
+    a.op(JEQ, nr["prctl"], "prctl", 0)
+    for name in DENIED:
+        a.op(JEQ, nr[name], "deny", 0)
     a.label("allow")
     a.op(RET, RET_ALLOW)
     a.label("deny")
@@ -127,7 +153,29 @@ def program(machine: str | None = None) -> bytes | None:
     # kill(pid): any pid > 0, or 0 (own group); never a negative pid (-1: everyone; -pgid)
     a.label("signal")
     a.op(LD_ABS, _arg_lo(0))
-    a.op(JSET, 0x80000000, "deny2", "allow2")
+    a.op(JSET, SIGN_BIT, "deny2", "allow2")
+    # setpgid(pid, 0) only: a new group led by pid, never an existing group
+    a.label("pgid")
+    a.op(LD_ABS, _arg_lo(1))
+    a.op(JEQ, 0, "allow2", "deny2")
+    # fcntl: F_SETOWN to a process (>= 0) only; F_SETOWN_EX never
+    a.label("fcntl")
+    a.op(LD_ABS, _arg_lo(1))
+    a.op(JEQ, F_SETOWN_EX, "deny2", 0)
+    a.op(JEQ, F_SETOWN, 0, "allow2")
+    a.op(LD_ABS, _arg_lo(2))
+    a.op(JSET, SIGN_BIT, "deny2", "allow2")
+    a.label("ioctl")
+    a.op(LD_ABS, _arg_lo(1))
+    for request in OWNER_IOCTLS:
+        a.op(JEQ, request, "deny2", 0)
+    a.op(RET, RET_ALLOW)
+    # prctl(PR_SET_DUMPABLE, x): only x == 0
+    a.label("prctl")
+    a.op(LD_ABS, _arg_lo(0))
+    a.op(JEQ, PR_SET_DUMPABLE, 0, "allow2")
+    a.op(LD_ABS, _arg_lo(1))
+    a.op(JEQ, 0, "allow2", "deny2")
     a.label("allow2")
     a.op(RET, RET_ALLOW)
     a.label("deny2")

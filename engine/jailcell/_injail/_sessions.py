@@ -77,6 +77,7 @@ def _holder_main(sock: socket, glb: dict) -> None:
         pid, ch = fork_spare(lambda: glb, sock, session=True)
         if pid == 0:  # the spare's run finished: this process now holds the state
             machinery_signals(ignore=True)  # and none of the handlers its program set
+            cell.never_dumpable()  # as it was (its filter denies the program making it dumpable)
             sock, await_spawn = ch, True
             continue
         pidfd = announce(sock, pid, ch)
@@ -228,7 +229,7 @@ class Sessions:
         parent, child = proto.socketpair()
         head = self._new_head(0, parent)
         os.mkdir(head.workspace, 0o755)
-        pid = os.fork()
+        pid = cell.fork_expendable()
         if pid == 0:
             default_signals()
             parent.close()

@@ -218,7 +218,10 @@ def _harden() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_DFL)
 
-    cell.prctl(cell.PR_SET_DUMPABLE, 0)  # no /proc/1/mem, no ptrace from cells (seccomp denies it too)
+    # Never dumpable from here on, nor is anything forked from it (no /proc/<pid>/mem, no ptrace, no
+    # pidfd_getfd from cells): the one file it needs while dumpable it opens now.
+    cell.hold_oom_score()
+    cell.never_dumpable()
     if not CONFIG.get("pid_namespace"):
         # Orphans come back to us, so strays can be found.  No PR_SET_PDEATHSIG: it fires when the host
         # *thread* that started the zygote ends (a Pool starts its jails from worker threads), which
