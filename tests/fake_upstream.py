@@ -52,11 +52,46 @@ def last_tool_output(body):
     return [m for m in body["messages"] if m["role"] == "tool"][-1]["content"]
 
 
+class Raw:
+    """A script step that answers by itself: ``fn(handler, body)`` writes whatever it likes (a hostile
+    or broken upstream)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+
+def raw_json(payload, status=200):
+    """A step that answers ``payload`` as the whole JSON body, whatever the request asked for."""
+    return Raw(lambda handler, body: handler.reply(status, "application/json", json.dumps(payload).encode()))
+
+
+def raw_sse(lines, delay=0.0):
+    """A step that streams ``lines`` (bytes, each sent as one chunk, ``delay`` seconds apart)."""
+    def send(handler, body):
+        import time
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        try:
+            for line in lines:
+                handler.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                handler.wfile.flush()
+                if delay:
+                    time.sleep(delay)
+            handler.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            upstream_gone = getattr(handler.server, "client_gone", None)
+            if upstream_gone is not None:
+                upstream_gone.append(True)
+    return Raw(send)
+
+
 class FakeUpstream:
     """Replies with the scripted messages in order; records every request body.
 
     A step may also be an ``(status, text)`` or ``(status, text, headers)`` tuple: the upstream fails
-    with that HTTP status.  ``GET /models`` lists ``models``.
+    with that HTTP status; or a ``Raw`` step, which writes its own answer.  ``GET /models`` lists ``models``.
     """
 
     def __init__(self, script, models=("fake-model",)):
@@ -74,6 +109,8 @@ class FakeUpstream:
                     upstream.headers.append(dict(self.headers))
                     n = len(upstream.requests)
                     step = upstream.script.pop(0) if upstream.script else (500, "script exhausted")
+                if isinstance(step, Raw):
+                    return step.fn(self, body)
                 if isinstance(step, tuple):
                     return self.reply(step[0], "application/json", json.dumps({"error": {"message": step[1]}}).encode(),
                                       step[2] if len(step) > 2 else {})
@@ -110,6 +147,7 @@ class FakeUpstream:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        self.server.client_gone = []  # Raw streams that found the gateway gone mid-answer
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
 

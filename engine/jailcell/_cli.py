@@ -158,7 +158,17 @@ def _command_serve(sub: Any) -> None:
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     srv.add_argument("--api-key", help="require this key from clients (Authorization: Bearer KEY); "
-                                       "default: $JAILCELL_API_KEY (flags show up in `ps`, the environment does not)")
+                                       "default: $JAILCELL_API_KEY (flags show up in `ps`, the environment does not); "
+                                       "with neither, a key is made at start and printed once")
+    srv.add_argument("--no-auth", action="store_true",
+                     help="accept requests without a key: only on a loopback address, and every local user and "
+                          "program can then use the gateway")
+    srv.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
+                     help="also accept requests whose Host header names NAME (repeatable; e.g. the gateway's DNS name "
+                          "behind a proxy); localhost and IP addresses are always accepted")
+    srv.add_argument("--cors-origin", dest="cors_origins", action="append", default=[], metavar="ORIGIN",
+                     help="let web pages of ORIGIN (e.g. https://app.example.com) call the API, with CORS headers "
+                          "and preflight (repeatable); other origins are refused")
     srv.add_argument("--upstream-api-key", help="key sent to the upstream; default: $JAILCELL_UPSTREAM_API_KEY, "
                                                 "else $OPENAI_API_KEY")
     srv.add_argument("--ray", dest="ray_address", metavar="ADDRESS",
@@ -322,8 +332,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .integrations.gateway import serve as serve_gateway
 
             Policy.load(args.policy)
+            from .integrations._gateway_guard import is_loopback, redact_url
+
             if not args.upstream.startswith(("http://", "https://")):
-                return _usage(f"--upstream must be an http(s) URL, got {args.upstream!r}")
+                return _usage(f"--upstream must be an http(s) URL, got {redact_url(args.upstream)!r}")
+            if args.no_auth and not is_loopback(args.host):
+                return _usage(f"--no-auth is refused with --host {args.host}, which is not a loopback address: every "
+                              "machine that reaches it could run code here; set a key (JAILCELL_API_KEY) instead")
             model_map = {}
             for spec in args.model_map:
                 name, sep, target = spec.partition("=")
@@ -338,7 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             or env.get("OPENAI_API_KEY") or None),
                           policy=args.policy, backend=args.backend, max_steps=args.max_steps,
                           max_containers=args.max_containers, container_idle=args.container_idle,
-                          upstream_timeout=args.upstream_timeout, ray_address=args.ray_address)
+                          upstream_timeout=args.upstream_timeout, ray_address=args.ray_address,
+                          no_auth=args.no_auth, allowed_hosts=args.allowed_hosts, cors_origins=args.cors_origins)
             return EXIT_OK
         if args.command == "mcp":
             from ._policy import Policy

@@ -26,8 +26,9 @@ def _closed_port() -> int:
 def client():
     from starlette.testclient import TestClient
 
-    gateway = Gateway(f"http://127.0.0.1:{_closed_port()}/v1", policy="minimal", max_steps=2, upstream_retries=0)
-    with TestClient(gateway.app, raise_server_exceptions=False) as c:
+    gateway = Gateway(f"http://127.0.0.1:{_closed_port()}/v1", policy="minimal", max_steps=2, upstream_retries=0,
+                      no_auth=True, allowed_hosts=["testserver"])
+    with TestClient(gateway.app, raise_server_exceptions=False, headers={"Content-Type": "application/json"}) as c:
         yield c
     gateway.close()
 

@@ -58,7 +58,7 @@ def test_the_playground_streams_reasoning_code_output_image_and_files(browser):
     ], models=["fake-model"])
     g = Running(up.url, policy="standard")
     try:
-        browser.get(g.base + "/")
+        browser.get(g.base + "/#key=anything")  # as the start line prints it
         wait = WebDriverWait(browser, 60)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
         browser.find_element(By.ID, "question").send_keys("Plot y = x^2 for x in 0..10 and save the points")
@@ -80,7 +80,8 @@ def test_the_playground_streams_reasoning_code_output_image_and_files(browser):
         size = len("\n".join(f"{x},{x * x}" for x in range(11)))
         assert link.text == f"squares.csv ({size} bytes)"
         downloaded = browser.execute_script(
-            "return await (await fetch(arguments[0])).text()", link.get_attribute("href"))
+            "return await (await fetch(arguments[0], {headers: {Authorization: 'Bearer ' + "
+            "sessionStorage.getItem('jailcell-key')}})).text()", link.get_attribute("href"))
         assert downloaded.splitlines()[-1] == "10,100"
         assert up.requests[0]["model"] == "fake-model"  # the page used the upstream's listed model
     finally:

@@ -60,6 +60,29 @@ def _check_flag(body: dict[str, Any], key: str) -> None:
         raise GatewayError(400, f"'{key}' must be true or false", param=key)
 
 
+# The request fields sent on to the upstream, by API (everything else a client sends stays here: a
+# field that multiplies cost, such as ``n``, or one the gateway does not know, never reaches it).
+FORWARDED = ("temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens", "stop", "seed",
+             "presence_penalty", "frequency_penalty", "repetition_penalty", "response_format", "tool_choice",
+             "parallel_tool_calls", "reasoning_effort", "enable_thinking", "thinking_budget", "user")
+MAX_TOKENS_CAP = 65536  # a model call's max_tokens at most (the upstream's own limit may be lower)
+
+
+def _forwarded(fields: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """The fields of ``fields`` that go upstream, checked: ``n`` (if sent) must be 1, and a token
+    budget a positive integer up to MAX_TOKENS_CAP."""
+    n = fields.get("n")
+    if n is not None and (n != 1 or isinstance(n, bool)):
+        raise GatewayError(400, f"'{where}n' must be 1: the gateway runs one conversation per request", param="n")
+    out = {k: fields[k] for k in FORWARDED if fields.get(k) is not None}
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = out.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 1 <= value <= MAX_TOKENS_CAP):
+            raise GatewayError(400, f"'{where}{key}' must be an integer from 1 to {MAX_TOKENS_CAP}", param=key)
+    return out
+
+
 def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 

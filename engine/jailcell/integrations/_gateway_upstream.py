@@ -7,6 +7,13 @@ answers 408/409/429/500/502/503/504 -- always before any of the answer was used,
 repeats what a client has seen.  Everything else, and
 a failure once a stream has begun, is a 502 in the caller's format that names the upstream, the
 model and the cause.
+
+Everything read from the upstream is bounded: a whole model call by ``timeout`` (``--upstream-timeout``,
+however slowly the tokens come), an answer by MAX_ANSWER_BYTES, a line of a stream by MAX_LINE_BYTES,
+an error text by MAX_ERROR_BYTES.  A reply that is not a well-formed chat completion (a tool call
+without an id or a function name, ``tool_calls`` that is not a list, ``usage`` that is not an
+object, ``content`` that is not a string) is a 502 too, never passed on.  Credentials written into
+the upstream's URL never appear in a log line or an error.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import logging
 import random
 from typing import Any, AsyncIterator
 
+from ._gateway_guard import redact_url, url_secrets
 from ._gateway_requests import GatewayError
 
 log = logging.getLogger("jailcell.gateway")
@@ -24,6 +32,9 @@ log = logging.getLogger("jailcell.gateway")
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER_S = 20.0
 CONNECT_TIMEOUT_S = 10.0
+MAX_ANSWER_BYTES = 32 * 1024 * 1024  # a whole answer (a completion, or all of a stream)
+MAX_LINE_BYTES = 4 * 1024 * 1024     # one line of a stream
+MAX_ERROR_BYTES = 4096               # what is read of an answer that is an error
 
 
 class Upstream:
@@ -35,6 +46,9 @@ class Upstream:
 
         self.httpx = httpx
         self.base_url = base_url.rstrip("/")
+        self.display_url = redact_url(self.base_url)
+        self._secrets = url_secrets(self.base_url) + ([api_key] if api_key and len(api_key) >= 3 else [])
+        self.timeout_s = timeout
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = httpx.Timeout(timeout, connect=min(CONNECT_TIMEOUT_S, timeout))
         self.retries, self.backoff_s = retries, backoff_s
@@ -53,10 +67,63 @@ class Upstream:
             client, self._client = self._client, None
             await client.aclose()
 
+    def scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
     def failed(self, what: str, model: str | None = None) -> GatewayError:
         about = f" (model {model!r})" if model else ""
-        log.warning("upstream %s%s %s", self.base_url, about, what)
-        return GatewayError(502, f"upstream {self.base_url}{about} {what}", "upstream_error", "upstream_error")
+        what = self.scrub(what)
+        log.warning("upstream %s%s %s", self.display_url, about, what)
+        return GatewayError(502, f"upstream {self.display_url}{about} {what}", "upstream_error", "upstream_error")
+
+    def _late(self, model: str | None) -> GatewayError:
+        return self.failed(f"did not finish the model call within {self.timeout_s:g} s (--upstream-timeout)", model)
+
+    async def _read(self, resp: Any, limit: int, deadline: float, model: str | None, what: str = "an answer") -> bytes:
+        """The body of ``resp`` (opened as a stream), at most ``limit`` bytes, by ``deadline``."""
+        data = bytearray()
+        chunks = resp.aiter_bytes()
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                return bytes(data)
+            except TimeoutError:
+                raise self._late(model) from None
+            data += chunk
+            if len(data) > limit:
+                if what == "an error":  # enough to say what it was
+                    return bytes(data[:limit])
+                raise self.failed(f"sent {what} larger than {limit} bytes", model)
+
+    async def _lines(self, resp: Any, deadline: float, model: str | None) -> AsyncIterator[str]:
+        """The lines of a streamed answer, each at most MAX_LINE_BYTES, all of them MAX_ANSWER_BYTES."""
+        buf, total = bytearray(), 0
+        chunks = resp.aiter_bytes()
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise self._late(model) from None
+            total += len(chunk)
+            if total > MAX_ANSWER_BYTES:
+                raise self.failed(f"sent a stream larger than {MAX_ANSWER_BYTES} bytes", model)
+            buf += chunk
+            start = 0
+            while (end := buf.find(b"\n", start)) >= 0:
+                yield buf[start:end].rstrip(b"\r").decode("utf-8", "replace")
+                start = end + 1
+            del buf[:start]
+            if len(buf) > MAX_LINE_BYTES:
+                raise self.failed(f"sent a stream line longer than {MAX_LINE_BYTES} bytes", model)
+        if buf:
+            yield buf.decode("utf-8", "replace")
 
     def _refused(self, status: int, text: str, model: str | None) -> GatewayError:
         """The upstream said no: a 404 or 400 about the model names it and says how to map names."""
@@ -92,7 +159,7 @@ class Upstream:
                 # not retried: the upstream may still be generating)
                 if last:
                     raise self.failed(f"cannot be reached: {type(exc).__name__}: {exc}", model) from None
-                log.info("upstream %s: %s, retrying", self.base_url, type(exc).__name__)
+                log.info("upstream %s: %s, retrying", self.display_url, type(exc).__name__)
                 await self._pause(attempt, None)
                 continue
             except self.httpx.HTTPError as exc:  # e.g. a read timeout: the request may have been taken
@@ -100,23 +167,50 @@ class Upstream:
             if resp.status_code in RETRY_STATUSES and not last:
                 retry_after = resp.headers.get("retry-after")
                 await resp.aclose()
-                log.info("upstream %s answered %s, retrying", self.base_url, resp.status_code)
+                log.info("upstream %s answered %s, retrying", self.display_url, resp.status_code)
                 await self._pause(attempt, retry_after)
                 continue
             return resp
         raise AssertionError("unreachable")
 
+    async def _open(self, method: str, path: str, model: str | None, deadline: float,
+                    json_body: dict[str, Any] | None = None) -> Any:
+        """``_send`` as a stream, within ``deadline``; an answer that is not 200 is an error (its text bounded)."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                resp = await self._send(method, path, model, stream=True, json_body=json_body)
+        except TimeoutError:
+            raise self._late(model) from None
+        if resp.status_code != 200:
+            try:
+                text = (await self._read(resp, MAX_ERROR_BYTES, deadline, model, "an error")).decode(errors="replace")
+            finally:
+                await resp.aclose()
+            if path == "/models":
+                raise self.failed(f"answered {resp.status_code} to GET /models: {text[:300]}")
+            raise self._refused(resp.status_code, text, model)
+        return resp
+
     async def complete(self, payload: dict[str, Any]) -> dict[str, Any]:
         model = payload.get("model")
-        resp = await self._send("POST", "/chat/completions", model, json_body=payload)
-        if resp.status_code != 200:
-            raise self._refused(resp.status_code, resp.text, model)
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        resp = await self._open("POST", "/chat/completions", model, deadline, payload)
         try:
-            data = resp.json()
-            if not isinstance(data["choices"][0]["message"], dict):
-                raise TypeError
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise self.failed("sent a response that is not a chat completion", model) from None
+            raw = await self._read(resp, MAX_ANSWER_BYTES, deadline, model)
+        finally:
+            await resp.aclose()
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise self.failed("sent a response that is not JSON", model) from None
+        return self._completion(data, model)
+
+    def _completion(self, data: Any, model: str | None) -> dict[str, Any]:
+        """``data`` if it is a well-formed chat completion (its first choice's message made canonical);
+        else the 502 that says what is wrong with it."""
+        problem = _malformed_completion(data)
+        if problem:
+            raise self.failed(f"sent a response that is not a chat completion: {problem}", model)
         return data
 
     async def stream(self, payload: dict[str, Any]) -> AsyncIterator[tuple]:
@@ -127,23 +221,25 @@ class Upstream:
         message: dict[str, Any] = {"role": "assistant", "content": None}
         calls: dict[int, dict[str, Any]] = {}
         meta: dict[str, Any] = {"usage": {}}
-        resp = await self._send("POST", "/chat/completions", model, stream=True, json_body=payload)
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        resp = await self._open("POST", "/chat/completions", model, deadline, payload)
         try:
-            if resp.status_code != 200:
-                raise self._refused(resp.status_code, (await resp.aread()).decode(errors="replace"), model)
             if "text/event-stream" not in resp.headers.get("content-type", ""):  # it ignored stream=true
-                data = json.loads(await resp.aread())
-                if not isinstance(data.get("choices", [{}])[0].get("message"), dict):
-                    raise ValueError
-                yield "completion", data
+                try:
+                    data = json.loads(await self._read(resp, MAX_ANSWER_BYTES, deadline, model))
+                except (ValueError, RecursionError):
+                    raise self.failed("sent a response that is not JSON", model) from None
+                yield "completion", self._completion(data, model)
                 return
-            async for line in resp.aiter_lines():
+            async for line in self._lines(resp, deadline, model):
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
                     break
                 chunk = json.loads(data)
+                if not isinstance(chunk, dict):
+                    raise TypeError
                 if chunk.get("error"):
                     raise self.failed(f"failed mid-stream: {json.dumps(chunk['error'])[:500]}", model)
                 meta["usage"] = chunk.get("usage") or meta["usage"]
@@ -153,33 +249,98 @@ class Upstream:
                     delta = choice.get("delta") or {}
                     for field in ("reasoning_content", "content"):
                         if delta.get(field):
+                            if not isinstance(delta[field], str):
+                                raise TypeError
                             message[field] = (message.get(field) or "") + delta[field]
                             yield "delta", field, delta[field]
-                    for tc in delta.get("tool_calls") or []:
-                        slot = calls.setdefault(tc.get("index", len(calls)), {
+                    tool_calls = delta.get("tool_calls") or []
+                    if not isinstance(tool_calls, list):
+                        raise TypeError
+                    for tc in tool_calls:
+                        index = tc.get("index", len(calls))
+                        if not isinstance(index, int) or not 0 <= index < 128:
+                            raise TypeError
+                        slot = calls.setdefault(index, {
                             "id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+                        if tc.get("id") is not None and not isinstance(tc["id"], str):
+                            raise TypeError
                         slot["id"] = tc.get("id") or slot["id"]
                         fn = tc.get("function") or {}
-                        slot["function"]["name"] += fn.get("name") or ""
-                        slot["function"]["arguments"] += fn.get("arguments") or ""
+                        slot["function"]["name"] += _text(fn.get("name"))
+                        slot["function"]["arguments"] += _text(fn.get("arguments"))
         except self.httpx.HTTPError as exc:
             raise self.failed(f"failed mid-stream: {type(exc).__name__}: {exc}", model) from None
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
             raise self.failed("sent a stream that is not chat-completion chunks", model) from None
         finally:
             await resp.aclose()
         if calls:
             message["tool_calls"] = [calls[i] for i in sorted(calls)]
-        yield "completion", {"id": meta.get("id"), "object": "chat.completion", "model": meta.get("model"),
-                             "choices": [{"index": 0, "message": message}], "usage": meta["usage"]}
+        yield "completion", self._completion(
+            {"id": meta.get("id"), "object": "chat.completion", "model": meta.get("model"),
+             "choices": [{"index": 0, "message": message}], "usage": meta["usage"]}, model)
 
     async def models(self) -> list[dict[str, Any]]:
         """The upstream's ``GET /models`` list."""
-        resp = await self._send("GET", "/models", None)
-        if resp.status_code != 200:
-            raise self.failed(f"answered {resp.status_code} to GET /models: {resp.text[:300]}")
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        resp = await self._open("GET", "/models", None, deadline)
         try:
-            data = resp.json()["data"]
+            raw = await self._read(resp, MAX_ANSWER_BYTES, deadline, None)
+        finally:
+            await resp.aclose()
+        try:
+            data = json.loads(raw)["data"]
             return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise self.failed("sent a model list that is not one") from None
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise TypeError
+    return value
+
+
+def _malformed_completion(data: Any) -> str | None:
+    """What makes ``data`` not a chat completion the loop can use (None: nothing).  A tool call's
+    ``arguments`` given as an object is made a JSON string, as the API defines it."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return "'choices' is not a non-empty list of objects"
+    message = choices[0].get("message")
+    if not isinstance(message, dict):
+        return "'choices[0].message' is not an object"
+    for field in ("content", "reasoning_content"):
+        if message.get(field) is not None and not isinstance(message[field], str):
+            return f"'message.{field}' is not a string"
+    if data.get("usage") is not None and not isinstance(data["usage"], dict):
+        return "'usage' is not an object"
+    if data.get("model") is not None and not isinstance(data["model"], str):
+        return "'model' is not a string"
+    calls = message.get("tool_calls")
+    if calls is None:
+        return None
+    if not isinstance(calls, list):
+        return "'message.tool_calls' is not a list"
+    for i, call in enumerate(calls):
+        if not isinstance(call, dict):
+            return f"tool call {i} is not an object"
+        if not isinstance(call.get("id"), str) or not call["id"]:
+            return f"tool call {i} has no 'id'"
+        fn = call.get("function")
+        if not isinstance(fn, dict):
+            return f"tool call {i} has no 'function' object"
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            return f"tool call {i} has no function name"
+        args = fn.get("arguments")
+        if isinstance(args, dict):
+            fn["arguments"] = json.dumps(args)
+        elif args is None:
+            fn["arguments"] = "{}"
+        elif not isinstance(args, str):
+            return f"tool call {i}'s 'arguments' is not a string"
+    return None

@@ -26,16 +26,18 @@ import collections
 import contextlib
 import copy
 import functools
-import hmac
 import json
 import logging
+import sys
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Coroutine, Mapping
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from urllib.parse import quote
 
 from .._async import AsyncSandbox
 from .._errors import InputError, JailcellError, MissingExtra
 from .._result import Result
+from ._gateway_guard import Guard, bearer_ok, csp_for, is_loopback, new_key
 from ._gateway_render import _ChatRender, _dashscope_code, _DashScopeRender, _ResponsesRender
 from ._gateway_requests import (
     MAX_DEPTH,
@@ -44,6 +46,7 @@ from ._gateway_requests import (
     _Containers,
     _Conversation,
     _depth_over,
+    _forwarded,
     _function_tools,
     _messages,
     _responses_input,
@@ -58,6 +61,7 @@ log = logging.getLogger("jailcell.gateway")
 
 MAX_BODY = 8 * 1024 * 1024
 MAX_STORED_RESPONSES = 1000
+MAX_STORED_BYTES = 256 * 1024 * 1024  # stored conversations (previous_response_id), all together
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request looks for its client having left
 
 
@@ -86,6 +90,21 @@ def _file_name(file_id: str) -> str:
         raise GatewayError(404, f"no file {file_id!r}", code="file_not_found") from None
 
 
+def _disposition(filename: str) -> str:
+    """``attachment`` with the file's name: an ASCII fallback, and the exact name (RFC 6266/5987) for any other."""
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in filename) or "file"
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+@functools.lru_cache(maxsize=1)
+def _csp() -> str:
+    return csp_for(_playground())
+
+
 @functools.lru_cache(maxsize=1)
 def _playground() -> str:
     """The playground page (one file in the wheel: no build step, nothing from a CDN)."""
@@ -99,14 +118,18 @@ class Gateway:
                  api_key: str | None = None, upstream_api_key: str | None = None, policy: Any = "standard",
                  backend: str | None = None, max_steps: int = 8, max_containers: int = 32,
                  container_idle: float = 1200.0, upstream_timeout: float = 600.0, upstream_retries: int = 2,
-                 ray_address: str | None = None) -> None:
+                 ray_address: str | None = None, no_auth: bool = False, allowed_hosts: Sequence[str] = (),
+                 cors_origins: Sequence[str] = ()) -> None:
         Starlette, self.JSONResponse, self.StreamingResponse, HTMLResponse, self.Response, Route = _deps()
         if max_steps < 1 or max_containers < 1 or container_idle <= 0:
             raise ValueError("max_steps and max_containers must be >= 1 and container_idle > 0")
         self.upstream = Upstream(upstream, api_key=upstream_api_key, timeout=upstream_timeout,
                                  retries=upstream_retries)
         self.model, self.model_map = model, dict(model_map or {})
-        self.api_key, self.max_steps = api_key, max_steps
+        # Never open by default: without a key (and without no_auth) one is made now; serve() prints it.
+        self.generated_key = api_key is None and not no_auth
+        self.api_key: str | None = new_key() if self.generated_key else api_key
+        self.max_steps = max_steps
         self.public_url = ""  # set by serve(): the start line names it
         self.sandbox: Any
         if ray_address:  # containers are sessions on a Ray cluster's jails
@@ -117,22 +140,26 @@ class Gateway:
             self.sandbox = AsyncSandbox(policy, backend=backend)
         self.containers = _Containers(self.sandbox, container_idle, max_containers)
         self.stored: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
-        self.app = Starlette(routes=[
+        self.stored_bytes = 0
+        routes = Starlette(routes=[
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/responses", self.responses, methods=["POST"]),
             Route("/api/v1/services/aigc/text-generation/generation", self.dashscope, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/containers/{container_id}/files", self.container_files, methods=["GET"]),
             Route("/v1/containers/{container_id}/files/{file_id}/content", self.container_file, methods=["GET"]),
-            Route("/", lambda request: HTMLResponse(_playground()), methods=["GET"]),
+            Route("/", lambda request: HTMLResponse(_playground(), headers={"Content-Security-Policy": _csp(),
+                                                                              "Cache-Control": "no-store"}),
+                  methods=["GET"]),
         ], lifespan=self._lifespan)
+        self.app = Guard(routes, allowed_hosts=allowed_hosts, cors_origins=cors_origins)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app):
         if self.public_url:
             iso = self.sandbox.isolation
             log.info("jailcell serve: %s/v1 (playground %s/) -> upstream %s%s; policy %r, backend %s%s%s",
-                     self.public_url, self.public_url, self.upstream.base_url,
+                     self.public_url, self.public_url, self.upstream.display_url,
                      f" as model {self.model!r}" if self.model else "", self.sandbox.policy.name, iso.get("backend"),
                      f" on a Ray cluster ({len(iso['actors'])} actors)" if iso.get("cluster") == "ray" else "",
                      "; clients need the API key" if self.api_key else "")
@@ -150,8 +177,7 @@ class Gateway:
 
     def _authorize(self, request) -> None:
         if self.api_key is not None:
-            sent = request.headers.get("authorization", "")
-            if not hmac.compare_digest(sent.encode(), f"Bearer {self.api_key}".encode()):
+            if not bearer_ok(request.headers.get("authorization", ""), self.api_key):
                 raise GatewayError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' with the key "
                                         "given to jailcell serve --api-key", code="invalid_api_key")
 
@@ -163,7 +189,7 @@ class Gateway:
             if len(raw) > MAX_BODY:
                 raise GatewayError(413, f"request body is larger than the limit of {MAX_BODY} bytes")
         try:
-            body = json.loads(raw)
+            body = json.loads(raw, parse_constant=_no_constant)
         except ValueError as exc:
             raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
         except RecursionError:
@@ -188,7 +214,7 @@ class Gateway:
         return self.JSONResponse({"error": {"message": exc.message, "type": exc.kind, "param": exc.param,
                                             "code": exc.code}}, status_code=exc.status)
 
-    async def _unless_client_leaves(self, request, work: Coroutine[Any, Any, Any]) -> Any:
+    async def _unless_client_leaves(self, request, work: Awaitable[Any]) -> Any:
         """Await ``work`` (a non-streaming answer), cancelling it if the client disconnects first: the
         code it is running is killed and its container freed, instead of running on for nobody.
         (A streaming answer is cancelled by Starlette itself when its client goes away.)"""
@@ -207,9 +233,15 @@ class Gateway:
             task.cancel()
             raise
 
-    async def _stream(self, events: AsyncIterator[Any], render: Callable[[Any], Any], on_error: Callable[[Any], Any]):
-        """Prime the conversation (so failures before the first event are HTTP errors), then stream."""
-        first = await events.__anext__()
+    async def _stream(self, request, events: AsyncGenerator[Any, None], render: Callable[[Any], Any],
+                      on_error: Callable[[Any], Any]):
+        """Prime the conversation (so failures before the first event are HTTP errors; a client that
+        leaves meanwhile cancels the upstream call), then stream.  Every failure after that ends the
+        stream with the format's error event, never a cut stream."""
+        first = await self._unless_client_leaves(request, events.__anext__())
+        if not isinstance(first, tuple):  # the client left: the upstream call was cancelled
+            await events.aclose()
+            return first
 
         async def body():
             try:
@@ -220,6 +252,11 @@ class Gateway:
                         yield chunk
             except GatewayError as exc:
                 for chunk in on_error(exc):
+                    yield chunk
+            except Exception as exc:  # noqa: BLE001 - a bug of ours: the client still gets a final event
+                log.exception("a streamed answer failed")
+                for chunk in on_error(GatewayError(500, f"the gateway failed: {type(exc).__name__}", "server_error",
+                                                   "server_error")):
                     yield chunk
             finally:
                 await events.aclose()
@@ -324,9 +361,8 @@ class Gateway:
                     from None
         except GatewayError as exc:
             return self._openai_error(exc)
-        filename = name.rsplit("/", 1)[-1].replace('"', "")
         return self.Response(data, media_type="application/octet-stream",
-                             headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+                             headers={"Content-Disposition": _disposition(name.rsplit("/", 1)[-1])})
 
     async def chat(self, request):
         try:
@@ -334,7 +370,7 @@ class Gateway:
             with _validating():
                 conv, render = self._chat_request(body)
             if body.get("stream") is True:
-                return await self._stream(self._converse(conv, stream=True), render.chunks, render.error)
+                return await self._stream(request, self._converse(conv, stream=True), render.chunks, render.error)
             async def collect():
                 done: tuple = ()
                 async for event in self._converse(conv, stream=False):
@@ -351,8 +387,7 @@ class Gateway:
             raise GatewayError(400, "'container' must be a container id string", param="container")
         conv = _Conversation(
             self._model(body), _messages(body.get("messages"), "messages"), own,
-            {k: v for k, v in body.items() if k not in ("messages", "tools", "model", "stream", "stream_options",
-                                                        "enable_code_interpreter", "container")},
+            _forwarded(body),
             enabled or bool(body.get("enable_code_interpreter")), container)
         _check_flag(body, "stream")
         return conv, _ChatRender(conv.model, self.max_steps)
@@ -363,7 +398,7 @@ class Gateway:
             with _validating():
                 conv, render = self._responses_request(body)
             if body.get("stream") is True:
-                return await self._stream(self._converse(conv, stream=True), render.events, render.error)
+                return await self._stream(request, self._converse(conv, stream=True), render.events, render.error)
             async def collect():
                 async for event in self._converse(conv, stream=False):
                     render.events(event)
@@ -381,7 +416,8 @@ class Gateway:
             stored = self.stored.get(previous) if isinstance(previous, str) else None
             if stored is None:
                 raise GatewayError(404, f"previous response {previous!r} not found (this gateway keeps the last "
-                                        f"{MAX_STORED_RESPONSES} responses stored with store=true)",
+                                        f"{MAX_STORED_RESPONSES} responses stored with store=true, "
+                                        f"{MAX_STORED_BYTES >> 20} MiB in all)",
                                    code="previous_response_not_found", param="previous_response_id")
             history, container = list(stored["messages"]), stored["container"]
         for tool in body.get("tools") or []:
@@ -389,9 +425,10 @@ class Gateway:
                 container = tool["container"]
         instructions = body.get("instructions")
         messages = history + _responses_input(body.get("input"))
-        extra = {k: v for k, v in body.items() if k in ("temperature", "top_p", "enable_thinking", "seed")}
+        extra = _forwarded({k: v for k, v in body.items() if k in ("temperature", "top_p", "enable_thinking", "seed",
+                                                                    "top_k", "user", "parallel_tool_calls")})
         if body.get("max_output_tokens") is not None:
-            extra["max_tokens"] = body["max_output_tokens"]
+            extra.update(_forwarded({"max_tokens": body["max_output_tokens"]}))
         conv = _Conversation(self._model(body),
                              ([{"role": "system", "content": str(instructions)}] if instructions else []) + messages,
                              own, extra, enabled, container)
@@ -407,10 +444,16 @@ class Gateway:
         def store(response_id: str, out: ToolLoopResult, container: str | None) -> None:
             if body.get("store") is False:
                 return
-            self.stored[response_id] = {"messages": out.messages[1 if has_instructions else 0:],
-                                        "container": container}
-            while len(self.stored) > MAX_STORED_RESPONSES:
-                self.stored.popitem(last=False)
+            messages = out.messages[1 if has_instructions else 0:]
+            size = len(json.dumps(messages, default=str))
+            if size > MAX_STORED_BYTES // 4:  # too large to keep: previous_response_id gets a clear 404
+                log.info("response %s not stored: its conversation is %d bytes", response_id, size)
+                return
+            self.stored[response_id] = {"messages": messages, "container": container, "bytes": size}
+            self.stored_bytes += size
+            while len(self.stored) > MAX_STORED_RESPONSES or self.stored_bytes > MAX_STORED_BYTES:
+                _, dropped = self.stored.popitem(last=False)
+                self.stored_bytes -= dropped["bytes"]
         return store
 
     async def dashscope(self, request):
@@ -420,7 +463,7 @@ class Gateway:
             with _validating():
                 conv, render = self._dashscope_request(body, request_id)
             if request.headers.get("x-dashscope-sse", "").lower() == "enable":
-                return await self._stream(self._converse(conv, stream=True), render.sse, render.sse_error)
+                return await self._stream(request, self._converse(conv, stream=True), render.sse, render.sse_error)
             async def collect():
                 async for event in self._converse(conv, stream=False):
                     render.update(event)
@@ -448,8 +491,9 @@ class Gateway:
         container = params.get("container")
         if container is not None and not isinstance(container, str):
             raise GatewayError(400, "parameters.container must be a container id string")
-        extra = {k: params[k] for k in ("temperature", "top_p", "max_tokens", "seed", "stop", "enable_thinking",
-                                        "thinking_budget", "presence_penalty") if k in params}
+        extra = _forwarded({k: params[k] for k in ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop",
+                                                   "enable_thinking", "thinking_budget", "presence_penalty",
+                                                   "repetition_penalty", "n") if k in params}, "parameters.")
         conv = _Conversation(self._model(body), messages, own, extra,
                              enabled or bool(params.get("enable_code_interpreter")), container)
         return conv, _DashScopeRender(request_id, fmt, bool(params.get("incremental_output")))
@@ -466,8 +510,18 @@ def serve(upstream: str, *, host: str = "127.0.0.1", port: int = 8000, log_level
     except ImportError as exc:
         raise MissingExtra("jailcell serve", "serve", exc.name) from None
 
+    if kwargs.get("no_auth") and not is_loopback(host):
+        raise ValueError(f"--no-auth is refused on {host}, which is not a loopback address: every machine that "
+                         "reaches it could run code here; set a key (JAILCELL_API_KEY) instead")
     gateway = Gateway(upstream, **kwargs)
     gateway.public_url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    if gateway.generated_key:  # printed once, here; the playground takes it from the URL's fragment
+        print(f"jailcell serve: no JAILCELL_API_KEY was set, so clients need this key (made now, shown once): "
+              f"{gateway.api_key}\n  playground: {gateway.public_url}/#key={gateway.api_key}", file=sys.stderr,
+              flush=True)
+    elif kwargs.get("no_auth"):
+        log.warning("jailcell serve: --no-auth: any program of any user of this machine that can reach %s may run "
+                    "code and spend the upstream's key", gateway.public_url)
     config = copy.deepcopy(LOGGING_CONFIG)
     config["loggers"]["jailcell"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
     try:
