@@ -196,6 +196,13 @@ def _command_mcp(sub: Any) -> None:
     mcp.add_argument("--transport", choices=["stdio", "http"], default="stdio")
     mcp.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: 127.0.0.1)")
     mcp.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    mcp.add_argument("--session-idle", type=_positive(float), default=600.0, metavar="SECONDS",
+                     help="close a session after this long unused (default: 600)")
+    mcp.add_argument("--max-sessions", type=_positive_int, default=64, metavar="N",
+                     help="sessions (one jail each) at most; when full, the least recently used idle one is closed "
+                          "to make room (default: 64)")
+    mcp.add_argument("--sessions-per-client", type=_positive_int, default=8, metavar="N",
+                     help="sessions one MCP session (Mcp-Session-Id) may hold at once (default: 8)")
     _add_sandbox_options(mcp)
 
 
@@ -361,7 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .integrations.mcp import serve
 
             Policy.load(args.policy)  # a bad policy is a usage error before anything starts
-            serve(args.transport, host=args.host, port=args.port, policy=args.policy, backend=args.backend)
+            serve(args.transport, host=args.host, port=args.port, policy=args.policy, backend=args.backend,
+                  session_idle=args.session_idle, sessions_per_client=args.sessions_per_client,
+                  max_sessions=args.max_sessions)
             return EXIT_OK
         if args.command == "bench":
             from ._bench import WORKLOADS, run_bench

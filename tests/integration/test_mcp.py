@@ -122,10 +122,51 @@ def test_a_cancelled_mcp_call_stops_its_code():
 
             server = next(p for p in psutil.Process().children() if is_server(p))
             with pytest.raises(asyncio.TimeoutError):
-                await asyncio.wait_for(client.call_tool("run_python", {"code": "while True: pass", "timeout": 60}), 1.5)
+                await asyncio.wait_for(client.call_tool("run_python", {"code": "while True: pass", "timeout": 10}), 1.5)
             await asyncio.sleep(1.0)
             assert busiest_cpu_s(server.pid) < 0.2  # nothing of the server's spins any more
             r = await client.call_tool("run_python", {"code": "print(7)"})
             assert "7" in text(r)
 
     asyncio.run(main())
+
+
+def test_mcp_sessions_expire_when_idle_make_room_for_others_and_timeouts_stay_within_the_policy():
+    """One client cannot hold every session (64 at once locked everyone out for minutes): when the server
+    is full the least recently used session is closed for a newcomer; unused sessions end; a run's
+    timeout stays within the policy's limit (86400 was accepted)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "jailcell", "mcp", "--transport", "http", "--port", str(port),
+                             "--policy", "minimal", "--max-sessions", "3", "--session-idle", "3"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        url = f"http://127.0.0.1:{port}/mcp"
+
+        async def main():
+            async with Client(url) as a, Client(url) as b:
+                r = await a.call_tool("run_python", {"code": "print(1)", "timeout": 86400})
+                assert r.is_error and "at most 10 s" in text(r)
+                ids = [text(await a.call_tool("create_session", {})) for _ in range(3)]
+                for sid in ids[1:]:
+                    await a.call_tool("run_python", {"code": "x = 1", "session_id": sid})
+                other = await b.call_tool("create_session", {})  # the server is full: the LRU one makes room
+                assert not other.is_error
+                r = await a.call_tool("run_python", {"code": "1", "session_id": ids[0]})
+                assert r.is_error and "no open session" in text(r)
+                assert "1" in text(await a.call_tool("run_python", {"code": "x", "session_id": ids[1]}))
+                await asyncio.sleep(4.5)  # unused for longer than --session-idle
+                r = await b.call_tool("run_python", {"code": "1", "session_id": text(other)})
+                assert r.is_error and "no open session" in text(r)
+
+        asyncio.run(main())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert b"without authentication" in proc.stderr.read()

@@ -8,8 +8,11 @@ image content per matplotlib figure.  Transports: stdio (default) and streamable
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
+import logging
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -20,37 +23,111 @@ from .tools import format_result
 __all__ = ["build_server", "serve"]
 
 
+log = logging.getLogger("jailcell.mcp")
+
+SESSION_IDLE_S = 600.0     # a session nobody used for this long is closed
+SESSIONS_PER_CLIENT = 8    # sessions one client (one MCP connection) may hold at once
+
+
 def _mcp():
     try:
         from mcp.server import MCPServer
+        from mcp.server.mcpserver import Context
         from mcp.server.mcpserver.exceptions import ToolError
         from mcp.types import ImageContent, TextContent
     except ImportError as exc:
         raise MissingExtra("the MCP server", "mcp", exc.name) from None
-    return MCPServer, ToolError, TextContent, ImageContent
+    return MCPServer, ToolError, TextContent, ImageContent, Context
+
+
+def _client_of(ctx: Any) -> str | None:
+    """The MCP session a tool call came in (its ``Mcp-Session-Id``), or None where the protocol has
+    none (stdio, whose client owns the whole server; stateless HTTP, where every request stands alone)."""
+    connection = getattr(ctx.session, "_connection", None)
+    session_id = getattr(connection, "session_id", None)
+    return session_id if isinstance(session_id, str) and session_id else None
 
 
 class _State:
-    """The sandbox and the sessions of one server (sessions are addressed by opaque ids)."""
+    """The sandbox and the sessions of one server (sessions are addressed by opaque ids).  Sessions
+    close after ``idle_s`` unused; when the server holds ``max_sessions`` the least recently used one
+    that is not running is closed to make room (one client cannot lock the others out); a client
+    identified by an MCP session holds at most ``per_client``."""
 
-    def __init__(self, sandbox: AsyncSandbox, max_sessions: int) -> None:
+    def __init__(self, sandbox: AsyncSandbox, max_sessions: int, per_client: int, idle_s: float) -> None:
         self.sandbox = sandbox
         self.sessions: dict[str, AsyncSession] = {}
-        self.max_sessions = max_sessions
+        self.owners: dict[str, str | None] = {}  # session id -> the MCP session that made it
+        self.used: dict[str, float] = {}         # session id -> last use (monotonic)
+        self.running: dict[str, int] = {}        # session id -> runs in progress
+        self.max_sessions, self.per_client, self.idle_s = max_sessions, per_client, idle_s
         self.lock = threading.Lock()
 
     def session(self, session_id: str) -> AsyncSession:
         with self.lock:
             session = self.sessions.get(session_id)
+            if session is not None:
+                self.used[session_id] = time.monotonic()
         if session is None or session.closed:
-            raise ValueError(f"no open session {session_id!r}; create one with create_session")
+            raise ValueError(f"no open session {session_id!r} (sessions close after {self.idle_s:g} s unused, when "
+                             "their client ends, or to make room for others); create one with create_session")
         return session
 
+    @contextlib.contextmanager
+    def busy(self, session_id: str | None):
+        if session_id is None:
+            yield
+            return
+        with self.lock:
+            self.running[session_id] = self.running.get(session_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.running[session_id] -= 1
+                if not self.running[session_id]:
+                    del self.running[session_id]
+                self.used[session_id] = time.monotonic()
 
-def build_server(policy: Any = "standard", *, backend: str | None = None, max_sessions: int = 64):
+    def _drop(self, session_id: str) -> AsyncSession | None:
+        self.owners.pop(session_id, None)
+        self.used.pop(session_id, None)
+        return self.sessions.pop(session_id, None)
+
+    def admit(self, owner: str | None) -> None:
+        """Room for one more session of ``owner`` (raises ValueError if there is none)."""
+        evicted = None
+        with self.lock:
+            for sid in [sid for sid, s in self.sessions.items() if s.closed]:
+                self._drop(sid)
+            if owner is not None:
+                mine = sum(1 for o in self.owners.values() if o == owner)
+                if mine >= self.per_client:
+                    raise ValueError(f"this client has {mine} open sessions, the most one client may hold; "
+                                     "close one first (close_session)")
+            if len(self.sessions) >= self.max_sessions:
+                idle = [sid for sid in self.sessions if sid not in self.running]
+                if not idle:
+                    raise ValueError(f"all {self.max_sessions} sessions of this server are running code; "
+                                     "try again shortly")
+                evicted = self._drop(min(idle, key=lambda sid: self.used.get(sid, 0.0)))
+        if evicted is not None:
+            log.info("closed the least recently used session to make room")
+            evicted._sync.close()  # returns at once; the jail is reclaimed in the background
+
+    def add(self, session_id: str, session: AsyncSession, owner: str | None) -> None:
+        with self.lock:
+            self.sessions[session_id] = session
+            self.owners[session_id] = owner
+            self.used[session_id] = time.monotonic()
+
+
+def build_server(policy: Any = "standard", *, backend: str | None = None, max_sessions: int = 64,
+                 sessions_per_client: int = SESSIONS_PER_CLIENT, session_idle: float = SESSION_IDLE_S):
     """An MCPServer whose tools run code in jailcell."""
-    MCPServer, ToolError, TextContent, ImageContent = _mcp()
-    state = _State(AsyncSandbox(policy, backend=backend), max_sessions)
+    MCPServer, ToolError, TextContent, ImageContent, Context = _mcp()
+    state = _State(AsyncSandbox(policy, backend=backend), max_sessions, sessions_per_client, session_idle)
+    wall_limit = state.sandbox.policy.limits.wall_s
 
     def reported(fn):
         """Errors the caller can act on (bad names, sizes, unknown sessions) reach the model verbatim;
@@ -81,28 +158,32 @@ def build_server(policy: Any = "standard", *, backend: str | None = None, max_se
                              "expression, errors and figures. Without session_id each run starts fresh.")
     @reported
     async def run_python(code: str, session_id: str | None = None, timeout: float | None = None) -> list:
+        if timeout is not None and (isinstance(timeout, bool) or not timeout > 0 or timeout > wall_limit):
+            raise ValueError(f"timeout must be more than 0 and at most {wall_limit:g} s (the limit of policy "
+                             f"{state.sandbox.policy.name!r}), not {timeout!r}")
         target = state.session(session_id) if session_id else state.sandbox
-        result = await target.run(code, timeout=timeout)  # a cancelled request kills the run
+        with state.busy(session_id):
+            result = await target.run(code, timeout=timeout)  # a cancelled request kills the run
         return contents(result)
 
-    @server.tool(description="Create a stateful session; returns its session_id.")
-    @reported
-    async def create_session() -> str:
-        with state.lock:
-            if len(state.sessions) >= state.max_sessions:
-                raise ValueError(f"too many open sessions ({state.max_sessions}); close one first")
-        session = await state.sandbox.session()
+    async def create_session(ctx) -> str:
+        owner = _client_of(ctx)
+        state.admit(owner)
+        session = await state.sandbox.session(idle_timeout=state.idle_s)
         session_id = uuid.uuid4().hex
-        with state.lock:
-            state.sessions[session_id] = session
+        state.add(session_id, session, owner)
         return session_id
+
+    create_session.__annotations__ = {"ctx": Context, "return": str}  # the SDK passes the call's context
+    server.tool(description="Create a stateful session; returns its session_id.  Sessions close after "
+                            f"{session_idle:g} s unused and when this client disconnects.")(reported(create_session))
 
     @server.tool(description="Close a session and free its sandbox.")
     @reported
     async def close_session(session_id: str) -> str:
         session = state.session(session_id)
         with state.lock:
-            state.sessions.pop(session_id, None)
+            state._drop(session_id)
         await session.close()
         return f"closed {session_id}"
 
@@ -127,9 +208,16 @@ def build_server(policy: Any = "standard", *, backend: str | None = None, max_se
 
 
 def serve(transport: str = "stdio", *, host: str = "127.0.0.1", port: int = 8000, policy: Any = "standard",
-          backend: str | None = None) -> None:
-    """Run the server until it is stopped; every sandbox is closed on the way out."""
-    server = build_server(policy, backend=backend)
+          backend: str | None = None, **limits: Any) -> None:
+    """Run the server until it is stopped; every sandbox is closed on the way out.  Over HTTP there is
+    no key: every local user (and, off loopback, every machine that reaches it) may run code; it says so."""
+    server = build_server(policy, backend=backend, **limits)
+    if transport == "http":
+        import sys
+
+        print(f"jailcell mcp: serving http://{host}:{port}/mcp without authentication: every user of this machine"
+              f"{'' if host in ('127.0.0.1', 'localhost', '::1') else ' and every machine that reaches it'} can run "
+              "code through it; use the stdio transport where that matters", file=sys.stderr, flush=True)
     try:
         if transport == "stdio":
             server.run(transport="stdio")
