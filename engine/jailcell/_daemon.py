@@ -62,6 +62,29 @@ def private_folder_problem(folder: str) -> str | None:
     return None
 
 
+def _folder_advice(folder: str, problem: str) -> str:
+    """What to do about a socket folder that is not private: chmod fixes only a folder of one's own; a
+    folder that another user made first (anyone can make /tmp/jailcell-UID) can only be avoided."""
+    try:
+        owner = os.lstat(folder).st_uid
+    except OSError:
+        owner = os.geteuid()
+    elsewhere = (f"choose a folder of your own: set XDG_RUNTIME_DIR (systemd sets it to /run/user/{os.geteuid()}) "
+                 f"or pass --socket (or ${SOCKET_ENV}), e.g. --socket ~/.cache/jailcell/daemon.sock")
+    if owner != os.geteuid():
+        try:
+            import pwd
+
+            name = f"{pwd.getpwuid(owner).pw_name!r} (uid {owner})"
+        except (ImportError, KeyError):
+            name = f"uid {owner}"
+        return (f"the daemon's socket folder {folder} was made by another user, {name}, not by you: it cannot be "
+                f"used (that user could replace or listen on the socket), and you cannot fix it; {elsewhere}. "
+                "If you did not expect that folder, tell the machine's administrator")
+    return (f"the daemon's socket must be in a folder only you can enter: {problem}. Fix: `chmod 700 {folder}`, "
+            f"or {elsewhere}")
+
+
 def peer_uid(sock: Any) -> int:
     return _CRED.unpack(sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _CRED.size))[1]
 
@@ -224,8 +247,7 @@ class _Daemon:
             raise UsageError(f"cannot create the daemon's folder {folder}: {exc.strerror}") from None
         problem = private_folder_problem(folder)
         if problem:
-            raise UsageError(f"the daemon's socket must be in a folder only you can enter: {problem}. Fix: "
-                             f"`chmod 700 {folder}` if it is yours, or choose another path (--socket or ${SOCKET_ENV})")
+            raise UsageError(_folder_advice(folder, problem))
         other = connect(self.path)
         if other is not None:
             other.close()

@@ -338,3 +338,25 @@ def test_a_policy_file_is_read_as_the_caller_names_it(sock, tmp_path):
         assert r.returncode == 2 and str(home / "pol" / "nope.toml").encode() in r.stderr, r.stderr
     finally:
         d.stop()
+
+
+def test_a_socket_folder_made_first_by_another_user_is_named_as_such(reachable, monkeypatch):
+    """Anyone can make /tmp/jailcell-UID before its user does: the daemon refuses it and says plainly
+    that another user made it (no chmod advice, which cannot work), and where to go instead."""
+    squat = reachable / "squatted"
+    squat.mkdir(mode=0o700)
+    os.chown(squat, NOBODY, NOBODY)
+    r = subprocess.run([sys.executable, "-m", "jailcell", "daemon", "--socket", str(squat / "daemon.sock")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "made by another user" in r.stderr and f"uid {NOBODY}" in r.stderr and "chmod" not in r.stderr
+    assert "XDG_RUNTIME_DIR" in r.stderr and "--socket" in r.stderr
+    assert not (squat / "daemon.sock").exists()
+    # $XDG_RUNTIME_DIR, where there is one, is the default home of the socket (not /tmp)
+    from jailcell._daemon import socket_path
+
+    monkeypatch.delenv("JAILCELL_DAEMON_SOCKET", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(reachable))
+    assert socket_path() == str(reachable / "jailcell" / "daemon.sock")
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert socket_path() == f"/tmp/jailcell-{os.geteuid()}/daemon.sock"
