@@ -470,6 +470,13 @@ class Suite:
                 time.sleep(0.5)  # idle: the spares have warmed up
                 m.note, self.spare_uss_mib = _jail_memory(sb._jail.pid)
             self.measure("warm_print", "jailcell", True, jc)
+        with Sandbox("standard", backend="landlock", warm=True) as sb:
+            def ll(m: Measurement) -> None:
+                _timed(lambda: sb.run(PRINT), 10)
+                m.samples_s = _timed(lambda: _check(sb.run(PRINT)), n, IDLE_GAP_S,
+                                     self.progress("warm_print jailcell_landlock", n))
+                m.note = "the landlock backend (Landlock + seccomp, no namespaces): unprivileged containers"
+            self.measure("warm_print", "jailcell_landlock", True, ll)
         def idle_floor(m: Measurement) -> None:
             data = fork_floor("standard", [PRINT] * n, "idle", gap=IDLE_GAP_S)
             m.samples_s = data["samples"]
@@ -510,9 +517,12 @@ class Suite:
         from jailcell import Sandbox
 
         n = self.n
-        for policy, system, note in (("standard", "jailcell", ""),
-                                     ("minimal", "jailcell_minimal", "policy minimal (stdlib only, no numpy/pandas)")):
-            with Sandbox(policy, warm=True) as sb:
+        for policy, system, note, backend in (
+                ("standard", "jailcell", "", None),
+                ("minimal", "jailcell_minimal", "policy minimal (stdlib only, no numpy/pandas)", None),
+                ("standard", "jailcell_landlock", "the landlock backend (Landlock + seccomp, no namespaces)",
+                 "landlock")):
+            with Sandbox(policy, backend=backend, warm=True) as sb:
                 def jc(m: Measurement, sb: Sandbox = sb, system: str = system, note: str = note) -> None:
                     _timed(lambda: sb.run(PRINT), 10)
                     m.samples_s = _timed(lambda: _check(sb.run(PRINT)), n, 0, self.progress(f"b2b_print {system}", n))
@@ -641,10 +651,13 @@ class Suite:
         bare = Policy.load("minimal").replace(name="minimal-no-preload", preload=())
         for system, policy, note in (
             ("jailcell_no_preload", bare, "policy minimal without its preload list: jailcell's own start-up"),
-            ("jailcell_minimal", "minimal", ""), ("jailcell_standard", "standard", "")):
+            ("jailcell_minimal", "minimal", ""), ("jailcell_standard", "standard", ""),
+            ("jailcell_landlock", bare, "as jailcell_no_preload, on the landlock backend")):
             def jc(m: Measurement, policy: Any = policy, system: str = system, note: str = note) -> None:
+                backend = "landlock" if system == "jailcell_landlock" else None
+
                 def once() -> None:
-                    with Sandbox(policy) as sb:
+                    with Sandbox(policy, backend=backend) as sb:
                         _check(sb.run(PRINT))
                 m.samples_s = _timed(once, n, 0, self.progress(f"cold_start {system}", n))
                 m.note = note or f"new Sandbox({policy!r}) + first run + close"
@@ -913,6 +926,10 @@ class Suite:
         ratio("warm print(1) vs python -c pass (x faster, p50)", ("warm_print", "jailcell"), ("warm_print", "python_c"), "p50", 60)
         ratio("back-to-back print(1) vs python -c pass (x faster, p50)", ("b2b_print", "jailcell"), ("warm_print", "python_c"), "p50", 25)
         ratio("warm print(1) vs Jupyter execute (x faster, p50)", ("warm_print", "jailcell"), ("warm_print", "jupyter"), "p50", 6)
+        # The landlock backend (issue 30): the warm path no slower for being unprivileged (within 1.2x of nsjail).
+        ratio("warm print(1), landlock vs nsjail backend (x faster, p50; goal >= 1/1.2)", ("warm_print", "jailcell_landlock"), ("warm_print", "jailcell"), "p50", 1 / 1.2)
+        ratio("back-to-back print(1), landlock / nsjail backend (x throughput; goal >= 1/1.2)", ("b2b_print", "jailcell_landlock"), ("b2b_print", "jailcell"), "throughput", 1 / 1.2)
+        ratio("a new jail's first run, landlock vs nsjail backend (x faster, p50; no preloads; goal >= 1)", ("cold_start", "jailcell_landlock"), ("cold_start", "jailcell_no_preload"), "p50", 1.0)
         ratio("numpy matmul vs Jupyter execute (x faster, p50)", ("numpy", "jailcell"), ("numpy", "jupyter"), "p50", None)
         ratio("warm print(1) vs smolagents LocalPythonExecutor (x faster, p50)", ("warm_print", "jailcell"), ("warm_print", "smolagents"), "p50", None)
         a, b = self.find("session_cell", "jailcell"), self.find("warm_print", "jailcell")

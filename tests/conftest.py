@@ -123,6 +123,10 @@ def wait_for(predicate, timeout: float = 5.0) -> bool:
     return predicate()
 
 
+class _Skip(Exception):
+    pass
+
+
 JAILED_PROBE = r"""
 import json, os
 print(json.dumps({"pid": os.getpid(), "pid_ns": os.readlink("/proc/self/ns/pid"),
@@ -140,6 +144,8 @@ def pytest_sessionstart(session):
     paths = [marker.name, str(REPO / "pyproject.toml"), "/etc/passwd", "/etc/hostname"]
     problem = ""
     try:
+        if "nsjail" not in BACKENDS:  # where only landlock can jail (a simulated container): proven below
+            raise _Skip
         with Sandbox(OPEN_POLICY, timeout=30) as sb:
             res = sb.run(JAILED_PROBE.replace("PATHS", repr(paths)))
         seen = json.loads(res.stdout) if res.status == "ok" else None
@@ -153,14 +159,62 @@ def pytest_sessionstart(session):
             problem = "the program shares the host's mount namespace"
         elif seen["seen"] or {"etc", "home"} & set(seen["root"]):
             problem = f"the program sees host files: {seen['seen'] or seen['root']}"
+    except _Skip:
+        pass
     except Exception as exc:  # noqa: BLE001 - any failure to jail stops the run
         problem = f"{type(exc).__name__}: {exc}"
     finally:
         marker.close()
         close_all()
+    if not problem:
+        problem = _landlock_problem(paths)
     if problem:
         pytest.exit("jailcell cannot prove that programs run jailed here, so no test runs (the hostile ones "
                     f"would run on this machine itself): {problem}\nRun `jailcell check`.", returncode=3)
+
+
+LANDLOCK_PROBE = r"""
+import json, os
+seen = []
+for p in PATHS + ["/proc/1/cmdline", "/proc/%d/environ" % HOST, "/tmp", os.path.expanduser("~root")]:
+    try:
+        os.listdir(p) if os.path.isdir(p) else open(p, "rb").close()
+        seen.append(p)
+    except OSError:
+        pass
+try:
+    os.kill(HOST, 0)
+    seen.append("signal to the host")
+except OSError:
+    pass
+try:
+    __import__("socket").socket()
+    seen.append("a socket")
+except OSError:
+    pass
+print(json.dumps({"seen": seen}))
+"""
+
+
+def _landlock_problem(paths: list[str]) -> str:
+    """The same proof for the landlock jail: none of the host's files, /proc, signals or sockets."""
+    import json
+
+    marker = tempfile.NamedTemporaryFile(prefix="jailcell-guard-", dir="/tmp")
+    try:
+        with Sandbox(OPEN_POLICY, backend="landlock", timeout=30) as sb:
+            res = sb.run(LANDLOCK_PROBE.replace("PATHS", repr([marker.name, *paths])).replace("HOST", str(os.getpid())))
+        if res.status != "ok":
+            return f"the landlock probe program failed: {res.status} {res.error}"
+        if res.isolation.get("backend") != "landlock":
+            return f"the landlock probe ran with the {res.isolation.get('backend')!r} backend"
+        seen = json.loads(res.stdout)["seen"]
+        return f"the landlock jail reaches {seen}" if seen else ""
+    except Exception as exc:  # noqa: BLE001 - any failure to jail stops the run
+        return f"landlock: {type(exc).__name__}: {exc}"
+    finally:
+        marker.close()
+        close_all()
 
 
 _SIGINT_CHANGED: list[str] = []
@@ -204,8 +258,14 @@ def minimal():
 OPEN_POLICY = Policy(name="open")  # no import rules: tests of the OS jail, not of the hook
 
 
-@pytest.fixture(scope="session")
-def open_sandbox():
+# The OS jails the hostile tests are thrown at: nsjail (namespaces) and landlock (Landlock + seccomp,
+# for unprivileged containers and Ubuntu's userns restriction), each proven at the session's start.
+# JAILCELL_TEST_BACKENDS=landlock runs the hostile suite where only landlock can jail (a simulated container).
+BACKENDS = os.environ.get("JAILCELL_TEST_BACKENDS", "nsjail,landlock").split(",")
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def open_sandbox(request):
     """A sandbox whose import policy allows everything: what the OS jail alone contains."""
-    with Sandbox(OPEN_POLICY, warm=True, timeout=10, memory=256) as sb:
+    with Sandbox(OPEN_POLICY, backend=request.param, warm=True, timeout=10, memory=256) as sb:
         yield sb

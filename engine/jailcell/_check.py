@@ -6,7 +6,6 @@ import os
 import socket
 import sys
 import threading
-from pathlib import Path
 
 from ._errors import JailcellError
 from ._policy import Policy
@@ -56,11 +55,14 @@ def gather() -> tuple[list[tuple[str, str, str]], bool]:
     else:
         rows.append(_row("user namespace", ok, "jails run in a user namespace that maps the jail's uid to yours"
                          if ok else "needed as non-root: see `nsjail jail starts`"))
-    restrict = Path("/proc/sys/kernel/apparmor_restrict_unprivileged_userns")
+    from .backends import _nsjail
+
+    restrict = _nsjail.APPARMOR_RESTRICT
     if restrict.exists() and restrict.read_text().strip() == "1":
         rows.append(_row("unprivileged user namespaces", False if not root else None,
-                         "Ubuntu AppArmor restriction is on: as non-root, nsjail needs "
-                         "`sudo sysctl kernel.apparmor_restrict_unprivileged_userns=0` or an AppArmor profile"))
+                         "Ubuntu's AppArmor restriction is on: as non-root, nsjail needs an AppArmor profile that "
+                         "allows user namespaces to its binary (landlock jails programs meanwhile). Install it:\n"
+                         + _nsjail.apparmor_profile(path or "/path/to/nsjail")))
     cg = Cgroups.detect()
     entry = {"v1": "; each jail's first process moves itself in (0.06 ms)",
              "v2": "; jailcell moves each jail's first process in while it starts (a move waits 6-22 ms for the "
@@ -77,18 +79,87 @@ def gather() -> tuple[list[tuple[str, str, str]], bool]:
     rows.append(_row("time limits", pidfd_ok, "wall clock and CPU time enforced by the host (it kills the cell "
                                               "through its pidfd) + RLIMIT_CPU per run"))
     rows.append(_row("file size / open files / core", True, "RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE=0"))
-    jailed = ok and pidfd_ok
-    if jailed:
+    nsjail_ok = ok and pidfd_ok
+    if nsjail_ok:
         verified = _verify()
         rows.extend(verified)
-        jailed = all(state != "NO" for _, state, _ in verified)
+        nsjail_ok = all(state != "NO" for _, state, _ in verified)
+    landlock_rows, landlock_ok = _landlock_rows(pidfd_ok, cg)
+    rows.extend(landlock_rows)
+    from .backends import _auto
+
+    try:
+        picked = _auto()  # what `auto` takes: nsjail wherever it can create its namespaces
+    except JailcellError:
+        picked = None
+    jailed = (nsjail_ok if picked == "nsjail" else landlock_ok) if picked else False
+    from .backends import namespaces_unavailable
+
+    cannot = namespaces_unavailable() or (why if not ok else "its probe found the jail incomplete")
+    rows.append(_auto_row(picked, nsjail_ok, landlock_ok, cannot))
     rows.append(_daemon_row())
     rows.append(_row("process backend", None,
                      "only when asked for by name (--backend process or JAILCELL_BACKEND=process; as root also "
                      "JAILCELL_UNSAFE_PROCESS_AS_ROOT=1): NOT a boundary against the host"))
-    rows.append(_row("programs run jailed", jailed, "yes: the default backend (nsjail) works here" if jailed else
+    rows.append(_row("programs run jailed", jailed, f"yes: backend auto picks {picked} here" if jailed else
                      "NO: jailcell refuses to run programs here until the items marked NO are fixed"))
     return rows, jailed
+
+
+def _landlock_rows(pidfd_ok: bool, cg) -> tuple[list[tuple[str, str, str]], bool]:
+    """The landlock backend: the kernel's ABI, and a real landlock jail's probe."""
+    from .backends._landlock import NET_ABI, SCOPED_ABI, landlock_abi, landlock_unavailable
+
+    lacking = landlock_unavailable()
+    if lacking:
+        return [_row("landlock", False, lacking)], False
+    abi = landlock_abi()
+    rows = [_row("landlock", True, f"ABI {abi}: files" + (", TCP" if abi >= NET_ABI else "")
+                 + (", signals and abstract unix sockets scoped" if abi >= SCOPED_ABI else "")
+                 + ("" if abi >= SCOPED_ABI else f" (ABI {SCOPED_ABI}+ also scopes signals: Linux 6.12+)"))]
+    rows.append(_row("landlock process limit", True if cg.version else None,
+                     "the jail's own cgroup pids limit" if cg.version else
+                     "RLIMIT_NPROC, which counts every process of this user (no cgroup: " + cg.reason + "); "
+                     "a delegated cgroup v2 subtree (systemd-run --user -p Delegate=yes, or a container with "
+                     "--cgroupns=private and a writable /sys/fs/cgroup) gives each jail its own"))
+    if not pidfd_ok:
+        return rows, False
+    from ._sandbox import Sandbox
+
+    probe = ("import json, os\nseen = []\nfor p in ['/etc/passwd', '/proc/1/cmdline', '/tmp', HOME]:\n"
+             "    try:\n        os.listdir(p) if os.path.isdir(p) else open(p, 'rb').close()\n"
+             "        seen.append(p)\n    except OSError:\n        pass\n"
+             "try:\n    __import__('socket').socket()\n    seen.append('socket')\nexcept OSError:\n    pass\n"
+             "try:\n    os.kill(HOST, 0)\n    seen.append('signal to jailcell')\nexcept OSError:\n    pass\n"
+             "print(json.dumps(seen))")
+    probe = probe.replace("HOME", repr(os.path.expanduser("~"))).replace("HOST", str(os.getpid()))
+    try:
+        with Sandbox(Policy(name="check"), backend="landlock", timeout=20) as sb:
+            res = sb.run(probe)
+    except JailcellError as exc:
+        return [*rows, _row("landlock jail", False, str(exc))], False
+    if res.status != "ok":
+        return [*rows, _row("landlock jail", False, f"{res.status}: {(res.error or {}).get('message', '')}")], False
+    import json
+
+    seen = json.loads(res.stdout.strip().splitlines()[-1])
+    rows.append(_row("landlock jail", not seen, "a probe reached none of /etc/passwd, /proc, /tmp, $HOME, a socket, "
+                     "a signal to jailcell" if not seen else f"a probe reached {', '.join(seen)}"))
+    return rows, not seen
+
+
+def _auto_row(picked: str | None, nsjail_ok: bool, landlock_ok: bool, nsjail_why: str) -> tuple[str, str, str]:
+    if picked == "nsjail":
+        return _row("backend auto", nsjail_ok, "nsjail: namespaces, seccomp, cgroups (the strongest)" +
+                    ("; landlock works too" if landlock_ok else "") if nsjail_ok else
+                    "nsjail, which can create its namespaces here but does not build a sound jail (see above): "
+                    "nothing runs until that is fixed")
+    if picked == "landlock":
+        return _row("backend auto", landlock_ok, f"landlock, because nsjail cannot jail here ({nsjail_why[:300]}); "
+                    "for nsjail: in a container, CAP_SYS_ADMIN and a seccomp profile that allows namespaces; on "
+                    "Ubuntu 23.10+, the AppArmor profile above (docs/deploy.md compares them). Policies with "
+                    "[isolation] minimum = \"namespaces\" are refused here")
+    return _row("backend auto", False, f"none: nsjail cannot jail here ({nsjail_why}) and landlock does not work")
 
 
 def _daemon_row() -> tuple[str, str, str]:

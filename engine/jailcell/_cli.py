@@ -251,10 +251,12 @@ def _add_sandbox_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default="standard", metavar="NAME|FILE",
                         help="a built-in policy (minimal, standard, ...: `jailcell policy list`) or a .toml file "
                              "(default: standard)")
-    parser.add_argument("--backend", default=None, choices=["auto", "nsjail", "process"],
-                        help="isolation backend (default: $JAILCELL_BACKEND, else nsjail; auto = nsjail). nsjail "
-                             "fails closed: if it cannot build the jail, nothing runs. process = NO isolation "
-                             "from the host, only when named (as root also needs JAILCELL_UNSAFE_PROCESS_AS_ROOT=1)")
+    parser.add_argument("--backend", default=None, choices=["auto", "nsjail", "landlock", "process"],
+                        help="isolation backend (default: $JAILCELL_BACKEND, else auto). auto = the strongest that "
+                             "works here: nsjail (namespaces), else landlock (Landlock + seccomp: unprivileged "
+                             "containers, Ubuntu's userns restriction), else nothing runs. A policy's [isolation] "
+                             "minimum refuses weaker ones. process = NO isolation from the host, only when named "
+                             "and the policy's minimum is \"none\" (as root also JAILCELL_UNSAFE_PROCESS_AS_ROOT=1)")
 
 
 def _workloads() -> list[str]:

@@ -13,12 +13,12 @@ import time
 from typing import Any, Callable, Mapping, NoReturn
 
 from ._bridge import HostFunctions
-from ._errors import InputError, JailError, UsageError
+from ._errors import BackendUnavailable, InputError, JailError, UsageError
 from ._host._jail import Cancel, HeadLost, Jail, JailTimeout, RunCancelled, close_all
 from ._host._run import Outcome, RunRequest
 from ._host._supervisor import RAISE_MEMORY
 from ._injail._protocol import ProtocolError
-from ._policy import MIB, Policy
+from ._policy import BACKEND_LEVEL, MIB, Policy
 from ._result import Result, Status
 from .backends import get_backend
 
@@ -163,6 +163,17 @@ class RunLock:
         self._lock.release()
 
 
+def below_minimum(policy: Policy, backend: str, asked: str | None) -> str:
+    """The refusal of a backend that gives less isolation than the policy accepts."""
+    how = "asked for by name" if asked and asked != "auto" else "the strongest that works here"
+    fix = ("`jailcell check` says why nsjail cannot create its namespaces here and how to fix that"
+           if policy.isolation_minimum == "namespaces" else
+           "use the nsjail or landlock backend (`jailcell check` says which work here)")
+    return (f"policy {policy.name!r} accepts no less than {policy.isolation_minimum!r} isolation ([isolation] "
+            f"minimum), and the {backend} backend ({how}) gives {BACKEND_LEVEL[backend]!r}: {fix}, or lower the "
+            "policy's minimum if you mean it. Nothing was run.")
+
+
 class _Engine:
     """Everything the sync and async classes share: policy, backend, requests, results."""
 
@@ -170,6 +181,8 @@ class _Engine:
                  functions: Mapping[str, Callable[..., Any]] | None = None) -> None:
         self.policy = Policy.load(policy).with_overrides(**overrides)
         self.backend = get_backend(backend)
+        if not self.policy.admits(self.backend.name):
+            raise BackendUnavailable(below_minimum(self.policy, self.backend.name, backend))
         self.functions = HostFunctions(functions)
         self._isolation: dict[str, Any] | None = None
 

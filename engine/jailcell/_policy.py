@@ -35,6 +35,10 @@ A policy file looks like this (every key optional except in the built-ins)::
     [code]
     mode = "python"                 # or "restricted" (RestrictedPython)
 
+    [isolation]
+    minimum = "landlock"            # the least a run accepts: "namespaces" (nsjail), "landlock"
+                                    # (Landlock + seccomp) or "none" (also the process backend)
+
     [env]
     MY_VAR = "value"
 
@@ -134,8 +138,12 @@ class Imports(Frozen):
 
 
 CODE_MODES = ("python", "restricted")
-_TOP_KEYS = {"name", "description", "extends", "limits", "network", "preload", "imports", "code", "env"}
+# The isolation a policy accepts at least, weakest first; each backend gives one of them.
+ISOLATION_LEVELS = ("none", "landlock", "namespaces")
+BACKEND_LEVEL = {"process": "none", "landlock": "landlock", "nsjail": "namespaces"}
+_TOP_KEYS = {"name", "description", "extends", "limits", "network", "preload", "imports", "code", "env", "isolation"}
 _SECTION_KEYS = {
+    "isolation": {"minimum"},
     "network": {"enabled"},
     "preload": {"modules"},
     "imports": {"allow", "deny", "allow_add", "deny_add", "allow_remove", "deny_remove"},
@@ -149,7 +157,8 @@ class Policy(Frozen):
     """A validated policy.  Build with :meth:`Policy.load`; derive with :meth:`with_overrides` (validated)
     or ``replace(**changes)`` (not validated: for values checked already).  Immutable."""
 
-    __slots__ = ("name", "description", "source", "limits", "network", "preload", "imports", "code_mode", "env")
+    __slots__ = ("name", "description", "source", "limits", "network", "preload", "imports", "code_mode", "env",
+                 "isolation_minimum")
     name: str
     description: str
     source: str
@@ -159,13 +168,23 @@ class Policy(Frozen):
     imports: Imports
     code_mode: str
     env: tuple[tuple[str, str], ...]
+    isolation_minimum: str
 
     def __init__(self, name: str = "custom", description: str = "", source: str = "<builtin>",
                  limits: Limits | None = None, network: bool = False, preload: tuple[str, ...] = (),
                  imports: Imports | None = None, code_mode: str = "python",
-                 env: tuple[tuple[str, str], ...] = ()) -> None:
+                 env: tuple[tuple[str, str], ...] = (), isolation_minimum: str = "landlock") -> None:
+        if isolation_minimum not in ISOLATION_LEVELS:
+            raise PolicyError(f"isolation minimum must be one of {', '.join(map(repr, ISOLATION_LEVELS))}, "
+                              f"got {isolation_minimum!r}")
         self._set(name=name, description=description, source=source, limits=limits or Limits(), network=network,
-                  preload=preload, imports=imports or Imports(), code_mode=code_mode, env=env)
+                  preload=preload, imports=imports or Imports(), code_mode=code_mode, env=env,
+                  isolation_minimum=isolation_minimum)
+
+    def admits(self, backend: str) -> bool:
+        """Whether a jail of ``backend`` gives at least this policy's isolation minimum."""
+        level = BACKEND_LEVEL.get(backend, "none")
+        return ISOLATION_LEVELS.index(level) >= ISOLATION_LEVELS.index(self.isolation_minimum)
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -183,7 +202,8 @@ class Policy(Frozen):
         """Return a copy with limits overridden.
 
         Accepts every :class:`Limits` field plus the aliases ``timeout`` (= ``wall_s``),
-        ``memory`` (= ``memory_mib``) and ``network`` (bool).  ``None`` values are ignored.
+        ``memory`` (= ``memory_mib``), ``network`` (bool) and ``isolation`` (the isolation minimum:
+        "namespaces", "landlock" or "none").  ``None`` values are ignored.
         """
         overrides = {k: v for k, v in overrides.items() if v is not None}
         if not overrides:
@@ -191,15 +211,19 @@ class Policy(Frozen):
         network = overrides.pop("network", self.network)
         if not isinstance(network, bool):
             raise PolicyError(f"override 'network' must be true or false, got {network!r}")
+        minimum = overrides.pop("isolation", self.isolation_minimum)
+        if minimum not in ISOLATION_LEVELS:
+            raise PolicyError(f"override 'isolation' must be one of {', '.join(map(repr, ISOLATION_LEVELS))}, "
+                              f"got {minimum!r}")
         aliases = {"timeout": "wall_s", "memory": "memory_mib"}
         limits = {}
         for key, value in overrides.items():
             name = aliases.get(key, key)
             if name not in _LIMIT_RULES:
-                allowed = ", ".join(sorted([*_LIMIT_RULES, *aliases, "network"]))
+                allowed = ", ".join(sorted([*_LIMIT_RULES, *aliases, "network", "isolation"]))
                 raise PolicyError(f"unknown override {key!r}; allowed: {allowed}")
             limits[name] = _check_limit(f"override {key!r}", name, value)
-        return self.replace(limits=self.limits.replace(**limits), network=network)
+        return self.replace(limits=self.limits.replace(**limits), network=network, isolation_minimum=minimum)
 
     # -- views -----------------------------------------------------------------------------
 
@@ -213,6 +237,7 @@ class Policy(Frozen):
             "preload": {"modules": list(self.preload)},
             "imports": {"allow": list(self.imports.allow), "deny": list(self.imports.deny)},
             "code": {"mode": self.code_mode},
+            "isolation": {"minimum": self.isolation_minimum},
             "env": dict(self.env),
         }
 
@@ -220,7 +245,7 @@ class Policy(Frozen):
         d = self.to_dict()
         out = [f"# effective policy (from {self.source})", f"name = {_toml(d['name'])}",
                f"description = {_toml(d['description'])}"]
-        for section in ("limits", "network", "preload", "imports", "code", "env"):
+        for section in ("limits", "network", "preload", "imports", "code", "isolation", "env"):
             out.append(f"\n[{section}]")
             for k, v in d[section].items():
                 if v is not None:
@@ -316,6 +341,10 @@ def _check_shape(path: Path, data: dict[str, Any]) -> None:
                 f"{where}: {section}.{key} must be a list of module names or globs like \"numpy\" or "
                 f"\"numpy.*\", got {value!r}"
             )
+    minimum = data.get("isolation", {}).get("minimum")
+    if minimum is not None and minimum not in ISOLATION_LEVELS:
+        raise PolicyError(f"{where}: isolation.minimum must be one of {', '.join(map(repr, ISOLATION_LEVELS))} "
+                          f"(the least isolation a run accepts), got {minimum!r}")
     mode = data.get("code", {}).get("mode")
     if mode is not None and mode not in CODE_MODES:
         raise PolicyError(f"{where}: code.mode must be one of {', '.join(map(repr, CODE_MODES))}, got {mode!r}")
@@ -342,6 +371,7 @@ def _build(chain: list[tuple[Path, dict[str, Any]]], source: str) -> Policy:
     allow: list[str] = []
     deny: list[str] = []
     mode = "python"
+    minimum = "landlock"
     env: dict[str, str] = {}
     for path, data in chain:
         name = data.get("name", path.stem if path == chain[-1][0] else name)
@@ -355,6 +385,7 @@ def _build(chain: list[tuple[Path, dict[str, Any]]], source: str) -> Policy:
         allow = [m for m in allow if m not in imp.get("allow_remove", [])]
         deny = [m for m in deny if m not in imp.get("deny_remove", [])]
         mode = data.get("code", {}).get("mode", mode)
+        minimum = data.get("isolation", {}).get("minimum", minimum)
         env.update(data.get("env", {}))
     kw = {k: _LIMIT_RULES[k][0](v) for k, v in limits.items()}
     return Policy(
@@ -367,4 +398,5 @@ def _build(chain: list[tuple[Path, dict[str, Any]]], source: str) -> Policy:
         imports=Imports(allow=tuple(dict.fromkeys(allow)), deny=tuple(dict.fromkeys(deny))),
         code_mode=mode,
         env=tuple(sorted(env.items())),
+        isolation_minimum=minimum,
     )

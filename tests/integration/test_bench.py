@@ -77,7 +77,7 @@ def test_bench_cli_and_back_to_back_phases(tmp_path):
     assert std_vs_min["value"] > 0 and std_vs_min["target"] == 1.15
     assert ratios["back-to-back jailcell / fork floor (share of the ceiling, throughput)"]["target"] == 0.8
     phases = report["phases"]
-    assert set(phases) == {"jailcell", "jailcell_minimal", "fork_floor"}
+    assert set(phases) == {"jailcell", "jailcell_minimal", "jailcell_landlock", "fork_floor"}
     for name in ("host", "zygote (loop + sweep)", "nursery (forks)", "cells", "wall"):
         assert phases["jailcell"][name] > 0, (name, phases["jailcell"])
     assert phases["fork_floor"]["cells"] > 0 and phases["fork_floor"]["wall"] > 0

@@ -324,7 +324,7 @@ def test_a_pool_keeps_the_jails_it_started_from_threads_and_leaves_nothing():
     code = ("import time\n"
             "from jailcell import Pool\n"
             "from jailcell._host._teardown import teardown\n"
-            "with Pool(2, 'minimal', backend='process') as pool:\n"
+            "with Pool(2, 'minimal', backend='process', isolation='none') as pool:\n"
             "    pids = [sb._jail.pid for sb in pool._all]\n"
             "    time.sleep(0.5)\n"
             "    assert [r.stdout for r in pool.map(['print(1)'] * 6)] == ['1\\n'] * 6\n"

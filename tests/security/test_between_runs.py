@@ -10,6 +10,8 @@ from jailcell import Policy, Sandbox
 from jailcell._injail import _protocol as proto
 from jailcell.backends._base import JAIL_SRC
 
+from ..conftest import BACKENDS
+
 OPEN = Policy(name="open-between-runs")
 # The same with a package preloaded: its jails have a slim nursery too (programs that do not name numpy run
 # in slim cells), and both kinds of cell must come out clean after an attack from either.
@@ -24,14 +26,18 @@ LATER = [
     ("import resource; print(resource.getrlimit(resource.RLIMIT_FSIZE)[0] > 0, "
      "resource.getrlimit(resource.RLIMIT_CPU)[0] >= 1)", "True True\n"),
     ("x = bytearray(50 * 1024 * 1024); print(len(x) // 2**20)", "50\n"),
-    ("import os, time; time.sleep(0.05); print({'survivor', 'orphan'} & set(os.listdir('/tmp')), os.listdir('.'))",
+    ("import os, time; time.sleep(0.05); print({'survivor', 'orphan'} & set(os.listdir(os.environ['TMPDIR'])), os.listdir('.'))",
      "set() []\n"),
 ]
 
 
-@pytest.fixture(params=[OPEN, OPEN_SLIM], ids=["full", "slim"])
+@pytest.fixture(params=[p for p in [(OPEN, "nsjail"), (OPEN_SLIM, "nsjail"), (OPEN, "landlock"), (OPEN_SLIM, "landlock")]
+                        if p[1] in BACKENDS], ids=[i for i, b in [("full", "nsjail"), ("slim", "nsjail"),
+                                                                 ("landlock-full", "landlock"),
+                                                                 ("landlock-slim", "landlock")] if b in BACKENDS])
 def sandbox(request):
-    with Sandbox(request.param, timeout=10, memory=256) as sb:
+    policy, backend = request.param
+    with Sandbox(policy, backend=backend, timeout=10, memory=256) as sb:
         yield sb
 
 
@@ -139,7 +145,7 @@ libc = ctypes.CDLL(None, use_errno=True)
 pid = libc.syscall(56, 0x8000 | 17, 0, 0, 0, 0)  # clone(CLONE_PARENT | SIGCHLD)
 if pid == 0:
     while True:
-        open('/tmp/survivor', 'a').write('x')
+        open(os.environ['TMPDIR'] + '/survivor', 'a').write('x')
         time.sleep(0.01)
 print("clone_parent", pid, ctypes.get_errno())
 """,
@@ -158,7 +164,7 @@ if os.fork() == 0:
     os.setsid()
     if os.fork() == 0:
         while True:
-            open('/tmp/orphan', 'a').write('x')
+            open(os.environ['TMPDIR'] + '/orphan', 'a').write('x')
             time.sleep(0.01)
     os._exit(0)
 time.sleep(0.05)
@@ -190,7 +196,41 @@ def test_hostile_session_run_leaves_other_sessions_and_sandbox_untouched(sandbox
     later_runs_are_clean(sandbox)
 
 
+def landlock(sb: Sandbox) -> bool:
+    """The landlock jail: cells see no /proc at all, and cannot signal the machinery (a nursery is
+    outside their Landlock domain), so attacks that need either are refused outright there."""
+    return sb.isolation["backend"] == "landlock"
+
+
+def scores(jail_pid: int) -> tuple[str, set[str]]:
+    """From the host: the landlock jail's zygote's oom_score_adj, and those of its descendants."""
+    from pathlib import Path
+
+    def score(pid: int) -> str:
+        return Path(f"/proc/{pid}/oom_score_adj").read_text().strip()
+
+    kids = set()
+    todo = [jail_pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except OSError:
+            continue
+        todo += children
+        for c in children:
+            try:
+                kids.add(score(c))
+            except OSError:
+                pass
+    return score(jail_pid), kids
+
+
 def test_cells_get_oom_score_adj_1000_and_the_zygote_does_not(sandbox):
+    if landlock(sandbox):  # no /proc in the cell: read from the host
+        sandbox.run("print(1)")
+        assert scores(sandbox._jail.pid) == ("0", {"1000"})
+        return
     r = sandbox.run("import os\nprint(open('/proc/self/oom_score_adj').read().strip(), "
                     "open('/proc/1/oom_score_adj').read().strip())")
     assert r.stdout == "1000 0\n", r.stdout
@@ -378,13 +418,17 @@ def test_jail_modules_are_not_reachable_by_name(session, sandbox):
 def test_nothing_of_a_run_stays_on_the_directories_the_sweep_keeps(sandbox):
     """Extended attributes and times of the workspace and /tmp (kept, not removed) would carry data
     to the next run."""
-    r = sandbox.run("import os\nfor p in ('.', '/tmp'):\n    os.setxattr(p, 'user.leak', b'secret')\n"
-                    "    os.utime(p, (123456, 123456))\n    os.chmod(p, 0o700)")
+    look = ("import os\nprint([(os.listxattr(p), os.stat(p).st_mtime == 123456, oct(os.stat(p).st_mode & 0o7777))"
+            " for p in ('.', os.environ['TMPDIR'])])")
+    sandbox.run("pass")
+    fresh = sandbox.run(look).stdout  # as the sweep leaves them after an ordinary run
+    assert fresh.startswith("[([], False, '0o"), fresh
+    r = sandbox.run("import os\nfor p in ('.', os.environ['TMPDIR']):\n    os.setxattr(p, 'user.leak', b'secret')\n"
+                    "    os.utime(p, (123456, 123456))\n    os.chmod(p, 0o700 if p == '.' else 0o755)")
     assert r.ok, r
     for _ in range(2):
-        r = sandbox.run("import os\nprint([(os.listxattr(p), os.stat(p).st_mtime == 123456, oct(os.stat(p).st_mode & 0o7777))"
-                        " for p in ('.', '/tmp')])")
-        assert r.stdout == "[([], False, '0o755'), ([], False, '0o1777')]\n", r.stdout
+        r = sandbox.run(look)
+        assert r.stdout == fresh, r.stdout
 
 
 KILLED = [
@@ -421,6 +465,9 @@ def test_killed_runs_return_right_after_their_limit(sandbox, code, session):
             assert s.run("x").result == "1"
     else:
         r, took = run(sandbox)
+    if landlock(sandbox) and not session and "getppid()" in code:  # the nursery is outside the cell's domain
+        assert r.status == "error" and r.error["type"] == "PermissionError", r
+        return
     assert r.status in ("timeout", "memory_limit"), r
     assert took < 2.6, took  # the limit is 1 s: no second-long wait for an exit status after it
 
@@ -455,6 +502,14 @@ def test_no_process_of_the_jail_is_ever_dumpable_not_even_while_a_nursery_starts
     killed the nursery raced the replacement's start window and kept a handle on its memory."""
     numpy = "# numpy: a full cell\n" if sandbox.policy.preload else ""
     sandbox.run("print('warm')")
+    if landlock(sandbox):  # a cell sees no /proc and cannot signal its nursery at all
+        r = sandbox.run(numpy + "import os\ntry:\n    os.kill(os.getppid(), 9)\nexcept OSError as e:\n    print(e.errno)\n"
+                        "try:\n    os.listdir('/proc')\nexcept OSError as e:\n    print(e.errno)")
+        assert r.stdout == "1\n13\n", r
+        sandbox.run("print(1)")
+        assert scores(sandbox._jail.pid) == ("0", {"1000"})
+        later_runs_are_clean(sandbox)
+        return
     r = sandbox.run(numpy + "WAIT = 2.5\n" + NEVER_DUMPABLE, timeout=10)
     assert r.status == "ok" and r.stdout == "True []\n", (r.stdout, r.error)
     r = sandbox.run("import os\nprint(open('/proc/self/oom_score_adj').read().strip(), "
@@ -470,6 +525,10 @@ def test_a_session_cell_cannot_make_itself_or_its_holder_dumpable(sandbox):
                   "print(libc.prctl(4, 1, 0, 0, 0), ctypes.get_errno(), libc.prctl(3, 0, 0, 0, 0))")
         assert r.stdout == "-1 1 0\n", r.stdout  # EPERM, and still not dumpable
         s.run("x = 7")
+        if landlock(sandbox):  # no /proc in a cell at all
+            r = s.run("import os\nopen(f'/proc/{os.getppid()}/mem', 'rb')")
+            assert r.error["type"] == "PermissionError", r
+            return
         r = s.run("import os\nprint(os.stat(f'/proc/{os.getppid()}/mem').st_uid != os.getuid(), x)")
         assert r.stdout == "True 7\n", r.stdout  # the holder (the last run's cell) is not dumpable either
 
@@ -478,6 +537,11 @@ def test_a_jail_whose_nursery_was_killed_twice_or_whose_slim_nursery_died_is_ret
     sandbox.run("print('warm')")
     jail = sandbox._jail
     slim = bool(sandbox.policy.preload)
+    if landlock(sandbox):  # a cell cannot signal its nursery: nothing to retire
+        r = sandbox.run("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)")
+        assert r.error["type"] == "PermissionError" and sandbox.run("print(2)").stdout == "2\n"
+        assert sandbox._jail is jail
+        return
     # one full nursery lost: replaced in the jail (slim: the slim nursery, by a cell of it: retired)
     r = sandbox.run("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)")
     assert r.status == "ok", r.error

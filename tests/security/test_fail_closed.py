@@ -47,16 +47,31 @@ def _fake_nsjail(tmp_path: Path, body: str) -> str:
 
 
 def test_no_nsjail_binary(marker):
-    env = {"JAILCELL_NSJAIL": "/nonexistent/nsjail"}
+    env = {"JAILCELL_NSJAIL": "/nonexistent/nsjail", "JAILCELL_BACKEND": "nsjail"}
     api = _api(env, _code(marker))
     assert api.returncode == 1 and "BackendUnavailable" in api.stderr
     assert "nsjail binary not found: JAILCELL_NSJAIL=/nonexistent/nsjail is not an executable" in api.stderr
     cli = _cli(env, "run", "--policy", "minimal", "-c", _code(marker))
     assert cli.returncode == 2 and cli.stdout == ""
     assert "Nothing was run" in cli.stderr and "JAILCELL_NSJAIL" in cli.stderr and "WARNING" not in cli.stderr
-    check = _cli(env, "check")
-    assert check.returncode == 1
-    assert "nsjail binary" in check.stdout and "NO" in check.stdout and "refuses to run programs" in check.stdout
+    # auto: the strongest backend that works here is landlock; the program runs in its jail, and is contained
+    auto = {"JAILCELL_NSJAIL": "/nonexistent/nsjail"}
+    api = _api(auto, _code(marker) + "\nimport sys; sys.exit(0)")
+    assert api.returncode == 0 and api.stdout == "error\n", api.stderr  # PermissionError: the marker stays unwritten
+    check = _cli(auto, "check")
+    assert check.returncode == 0
+    assert "nsjail binary" in check.stdout and "NO" in check.stdout
+    assert "backend auto                   works  landlock, because nsjail cannot jail here" in check.stdout
+    assert "auto picks landlock" in check.stdout
+    # a policy that accepts nothing less than namespaces is refused there, naming the minimum
+    strict = _cli(auto, "run", "--policy", str(_strict_policy(marker.parent)), "-c", _code(marker))
+    assert strict.returncode == 2 and "accepts no less than 'namespaces'" in strict.stderr, strict.stderr
+
+
+def _strict_policy(folder: Path) -> Path:
+    path = folder / "strict.toml"
+    path.write_text('extends = "minimal"\n[isolation]\nminimum = "namespaces"\n')
+    return path
 
 
 def test_nsjail_refused_by_the_kernel(marker, tmp_path):
@@ -126,10 +141,14 @@ def test_interpreter_unreadable_by_the_jail_user_names_the_path(tmp_path, marker
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
     venv.chmod(0o700)
     python = venv / "bin" / "python"
-    cli = subprocess.run([str(python), "-m", "jailcell", "run", "--policy", "minimal", "-c", _code(marker)],
-                         capture_output=True, text=True, timeout=120)
+    cli = subprocess.run([str(python), "-m", "jailcell", "run", "--backend", "nsjail", "--policy", "minimal", "-c",
+                          _code(marker)], capture_output=True, text=True, timeout=120)
     assert cli.returncode == 2, cli.stderr
     assert str(venv) in cli.stderr and "chmod -R o+rX" in cli.stderr and "nobody" in cli.stderr
+    # auto takes the landlock backend instead (its jail runs as this user): jailed, the marker stays unwritten
+    cli = subprocess.run([str(python), "-m", "jailcell", "run", "--policy", "minimal", "-c", _code(marker)],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 1 and "PermissionError" in cli.stderr, cli.stderr
 
 
 @pytest.mark.parametrize("env", [{"JAILCELL_NSJAIL": "/nonexistent/nsjail"},

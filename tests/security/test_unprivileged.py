@@ -47,7 +47,7 @@ SCRIPT = r"""
 import json, sys
 from jailcell import Sandbox
 out = {}
-with Sandbox("minimal", memory=64) as sb:
+with Sandbox("minimal", memory=64, isolation=__import__("os").environ.get("TEST_ISOLATION")) as sb:
     r = sb.run("print(6 * 7)")
     out["ok"] = [r.status, r.stdout]
     out["isolation"] = r.isolation
@@ -63,6 +63,8 @@ def run_as_nobody(copy_root: Path, nsjail: str, secret: Path, backend: str = "")
     env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(copy_root), "JAILCELL_NSJAIL": nsjail}
     if backend:
         env["JAILCELL_BACKEND"] = backend
+    if backend == "process":  # the unisolated backend runs only for a policy that accepts no isolation
+        env["TEST_ISOLATION"] = "none"
     cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", PYTHON, "-c", SCRIPT, str(secret)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
 
@@ -91,21 +93,28 @@ def test_nsjail_in_user_namespace_as_nobody(copy_root, root_only_secret):
     assert "WARNING" not in r.stderr
 
 
-def test_default_backend_fails_closed_as_nobody(copy_root, root_only_secret, tmp_path):
-    """nsjail cannot run (no binary): the default backend refuses; nothing of the program runs."""
+def test_nsjail_fails_closed_as_nobody_and_auto_gives_landlock(copy_root, root_only_secret, tmp_path):
+    """nsjail cannot run (no binary): nsjail by name refuses and nothing of the program runs; auto gives
+    the landlock jail, in which the program cannot write outside its workspace either."""
     marker = tmp_path / "ran-unjailed"
     tmp_path.chmod(0o777)
     code = f"open({str(marker)!r}, 'w').write('x')"
     env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(copy_root), "JAILCELL_NSJAIL": "/nonexistent"}
     as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", PYTHON]
+    auto = subprocess.run([*as_nobody, "-m", "jailcell", "run", "--json", "--policy", "minimal", "-c", code],
+                          env=env, capture_output=True, text=True, timeout=120)
+    result = json.loads(auto.stdout)
+    assert auto.returncode == 1 and result["error"]["type"] == "PermissionError", auto.stderr
+    assert result["isolation"]["backend"] == "landlock"
+    check = subprocess.run([*as_nobody, "-m", "jailcell", "check"], env=env, capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0 and "auto picks landlock" in check.stdout, check.stdout
+    env["JAILCELL_BACKEND"] = "nsjail"
     api = subprocess.run([*as_nobody, "-c", f"from jailcell import Sandbox\nSandbox('minimal').run({code!r})"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert api.returncode != 0 and "BackendUnavailable" in api.stderr and "nsjail binary not found" in api.stderr
     cli = subprocess.run([*as_nobody, "-m", "jailcell", "run", "--policy", "minimal", "-c", code],
                          env=env, capture_output=True, text=True, timeout=120)
     assert cli.returncode == 2 and "Nothing was run" in cli.stderr and "JAILCELL_NSJAIL" in cli.stderr, cli.stderr
-    check = subprocess.run([*as_nobody, "-m", "jailcell", "check"], env=env, capture_output=True, text=True, timeout=120)
-    assert check.returncode == 1 and "programs run jailed" in check.stdout, check.stdout
     assert not marker.exists()
 
 
@@ -149,7 +158,7 @@ def zygotes():  # this script's (a subreaper: its jails' orphans stay its descen
     return [f"/proc/{pid}" for pid in found if ours(pid)]
 
 for _ in range(15):
-    with Sandbox("minimal", backend="process") as sb:
+    with Sandbox("minimal", backend="process", isolation="none") as sb:
         assert sb.run("1 + 1").result == "2"
 _teardown.join()
 deadline = time.monotonic() + 5

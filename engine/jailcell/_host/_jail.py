@@ -383,14 +383,14 @@ class Jail:
             return False
         return True
 
-    def _wait(self, until: Callable[[], bool], deadline: float) -> None:
+    def _wait(self, until: Callable[[], bool], deadline: float, new_run: bool = False) -> None:
         """Until ``until()`` holds (checked under the lock) -- or raise why it cannot.  A wait
         that takes more than a moment looks whether the jail's own processes on the host (nsjail,
         the zygote) were stopped -- nothing inside the jail can stop them, something on the host
         did -- and continues them, so a stray SIGSTOP costs a second, not the whole timeout."""
         checked = time.monotonic()
-        with self._cv:
-            while not until():
+        with self._cv:  # a new run never starts in a broken jail (e.g. one the sweep retired)
+            while (new_run and self._broken is not None) or not until():
                 if self.closed:
                     raise JailError("the jail is closed")
                 if self._broken is not None:
@@ -477,14 +477,12 @@ class Jail:
             slim_first = slim_ok and self._heavy is not None
 
             def pick() -> Spare | None:
-                if self._broken is not None:  # e.g. retired by the sweep after the last run: no more runs here
-                    raise EOFError(f"the jail's control channel broke ({self._broken})")
                 if self._used:
                     return None
                 fitting = [s for s in self._spares if s.slim == slim_first] or (list(self._spares) if slim_ok else [])
                 return fitting[0] if fitting else None
 
-            self._wait(lambda: pick() is not None, deadline)
+            self._wait(lambda: pick() is not None, deadline, new_run=True)
             with self._cv:
                 spare = pick()
                 assert spare is not None
@@ -492,15 +490,13 @@ class Jail:
                 return spare
 
         def ready() -> bool:
-            if self._broken is not None:
-                raise EOFError(f"the jail's control channel broke ({self._broken})")
             if head in self._lost:
                 raise HeadLost("the session's state was lost: a program killed the process that held it")
             if head not in self._heads:
                 raise JailError(f"no such session {head!r}")
             return not self._used and self._heads[head] is not None
 
-        self._wait(ready, deadline)
+        self._wait(ready, deadline, new_run=True)
         with self._cv:
             spare, self._heads[head] = self._heads[head], None
         assert spare is not None

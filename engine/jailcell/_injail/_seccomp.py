@@ -77,6 +77,17 @@ F_SETOWN, F_SETOWN_EX = 8, 15
 OWNER_IOCTLS = (0x8901, 0x8902, 0x5410)  # FIOSETOWN, SIOCSPGRP, TIOCSPGRP
 PR_SET_DUMPABLE = 4
 SIGN_BIT = 0x80000000
+# Landlock has no rights for a file's metadata: chmod, chown, utimes and xattrs by *path* reach any file
+# of the jail's uid wherever it is.  In the landlock backend's cells they are denied (the fd-based calls
+# stay: an fd comes from an open() that Landlock checked; utimensat only with a NULL path, i.e. futimens).
+PATH_METADATA = {
+    "x86_64": {"chmod": 90, "fchmodat": 268, "fchmodat2": 452, "chown": 92, "lchown": 94, "fchownat": 260,
+               "utime": 132, "utimes": 235, "futimesat": 261, "setxattr": 188, "lsetxattr": 189,
+               "removexattr": 197, "lremovexattr": 198, "setxattrat": 463, "removexattrat": 466},
+    "aarch64": {"fchmodat": 53, "fchmodat2": 452, "fchownat": 54, "setxattr": 5, "lsetxattr": 6, "removexattr": 14,
+                "lremovexattr": 15, "setxattrat": 463, "removexattrat": 466},
+}
+UTIMENSAT = {"x86_64": 280, "aarch64": 88}
 
 
 def _arg_lo(i: int) -> int:
@@ -110,9 +121,11 @@ class _Asm:
         return b"".join(out)
 
 
-def program(machine: str | None = None) -> bytes | None:
-    """The cell filter (None: unknown architecture)."""
-    arch = ARCHES.get(machine or os.uname().machine)
+def program(machine: str | None = None, landlock: bool = False) -> bytes | None:
+    """The cell filter (None: unknown architecture); ``landlock``: with the landlock backend's rules
+    for metadata by path."""
+    machine = machine or os.uname().machine
+    arch = ARCHES.get(machine)
     if arch is None:
         return None
     audit, nr = arch
@@ -133,6 +146,10 @@ def program(machine: str | None = None) -> bytes | None:
     a.op(JEQ, nr["prctl"], "prctl", 0)
     for name in DENIED:
         a.op(JEQ, nr[name], "deny", 0)
+    if landlock:
+        for number in PATH_METADATA[machine].values():
+            a.op(JEQ, number, "deny", 0)
+        a.op(JEQ, UTIMENSAT[machine], "utimensat", 0)
     a.label("allow")
     a.op(RET, RET_ALLOW)
     a.label("deny")
@@ -176,6 +193,12 @@ def program(machine: str | None = None) -> bytes | None:
     a.op(JEQ, PR_SET_DUMPABLE, 0, "allow2")
     a.op(LD_ABS, _arg_lo(1))
     a.op(JEQ, 0, "allow2", "deny2")
+    if landlock:  # utimensat(fd, NULL, ...) is futimens: allowed; with a path: denied
+        a.label("utimensat")
+        a.op(LD_ABS, _arg_lo(1))
+        a.op(JEQ, 0, 0, "deny2")
+        a.op(LD_ABS, _arg_lo(1) + 4)
+        a.op(JEQ, 0, "allow2", "deny2")
     a.label("allow2")
     a.op(RET, RET_ALLOW)
     a.label("deny2")
@@ -183,20 +206,99 @@ def program(machine: str | None = None) -> bytes | None:
     return a.assemble()
 
 
+# The landlock backend's filter for the whole jail (zygote included), where nsjail's would be, with
+# the same rules (backends/_nsjail.py, SECCOMP_POLICY): no debugging of other processes, no kernel,
+# namespace or mount administration, no SysV IPC or POSIX message queues (without an IPC namespace
+# they would be the host's, and outlive runs); clone3 is ENOSYS (glibc falls back to clone, whose flags
+# a filter can read) and clone with namespace flags or CLONE_PARENT is EPERM.  Without the network,
+# no socket() at all (the jail's own channels are socketpairs).  Landlock's own calls stay allowed:
+# each cell builds its domain under this filter.
+_JAIL_DENIED = {
+    "x86_64": dict(
+        ptrace=101, process_vm_readv=310, process_vm_writev=311, process_madvise=440, pidfd_getfd=438, mount=165,
+        umount2=166, pivot_root=155, chroot=161, move_mount=429, fsopen=430, fsconfig=431, fsmount=432, fspick=433,
+        open_tree=428, mount_setattr=442, unshare=272, setns=308, bpf=321, perf_event_open=298, keyctl=250,
+        add_key=248, request_key=249, userfaultfd=323, kexec_load=246, kexec_file_load=320, init_module=175,
+        finit_module=313, delete_module=176, io_uring_setup=425, io_uring_enter=426, io_uring_register=427,
+        reboot=169, swapon=167, swapoff=168, acct=163, quotactl=179, syslog=103, iopl=172, ioperm=173,
+        settimeofday=164, clock_settime=227, clock_adjtime=305, adjtimex=159, open_by_handle_at=304,
+        name_to_handle_at=303, lookup_dcookie=212, fanotify_init=300, vhangup=153, personality=135, uselib=134,
+        sethostname=170, setdomainname=171, shmget=29, shmat=30, shmdt=67, shmctl=31, semget=64, semop=65,
+        semtimedop=220, semctl=66, msgget=68, msgsnd=69, msgrcv=70, msgctl=71, mq_open=240, mq_unlink=241,
+        mq_timedsend=242, mq_timedreceive=243, mq_notify=244, mq_getsetattr=245),
+    "aarch64": dict(
+        ptrace=117, process_vm_readv=270, process_vm_writev=271, process_madvise=440, pidfd_getfd=438, mount=40,
+        umount2=39, pivot_root=41, chroot=51, move_mount=429, fsopen=430, fsconfig=431, fsmount=432, fspick=433,
+        open_tree=428, mount_setattr=442, unshare=97, setns=268, bpf=280, perf_event_open=241, keyctl=219,
+        add_key=217, request_key=218, userfaultfd=282, kexec_load=104, kexec_file_load=294, init_module=105,
+        finit_module=273, delete_module=106, io_uring_setup=425, io_uring_enter=426, io_uring_register=427,
+        reboot=142, swapon=224, swapoff=225, acct=89, quotactl=60, syslog=116, settimeofday=170,
+        clock_settime=112, clock_adjtime=266, adjtimex=171, open_by_handle_at=265, name_to_handle_at=264,
+        lookup_dcookie=18, fanotify_init=262, vhangup=58, personality=92, sethostname=161, setdomainname=162,
+        shmget=194, shmat=196, shmdt=197, shmctl=195, semget=190, semop=193, semtimedop=192, semctl=191,
+        msgget=186, msgsnd=189, msgrcv=188, msgctl=187, mq_open=180, mq_unlink=181, mq_timedsend=182,
+        mq_timedreceive=183, mq_notify=184, mq_getsetattr=185),
+}
+_JAIL_CALLS = {"x86_64": {"socket": 41, "clone": 56, "clone3": 435}, "aarch64": {"socket": 198, "clone": 220,
+                                                                                "clone3": 435}}
+CLONE_DENIED = 0x7E028000  # NEWNS NEWCGROUP NEWUTS NEWIPC NEWUSER NEWPID NEWNET, and CLONE_PARENT (0x8000)
+RET_ENOSYS = 0x00050000 | errno.ENOSYS
+
+
+def jail_program(network: bool, machine: str | None = None) -> bytes:
+    """The landlock backend's jail filter (raises OSError for an architecture it does not know:
+    such a jail is refused, never built without it)."""
+    machine = machine or os.uname().machine
+    if machine not in ARCHES:
+        raise OSError(errno.ENOSYS, f"no seccomp filter for the {machine} architecture")
+    audit, _ = ARCHES[machine]
+    nr = _JAIL_CALLS[machine]
+    a = _Asm()
+    a.op(LD_ABS, 4)
+    a.op(JEQ, audit, 0, "deny")
+    a.op(LD_ABS, 0)
+    a.op(JSET, X32_BIT, "deny", 0)
+    a.op(JEQ, nr["clone3"], "enosys", 0)
+    a.op(JEQ, nr["clone"], "clone", 0)
+    if not network:
+        a.op(JEQ, nr["socket"], "deny", 0)
+    for number in sorted(set(_JAIL_DENIED[machine].values())):
+        a.op(JEQ, number, "deny", 0)
+    a.op(RET, RET_ALLOW)
+    a.label("clone")
+    a.op(LD_ABS, _arg_lo(0))
+    a.op(JSET, CLONE_DENIED, "deny", "allow")
+    a.label("allow")
+    a.op(RET, RET_ALLOW)
+    a.label("deny")
+    a.op(RET, RET_EPERM)
+    a.label("enosys")
+    a.op(RET, RET_ENOSYS)
+    return a.assemble()
+
+
 class _Fprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
 
 
-def install() -> bool:
-    """Stack the cell filter onto this process (and everything it will fork).  False if the
-    architecture is unknown; raises OSError if the kernel refuses it."""
-    code = program()
-    if code is None:
-        return False
+def install_program(code: bytes) -> None:
+    """Stack ``code`` onto this process (and everything it will fork); raises OSError if refused."""
     prog = _Fprog(len(code) // 8, code)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # nsjail set it already; without nsjail it is needed
     if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"cannot install the cell's seccomp filter: {os.strerror(err)}")
+        raise OSError(err, f"cannot install a seccomp filter: {os.strerror(err)}")
+
+
+def install(landlock: bool = False) -> bool:
+    """Stack the cell filter onto this process (and everything it will fork).  False if the
+    architecture is unknown; raises OSError if the kernel refuses it."""
+    code = program(landlock=landlock)
+    if code is None:
+        return False
+    try:
+        install_program(code)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot install the cell's seccomp filter: {os.strerror(exc.errno or 0)}") from None
     return True

@@ -22,6 +22,7 @@ __builtins__ = dict(builtins.__dict__)  # type: ignore[assignment]
 
 REHEARSE_AFTER_S = 0.01  # a spare forked back to back rehearses only if no request came this long
 NO_FILTER_EXIT = 125     # a process that forks cells exits so when it cannot get the cell filter
+SPARE_BROKEN = 122       # a spare exits so when it could not get ready (it ran no program)
 
 
 EXIT_WAIT_S = 2.0  # how long a dead cell's parent may take to report its exit status
@@ -103,15 +104,19 @@ def fork_spare(glb_factory, parent_sock: socket, session: bool, rehearse: bool =
         if not session:
             os.close(sock_fd)
         os.setpgid(0, 0)  # os.kill(0, ...) from the program reaches its own processes only
-        machinery_signals(ignore=False)
-        # Rehearse a request: the pages it writes are copied now, while the spare waits, instead of
-        # on the next run's path.  When runs come back to back the request is due in a moment and
-        # a rehearsal would only add its own CPU time, so such a spare rehearses only if no request
-        # has come within REHEARSE_AFTER_S (an LLM tool loop's next call comes much later).
-        if rehearse or not select.select([req], [], [], REHEARSE_AFTER_S)[0]:
-            cell.warm_up(session)  # its request carries the usual CPU limit: set now, while idle
-        else:
-            guard.hide_blocked_modules()
+        try:
+            cell.enter_landlock()  # (the landlock backend: the cell's own domain, before any request)
+            machinery_signals(ignore=False)
+            # Rehearse a request: the pages it writes are copied now, while the spare waits, instead of
+            # on the next run's path.  When runs come back to back the request is due in a moment and
+            # a rehearsal would only add its own CPU time, so such a spare rehearses only if no request
+            # has come within REHEARSE_AFTER_S (an LLM tool loop's next call comes much later).
+            if rehearse or not select.select([req], [], [], REHEARSE_AFTER_S)[0]:
+                cell.warm_up(session)  # its request carries the usual CPU limit: set now, while idle
+            else:
+                guard.hide_blocked_modules()
+        except BaseException:  # noqa: BLE001 - a spare that is not ready never runs a program; its
+            os._exit(SPARE_BROKEN)  # exit status says so (never 0, which a program's exit would be)
         try:
             cell.serve(req, glb_factory(), session)
         except BaseException:  # noqa: BLE001 - the request pipe broke: nothing to report to
@@ -149,7 +154,9 @@ def forks_cells() -> None:
     guard.hide_jail()
     machinery_signals(ignore=True)
     try:
-        _seccomp.install()
+        _seccomp.install(landlock=bool(cell.CONFIG.get("landlock")))
+        if cell.CONFIG.get("landlock"):  # (its filter denies metadata calls by path: a session's first holder
+            cell.metadata_by_fd()        # copies a workspace for fork() through fds, as its cells do)
     except OSError as exc:
         os.write(2, f"jailcell: {exc}\n".encode())
         os._exit(NO_FILTER_EXIT)

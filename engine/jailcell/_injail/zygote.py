@@ -258,6 +258,28 @@ def _add_site_dirs(paths: list[str]) -> None:
     site.sethelper()
 
 
+def _confine(spec: dict) -> dict:
+    """The landlock backend: the jail's seccomp filter on this process (and all it forks), then a
+    throwaway child that confines itself as every cell will and says what it could read -- or the
+    zygote ends (never a jail with less than asked)."""
+    import _landlock  # (kept for the cells: jailcell's modules are hidden from their sys.modules)
+    import _seccomp
+
+    cell.STATE["landlock"] = _landlock
+    try:
+        _seccomp.install_program(_seccomp.jail_program(bool(spec.get("network"))))
+        sees = _landlock.probe(spec)
+        if "error" in sees:
+            raise OSError(sees["error"])
+    except (OSError, KeyError, TypeError, ValueError, SyntaxError) as exc:
+        os.write(2, f"jailcell: cannot build the landlock jail: {exc}\n".encode())
+        os._exit(NOT_CONFINED_EXIT)
+    return sees
+
+
+NOT_CONFINED_EXIT = 123  # the zygote exits so when the kernel refuses part of the landlock jail
+
+
 def main() -> None:
     global CONFIG
     ctl = socket(fileno=os.dup(0))
@@ -268,8 +290,10 @@ def main() -> None:
     CONFIG, fds = proto.recv(ctl)
     _enter_cgroups(fds)  # first: nothing is forked here before
     # What this process sees before anything else runs here: the host checks that it is a jail
-    # (its own pid namespace, none of the host's files) before it sends a program.
-    sees = {"root": sorted(os.listdir("/")), "etc_passwd": os.path.exists("/etc/passwd")}
+    # (its own pid namespace, none of the host's files; or a Landlock domain) before it sends a program.
+    landlock = CONFIG.get("landlock")
+    sees = _confine(landlock) if landlock else {"root": sorted(os.listdir("/")),
+                                                "etc_passwd": os.path.exists("/etc/passwd")}
     cell.CONFIG.update(CONFIG)
     _add_site_dirs(CONFIG.get("sys_path", []))
     guard.configure(CONFIG)

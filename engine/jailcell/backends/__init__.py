@@ -1,5 +1,6 @@
-"""Backends start jails.  ``nsjail`` is the default and fails closed; ``process`` (no isolation)
-runs only when asked for by name."""
+"""Backends start jails.  ``auto`` (the default) is the strongest that works here: ``nsjail``
+(namespaces), else ``landlock`` (Landlock + seccomp, no namespaces), else a refusal that names both
+causes; ``process`` (no isolation) runs only when asked for by name."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from ._nsjail import NsjailBackend
 
 __all__ = ["Backend", "get_backend", "refusal", "pidfd_support", "BACKENDS", "BACKEND_ENV", "UNSAFE_ROOT_ENV"]
 
-BACKENDS = ("auto", "nsjail", "process")
+BACKENDS = ("auto", "nsjail", "landlock", "process")
 _lock = threading.Lock()
 _cache: dict[str, Backend] = {}
 
@@ -41,39 +42,108 @@ BACKEND_ENV = "JAILCELL_BACKEND"
 def get_backend(name: str | None = None) -> Backend:
     """The backend called ``name`` (default: ``$JAILCELL_BACKEND``, else ``auto``).
 
-    ``auto`` and ``nsjail`` are the same: nsjail, or :class:`BackendUnavailable` naming the cause
-    and the fix -- never a silent fallback.  ``process`` (no isolation from the host) is used
-    only when asked for by name, and as root only with ``JAILCELL_UNSAFE_PROCESS_AS_ROOT=1`` too.
+    ``auto`` is nsjail where it can create its namespaces here, else landlock where the kernel has it,
+    else :class:`BackendUnavailable` naming both causes and the fixes -- never a jail with less than
+    that.  (A policy's ``[isolation] minimum`` may still refuse the backend picked: see the engine.)
+    ``process`` (no isolation from the host) is used only when asked for by name, and as root only
+    with ``JAILCELL_UNSAFE_PROCESS_AS_ROOT=1`` too.
     """
     if name is None:
         name = os.environ.get(BACKEND_ENV) or "auto"
     if name not in BACKENDS:
         source = f" (from ${BACKEND_ENV})" if name == os.environ.get(BACKEND_ENV) else ""
         raise BackendUnavailable(f"unknown backend {name!r}{source}; choose one of {', '.join(BACKENDS)}")
-    if name == "auto":
-        name = "nsjail"
     with _lock:
         if name in _cache:
             return _cache[name]
         ok, why = pidfd_support()
         if not ok:
             raise BackendUnavailable(why)
-        if name == "process":
-            if os.geteuid() == 0 and os.environ.get(UNSAFE_ROOT_ENV) != "1":
-                raise BackendUnavailable(
-                    "the process backend runs programs without any isolation, and jailcell runs as root: a "
-                    "program could read, change or kill anything on this machine. Use the nsjail backend "
-                    "(`jailcell check` says what it needs), or run jailcell as an unprivileged user; if you "
-                    f"really mean it, set {UNSAFE_ROOT_ENV}=1 as well")
-            from ._process import ProcessBackend  # only when asked for by name: not on every `jailcell run`
-
-            backend: Backend = ProcessBackend()
-            warn("jailcell: the process backend gives NO isolation: programs can read this user's files "
-                 "and use the network (asked for by name)")
-        else:
-            try:  # each jail is checked from inside as it starts (Backend.verify), before any program
-                backend = NsjailBackend()
-            except BackendUnavailable as exc:
-                raise BackendUnavailable(refusal(str(exc))) from None
-        _cache[name] = backend
+        picked = _auto() if name == "auto" else name
+        backend = _cache.get(picked) or _make(picked)
+        _cache[picked] = _cache[name] = backend
         return backend
+
+
+def _auto() -> str:
+    """The strongest backend that works here: nsjail, else landlock, else the refusal naming both."""
+    try:
+        NsjailBackend()
+        cannot = namespaces_unavailable()
+    except BackendUnavailable as exc:
+        cannot = str(exc)
+    if cannot is None:
+        return "nsjail"
+    from ._landlock import landlock_unavailable
+
+    lacking = landlock_unavailable()
+    if lacking is None:
+        return "landlock"
+    raise BackendUnavailable(refusal(f"nsjail cannot create its namespaces here ({cannot}), and {lacking}"))
+
+
+def _make(name: str) -> Backend:
+    if name == "process":
+        if os.geteuid() == 0 and os.environ.get(UNSAFE_ROOT_ENV) != "1":
+            raise BackendUnavailable(
+                "the process backend runs programs without any isolation, and jailcell runs as root: a "
+                "program could read, change or kill anything on this machine. Use the nsjail backend "
+                "(`jailcell check` says what it needs), or run jailcell as an unprivileged user; if you "
+                f"really mean it, set {UNSAFE_ROOT_ENV}=1 as well")
+        from ._process import ProcessBackend  # only when asked for by name: not on every `jailcell run`
+
+        warn("jailcell: the process backend gives NO isolation: programs can read this user's files "
+             "and use the network (asked for by name)")
+        return ProcessBackend()
+    if name == "landlock":
+        from ._landlock import LandlockBackend
+
+        return LandlockBackend()
+    try:  # each jail is checked from inside as it starts (Backend.verify), before any program
+        return NsjailBackend()
+    except BackendUnavailable as exc:
+        raise BackendUnavailable(refusal(str(exc))) from None
+
+
+_CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
+
+
+def namespaces_unavailable() -> str | None:
+    """Why nsjail could not create its namespaces here, or None -- asked of the kernel in a throwaway
+    child (~1 ms): as root, new mount/pid/net namespaces (a container without CAP_SYS_ADMIN, or whose
+    seccomp profile refuses them, says no); otherwise a user namespace first and then those inside it
+    (Ubuntu's AppArmor restriction lets the first through and refuses the rest)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # only system calls here: no Python-level locks after a fork from a threaded process
+        try:
+            err = 0
+            if os.geteuid() != 0 and libc.unshare(_CLONE_NEWUSER) != 0:
+                err = ctypes.get_errno() or 1
+            elif libc.unshare(_CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET) != 0:
+                err = 1000 + (ctypes.get_errno() or 1)
+            os.write(w, str(err).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        answer = os.read(r, 32).decode() or "-1"
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    code = int(answer)
+    if code == 0:
+        return None
+    if code == -1:
+        return "the namespace probe died"
+    if code < 1000:
+        return f"creating a user namespace is refused ({os.strerror(code)}): unprivileged user namespaces are off"
+    inner = os.strerror(code - 1000)
+    if os.geteuid() == 0:
+        return (f"creating mount/pid/network namespaces is refused ({inner}): inside a container without "
+                "CAP_SYS_ADMIN, or a seccomp profile that forbids them")
+    return (f"a user namespace is created but namespaces inside it are refused ({inner}): Ubuntu 23.10+'s AppArmor "
+            "restriction of unprivileged user namespaces (kernel.apparmor_restrict_unprivileged_userns=1)")

@@ -20,6 +20,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT_NAME = "jailcell"
 SWEEP_EVERY_S = 60.0  # how often jail creation looks for cgroups left by dead jailcell processes
@@ -292,3 +293,36 @@ def _remove_tree(d: Path) -> None:
             if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
                 return
         time.sleep(0.01)
+
+
+class CgroupJails:
+    """What a backend whose jails get jailcell's cgroups does with them after the zygote said hello
+    (nsjail and landlock): check it is in them, set the memory limit past its preloads, count OOM
+    kills, remove them.  Needs ``self.cgroups``; ``spawn`` puts the dirs in ``cleanup["cgroups"]``."""
+
+    cgroups: Cgroups
+
+    def after_ready(self, spawned: Any, policy: Any) -> None:
+        from .._errors import BackendUnavailable
+        from .._policy import MIB
+        from ._base import refusal
+
+        dirs = spawned.cleanup.get("cgroups")
+        if dirs is None:
+            return
+        zygote = spawned.cleanup.get("zygote")
+        if zygote is None or not self.cgroups.holds(dirs, zygote):  # whoever moved it: it must be there
+            raise BackendUnavailable(refusal(f"the jail's first process (host pid {zygote}) is not in its cgroups "
+                                             f"({', '.join(map(str, dirs.all()))})"))
+        baseline = self.cgroups.usage(dirs)
+        spawned.cleanup["baseline"] = baseline
+        self.cgroups.set_memory(dirs, baseline + policy.limits.memory_mib * MIB)
+
+    def oom_kills(self, spawned: Any) -> int:
+        dirs = spawned.cleanup.get("cgroups")
+        return self.cgroups.oom_kills(dirs) if dirs is not None else 0
+
+    def teardown(self, spawned: Any) -> None:
+        dirs = spawned.cleanup.pop("cgroups", None)
+        if dirs is not None:
+            self.cgroups.remove(dirs)

@@ -22,11 +22,10 @@ from ._base import (
     Backend,
     Spawned,
     preload_allowance,
-    refusal,
     slim_processes,
     zygote_argv,
 )
-from ._cgroups import CgroupDirs, Cgroups
+from ._cgroups import CgroupDirs, CgroupJails, Cgroups
 from ._layout import PythonLayout, outermost, overlaps, python_layout
 
 JAIL_UID = 65534  # "nobody" on the host when jailcell runs as root
@@ -206,7 +205,7 @@ class NsjailCommand:
         return args
 
 
-class NsjailBackend(Backend):
+class NsjailBackend(CgroupJails, Backend):
     name = "nsjail"
 
     def __init__(self) -> None:
@@ -294,27 +293,6 @@ class NsjailBackend(Backend):
     def start_failure(self, jail_log: str) -> str | None:
         said = any(line.startswith(NSJAIL_TROUBLE) for line in jail_log.splitlines())  # --quiet: only trouble
         return explain_failure(jail_log, python_layout()) if said else None
-
-    def after_ready(self, spawned: Spawned, policy: Policy) -> None:
-        dirs = spawned.cleanup.get("cgroups")
-        if dirs is None:
-            return
-        zygote = spawned.cleanup.get("zygote")
-        if zygote is None or not self.cgroups.holds(dirs, zygote):  # whoever moved it: it must be there
-            raise BackendUnavailable(refusal(f"the jail's first process (host pid {zygote}) is not in its cgroups "
-                                             f"({', '.join(map(str, dirs.all()))})"))
-        baseline = self.cgroups.usage(dirs)
-        spawned.cleanup["baseline"] = baseline
-        self.cgroups.set_memory(dirs, baseline + policy.limits.memory_mib * MIB)
-
-    def oom_kills(self, spawned: Spawned) -> int:
-        dirs = spawned.cleanup.get("cgroups")
-        return self.cgroups.oom_kills(dirs) if dirs is not None else 0
-
-    def teardown(self, spawned: Spawned) -> None:
-        dirs = spawned.cleanup.pop("cgroups", None)
-        if dirs is not None:
-            self.cgroups.remove(dirs)
 
     def isolation(self, policy: Policy) -> dict[str, Any]:
         namespaces = ["pid", "mount", "ipc", "uts", "cgroup"] + ([] if policy.network else ["net"])
@@ -408,6 +386,20 @@ def _probe() -> tuple[bool, str]:
 NSJAIL_TROUBLE = ("[W]", "[E]", "[F]")  # how nsjail starts its warning, error and fatal lines
 
 
+APPARMOR_RESTRICT = Path("/proc/sys/kernel/apparmor_restrict_unprivileged_userns")
+
+
+def apparmor_profile(nsjail: str) -> str:
+    """An AppArmor profile that lets ``nsjail`` (and only it) use unprivileged user namespaces under
+    Ubuntu 23.10+'s restriction, and the commands that install it."""
+    name = "jailcell-nsjail"
+    return (f"sudo tee /etc/apparmor.d/{name} >/dev/null <<'EOF'\n"
+            "abi <abi/4.0>,\ninclude <tunables/global>\n\n"
+            f"profile {name} {nsjail} flags=(unconfined) {{\n  userns,\n\n"
+            f"  include if exists <local/{name}>\n}}\nEOF\n"
+            f"sudo apparmor_parser -r /etc/apparmor.d/{name}")
+
+
 def explain_failure(stderr: str, layout: PythonLayout) -> str:
     """nsjail's and Python's complaint in plain words: the cause, and the fix."""
     lines = [line for line in stderr.splitlines() if line.strip()]
@@ -417,21 +409,21 @@ def explain_failure(stderr: str, layout: PythonLayout) -> str:
     text = "\n".join(lines)
     cause, fix = "nsjail could not create the jail", ""
     bind = re.search(r"(?:statvfs|mount)\('([^']+)'", text)
-    restrict = Path("/proc/sys/kernel/apparmor_restrict_unprivileged_userns")
+    restrict = APPARMOR_RESTRICT
     if "Operation not permitted" in text and ("clone" in text.lower() or "CLONE_NEW" in text or "unshare" in text):
         cause = "the kernel refused to create namespaces for this user"
+        landlock = "the landlock backend (auto picks it where it works) jails programs without namespaces; for nsjail: "
         if restrict.exists() and restrict.read_text().strip() == "1":
-            fix = ("Ubuntu's AppArmor restricts unprivileged user namespaces: `sudo sysctl "
-                   "kernel.apparmor_restrict_unprivileged_userns=0`, or add an AppArmor profile for nsjail")
+            fix = landlock + ("Ubuntu's AppArmor restricts unprivileged user namespaces: install an AppArmor profile "
+                              "that allows them to this nsjail binary (`jailcell check` prints it and the commands)")
         elif Path("/proc/sys/user/max_user_namespaces").exists() and \
                 Path("/proc/sys/user/max_user_namespaces").read_text().strip() == "0":
-            fix = "user namespaces are disabled: `sudo sysctl user.max_user_namespaces=15000`"
-        elif os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv"):
-            fix = ("inside a container without namespace privileges: run the container with --privileged, or with "
-                   "a seccomp profile that allows unshare/clone of namespaces "
-                   "(docker: --security-opt seccomp=unconfined)")
+            fix = landlock + "user namespaces are disabled: `sudo sysctl user.max_user_namespaces=15000`"
+        elif os.geteuid() == 0 or os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv"):
+            fix = landlock + ("inside a container, give it namespaces: CAP_SYS_ADMIN (`--cap-add SYS_ADMIN`) and a "
+                              "seccomp profile that lets unshare/clone create them (docs/deploy.md)")
         else:
-            fix = "enable unprivileged user namespaces (`sysctl kernel.unprivileged_userns_clone=1`) or run as root"
+            fix = landlock + "enable unprivileged user namespaces (`sysctl kernel.unprivileged_userns_clone=1`)"
     elif bind:
         cause = f"nsjail could not bind {bind.group(1)} (part of {layout.describe()}) into the jail"
         fix = ("move the interpreter or virtual environment to a plain local directory (not a special or network "

@@ -1,0 +1,158 @@
+"""The landlock backend's jail.  The zygote puts itself under a seccomp filter for the whole jail
+(``_seccomp.jail_program``: no sockets without the network, no namespaces, mounts, BPF, perf,
+keyrings, userfaultfd; clone3 answers ENOSYS so that glibc uses clone, whose flags it can check),
+which everything it forks inherits.  Each cell (a spare, before it takes any request) then enters a
+Landlock domain of its own -- files, TCP, and from ABI 6 signals and abstract unix sockets -- under
+no_new_privs; a session's cells inherit their holder's (a former cell's) domain.  Neither can be
+undone.  The machinery (zygote, nurseries, a session's first holder) stays outside every domain:
+no cell can ptrace, read the memory of or (ABI 6) signal it, and the zygote can sweep /proc.
+The cell filter (``_seccomp``) is stacked on top as with nsjail.
+
+Landlock, not namespaces: the jail shares the host's pid and network namespaces and its uid, so:
+- files: only the interpreter, its libraries and the jail's own workspace and tmp are reachable;
+- processes outside the domain cannot be ptraced, nor their /proc/<pid> files that ptrace guards
+  (mem, environ, maps, fd) be read -- Landlock checks that since ABI 1 -- nor (ABI 6) signalled;
+- TCP bind/connect are denied (ABI 4) and so is socket() itself (the seccomp filter), so no UDP, raw,
+  netlink or unix-socket client either; the jail's own channels are socketpairs.
+
+Standard library only: this module runs inside the jail.
+"""
+
+from __future__ import annotations
+
+import builtins
+import ctypes
+import errno
+import os
+import struct
+
+import _seccomp
+
+__builtins__ = dict(builtins.__dict__)  # type: ignore[assignment]
+
+SYS_CREATE, SYS_ADD_RULE, SYS_RESTRICT = 444, 445, 446  # the same numbers on x86_64 and aarch64
+CREATE_RULESET_VERSION = 1
+RULE_PATH_BENEATH = 1
+MIN_ABI = 1
+
+# filesystem rights, by the ABI that introduced them
+EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+REMOVE_DIR, REMOVE_FILE, MAKE_CHAR, MAKE_DIR, MAKE_REG = 1 << 4, 1 << 5, 1 << 6, 1 << 7, 1 << 8
+MAKE_SOCK, MAKE_FIFO, MAKE_BLOCK, MAKE_SYM = 1 << 9, 1 << 10, 1 << 11, 1 << 12
+REFER, TRUNCATE, IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
+FS_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 5: (1 << 16) - 1}
+NET_BIND_TCP, NET_CONNECT_TCP = 1, 2
+SCOPE_ABSTRACT_UNIX, SCOPE_SIGNAL = 1, 2
+
+READ = READ_FILE | READ_DIR
+READ_EXEC = READ | EXECUTE
+WRITE_ALL = (READ_EXEC | WRITE_FILE | REMOVE_DIR | REMOVE_FILE | MAKE_DIR | MAKE_REG | MAKE_SYM | MAKE_FIFO
+             | REFER | TRUNCATE)  # no device, socket nodes; no ioctl on devices
+
+
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def abi() -> int:
+    """The kernel's Landlock ABI version (0: none, or disabled)."""
+    libc = _libc()
+    libc.syscall.restype = ctypes.c_long
+    v = libc.syscall(SYS_CREATE, None, ctypes.c_size_t(0), ctypes.c_uint32(CREATE_RULESET_VERSION))
+    return int(v) if v > 0 else 0
+
+
+def _fs_rights(version: int) -> int:
+    return FS_BY_ABI[max(k for k in FS_BY_ABI if k <= version)]
+
+
+class LandlockError(OSError):
+    pass
+
+
+def confine(read: list[str], write: list[str], devices: list[str], network: bool) -> dict:
+    """Build the jail around this process (and all it will fork).  ``read``: folders and files to
+    read and execute; ``write``: folders to use freely (the workspace, tmp); ``devices``: character
+    devices to read and write (/dev/null ...).  Returns what applied; raises LandlockError when the
+    kernel refuses any part (the caller exits: never a jail with less than asked)."""
+    version = abi()
+    if version < MIN_ABI:
+        raise LandlockError(errno.ENOSYS, "Landlock is not available in this kernel (or is disabled)")
+    libc = _libc()
+    libc.syscall.restype = ctypes.c_long
+    fs = _fs_rights(version)
+    handled_net = 0 if network or version < 4 else NET_BIND_TCP | NET_CONNECT_TCP
+    scoped = SCOPE_ABSTRACT_UNIX | SCOPE_SIGNAL if version >= 6 else 0
+    attr = struct.pack("=QQQ", fs, handled_net, scoped)
+    size = 8 if version < 4 else (16 if version < 6 else 24)
+    buf = ctypes.create_string_buffer(attr[:size], size)
+    ruleset = libc.syscall(SYS_CREATE, buf, ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if ruleset < 0:
+        err = ctypes.get_errno()
+        raise LandlockError(err, f"landlock_create_ruleset: {os.strerror(err)}")
+    added = []
+    try:
+        for paths, rights in ((read, READ_EXEC), (write, WRITE_ALL), (devices, READ_FILE | WRITE_FILE)):
+            for path in paths:
+                try:
+                    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+                except OSError:
+                    continue  # a path this machine does not have
+                try:
+                    allowed = rights & fs
+                    if not os.path.isdir(path):  # a file: only file rights apply
+                        allowed &= EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
+                    rule = struct.pack("=Qi", allowed, fd)  # landlock_path_beneath_attr is packed
+                    rbuf = ctypes.create_string_buffer(rule, len(rule))
+                    if libc.syscall(SYS_ADD_RULE, ruleset, RULE_PATH_BENEATH, rbuf, ctypes.c_uint32(0)) < 0:
+                        err = ctypes.get_errno()
+                        raise LandlockError(err, f"landlock_add_rule({path}): {os.strerror(err)}")
+                    added.append(path)
+                finally:
+                    os.close(fd)
+        if libc.prctl(_seccomp.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            raise LandlockError(err, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(err)}")
+        if libc.syscall(SYS_RESTRICT, ruleset, ctypes.c_uint32(0)) < 0:
+            err = ctypes.get_errno()
+            raise LandlockError(err, f"landlock_restrict_self: {os.strerror(err)}")
+    finally:
+        os.close(ruleset)
+    return {"abi": version, "network_rules": bool(handled_net), "scoped": bool(scoped), "paths": len(added)}
+
+
+def probe(spec: dict) -> dict:
+    """At the zygote's start: a throwaway child confines itself as every cell will and reports what
+    applied and which of the paths the host named it could read (the host refuses the jail if any)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            applied = confine(spec["read"], spec["write"], spec["devices"], bool(spec.get("network")))
+            readable = []
+            for path in spec.get("probe", []):
+                try:
+                    if os.path.isdir(path):
+                        os.listdir(path)
+                    else:
+                        os.close(os.open(path, os.O_RDONLY))
+                    readable.append(path)
+                except OSError:
+                    pass
+            os.write(w, repr({"landlock": applied, "readable": readable}).encode())
+            code = 0
+        except BaseException as exc:  # noqa: BLE001 - said to the zygote, which refuses to start
+            os.write(w, repr({"error": f"{type(exc).__name__}: {exc}"}).encode())
+        finally:
+            os._exit(code)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    import ast
+
+    return ast.literal_eval(data.decode()) if data else {"error": "the probe died"}

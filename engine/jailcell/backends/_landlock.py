@@ -1,0 +1,278 @@
+"""The landlock backend: jailcell's zygote, nurseries and cells as on nsjail, with no namespaces, in a
+Landlock domain and under a seccomp filter that the zygote builds around itself before anything runs
+(``_injail/_landlock.py``).  For where nsjail cannot create namespaces: containers with the runtime's
+default seccomp profile, Ubuntu 23.10+ with AppArmor's user-namespace restriction, hosts without
+unprivileged user namespaces.  What differs from nsjail is listed in every Result's
+``isolation["degraded"]``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import shutil
+import subprocess
+import tempfile
+from typing import Any
+
+from .._errors import BackendUnavailable
+from .._policy import MIB, Policy
+from ._base import JAIL_SRC, Backend, Spawned, preload_allowance, refusal, slim_processes, zygote_argv
+from ._cgroups import CgroupJails, Cgroups
+from ._layout import python_layout
+from ._nsjail import JAIL_UID, ro_mounts, unreadable_for_jail
+
+MIN_ABI = 1
+SCOPED_ABI = 6     # signals and abstract unix sockets scoped to the domain
+NET_ABI = 4        # TCP bind/connect rules
+DEVICES = ("/dev/null", "/dev/zero", "/dev/full")
+READ_EXTRA = ("/etc/ld.so.cache", "/etc/localtime", "/sys/devices/system/cpu", "/dev/urandom", "/dev/random")
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI (0: not available or disabled)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        v = libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    except (OSError, AttributeError):
+        return 0
+    return int(v) if v > 0 else 0
+
+
+def landlock_unavailable() -> str | None:
+    """Why this machine cannot build landlock jails, or None."""
+    version = landlock_abi()
+    if version < MIN_ABI:
+        try:
+            with open("/sys/kernel/security/lsm") as f:
+                lsms = f.read().strip()
+        except OSError:
+            lsms = "unknown"
+        return (f"Landlock is not available (kernel {os.uname().release}, active LSMs: {lsms}); it needs Linux 5.13+ "
+                "with CONFIG_SECURITY_LANDLOCK and 'landlock' in the lsm= boot parameter")
+    return None
+
+
+class LandlockBackend(CgroupJails, Backend):
+    name = "landlock"
+
+    def __init__(self) -> None:
+        why = landlock_unavailable()
+        if why:
+            raise BackendUnavailable(refusal(why))
+        self.abi = landlock_abi()
+        # As root, jails run as nobody, as nsjail's do: root's powers (any file's metadata, any process's
+        # signals on kernels without Landlock's scoping) are not the jail's.
+        # Where nobody cannot reach this Python (e.g. under root's 0700 home), they run as uid 0 with no
+        # capabilities at all (and no way to regain them): root's powers are gone, its uid stays.
+        self.as_root = os.geteuid() == 0
+        self.as_nobody = self.as_root and not unreadable_for_jail(ro_mounts(), True) and _nobody_reaches(ro_mounts())
+        self.cgroups = Cgroups.detect()
+
+    def spawn(self, policy: Policy, *, session: bool, stderr: Any, channel: int) -> Spawned:
+        lim = policy.limits
+        root = tempfile.mkdtemp(prefix=f"jailcell-{os.getpid()}-")  # whose it is: the tests check their own
+        workspace, tmp = os.path.join(root, "work"), os.path.join(root, "tmp")
+        os.mkdir(workspace, 0o700)
+        os.mkdir(tmp, 0o700)
+        if self.as_nobody:
+            for path in (root, workspace, tmp):
+                os.chown(path, JAIL_UID, JAIL_UID)
+        dirs = None
+        entry_fds: list[int] = []
+        pids = lim.pids + 3 + slim_processes(policy, session)
+        if self.cgroups.version:
+            dirs = self.cgroups.create(preload_allowance(policy), pids)
+            try:
+                entry_fds = self.cgroups.entry_fds(dirs)
+            except OSError:
+                self.cgroups.remove(dirs)
+                shutil.rmtree(root, ignore_errors=True)
+                raise
+        nproc = None if dirs is not None else _user_processes() + pids + 1
+
+        as_nobody, no_caps = self.as_nobody, self.as_root and not self.as_nobody
+
+        def limits() -> None:  # runs in the child before exec
+            if as_nobody:
+                os.setgroups([])
+                os.setresgid(JAIL_UID, JAIL_UID, JAIL_UID)
+                os.setresuid(JAIL_UID, JAIL_UID, JAIL_UID)
+            elif no_caps:
+                _drop_capabilities()
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (lim.file_size_mib * MIB,) * 2)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lim.open_files,) * 2)
+            if nproc is not None:
+                try:
+                    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+                except (ValueError, OSError):
+                    pass
+
+        layout = python_layout()
+        config = self.zygote_config(policy, session=session, workspace=workspace, tmp=tmp,
+                                    pid_namespace=False, rlimit_as=dirs is None)
+        config["enter_cgroups"] = len(entry_fds)
+        config["landlock"] = {
+            "read": [*ro_mounts(), str(JAIL_SRC), os.path.dirname(os.path.realpath(layout.python)), *READ_EXTRA],
+            "write": [root],
+            "devices": list(DEVICES),
+            "network": bool(policy.network),
+            "probe": _probe_paths(root),
+        }
+        env = self.env(policy, tmp=tmp, home=workspace)
+        try:
+            proc = subprocess.Popen(
+                zygote_argv(layout.python, str(JAIL_SRC / "zygote.py")),
+                stdin=channel, stdout=channel, stderr=stderr, env=env, cwd=workspace,
+                close_fds=True, start_new_session=True, preexec_fn=limits,
+            )
+        except OSError as exc:
+            for fd in entry_fds:
+                os.close(fd)
+            if dirs is not None:
+                self.cgroups.remove(dirs)
+            shutil.rmtree(root, ignore_errors=True)
+            raise BackendUnavailable(f"cannot start the jail's Python ({layout.python}): {exc}") from None
+        return Spawned(proc, config, {"root": root, "cgroups": dirs}, config_fds=entry_fds)
+
+    def admit(self, spawned: Spawned, pid: int) -> None:
+        if spawned.cleanup.get("cgroups") is None:
+            return
+        if pid != spawned.proc.pid:  # the HELLO must come from the process started here
+            raise OSError(f"the process that said hello (host pid {pid}) is not the one started here "
+                          f"(pid {spawned.proc.pid})")
+        spawned.cleanup["zygote"] = pid
+        if not spawned.config_fds:  # cgroup v2: moved from here
+            self.cgroups.enter(spawned.cleanup["cgroups"], pid)
+
+    def verify(self, ready: dict[str, Any]) -> str | None:
+        sees = ready.get("sees")
+        if not isinstance(sees, dict) or not isinstance(sees.get("landlock"), dict):
+            return refusal("the jail's first process did not build its Landlock domain")
+        readable = sees.get("readable")
+        if not isinstance(readable, list) or readable:
+            return refusal(f"the landlock jail can read what it must not: {readable!r:.300}")
+        return None
+
+    def start_failure(self, jail_log: str) -> str | None:
+        for line in jail_log.splitlines():
+            if "cannot build the landlock jail" in line:
+                return refusal(line.removeprefix("jailcell: ") + " (is jailcell itself running under a seccomp "
+                               "profile that refuses Landlock's system calls?)")
+        return None
+
+    def teardown(self, spawned: Spawned) -> None:
+        super().teardown(spawned)
+        root = spawned.cleanup.pop("root", None)
+        if root:
+            for dirpath, dirnames, _ in os.walk(root):
+                for d in dirnames:  # a program may have chmod-ed its directories to 000
+                    try:
+                        os.chmod(os.path.join(dirpath, d), 0o700)
+                    except OSError:
+                        pass
+            shutil.rmtree(root, ignore_errors=True)
+
+    def isolation(self, policy: Policy) -> dict[str, Any]:
+        cg = self.cgroups.version
+        degraded = [
+            "no pid namespace: the jail shares this machine's process table; a cell reads no /proc at all, and "
+            "cannot ptrace, read the memory of, or" + (" signal" if self.abi >= SCOPED_ABI else "") + " any process "
+            "outside its Landlock domain (jailcell's own included)",
+            "no mount namespace: files are confined by Landlock rules (and metadata calls by path are refused), "
+            "not by a private file system view",
+            "no tmpfs: the workspace's total size is not bounded (each file is, by RLIMIT_FSIZE; the sweep empties "
+            "it after every run)",
+        ]
+        if not policy.network:
+            degraded.append("no network namespace: socket() is refused by seccomp"
+                            + (" and TCP by Landlock" if self.abi >= NET_ABI else ""))
+        if self.abi < SCOPED_ABI:
+            degraded.append(f"Landlock ABI {self.abi} < {SCOPED_ABI}: signals to processes outside the jail are "
+                            "not scoped by Landlock (the cell filter and uid checks still apply)")
+        if not cg:
+            degraded.append("no cgroups: memory bounded by RLIMIT_AS; processes by RLIMIT_NPROC, which counts "
+                            f"every process of this user (uid {os.getuid()}), not only the jail's "
+                            f"({self.cgroups.reason})")
+        return {
+            "backend": "landlock",
+            "namespaces": [],
+            "landlock_abi": self.abi,
+            "user": (f"host uid {JAIL_UID} (nobody), because jailcell runs as root" if self.as_nobody else
+                     "host uid 0 without any capability (jailcell runs as root; nobody cannot reach this Python)"
+                     if self.as_root else f"host uid {os.getuid()} (same user as jailcell)"),
+            "seccomp": True,
+            "cgroup": cg,
+            "memory_limit": "cgroup" if cg else "rlimit_as",
+            "pids_limit": "cgroup" if cg else "rlimit_nproc (per user)",
+            "network": "host network (policy enables it)" if policy.network else "none (no sockets; TCP denied)",
+            "filesystem": "read-only interpreter and libraries; private workspace and TMPDIR; nothing else of the host",
+            "rlimits": ["cpu", "fsize", "nofile", "core=0"] + ([] if cg else ["nproc", "as"]),
+            "degraded": degraded,
+        }
+
+
+def _nobody_reaches(paths: tuple[str, ...]) -> bool:
+    """Whether uid nobody can walk down to each of ``paths`` (every folder above it searchable by others)."""
+    import stat
+
+    for path in paths:
+        parent = os.path.dirname(os.path.abspath(path))
+        while parent and parent != "/":
+            try:
+                if not os.stat(parent).st_mode & stat.S_IXOTH:
+                    return False
+            except OSError:
+                return False
+            parent = os.path.dirname(parent)
+    return True
+
+
+_SECUREBITS = 0x2F  # NOROOT, NO_SETUID_FIXUP, their locks, KEEP_CAPS_LOCKED: exec never gives root's caps back
+
+
+def _drop_capabilities() -> None:
+    """In the child before exec, as root: drop every capability for good -- the bounding and ambient sets,
+    and the effective, permitted and inheritable ones -- with securebits that keep an exec from
+    restoring them.  Raises OSError if any step fails (the spawn fails: never a jail with root's powers)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def check(rc: int, what: str) -> None:
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    check(libc.prctl(28, _SECUREBITS, 0, 0, 0), "PR_SET_SECUREBITS")
+    for cap in range(64):
+        if libc.prctl(24, cap, 0, 0, 0) != 0 and ctypes.get_errno() != 22:  # PR_CAPBSET_DROP (EINVAL: no such cap)
+            check(-1, f"PR_CAPBSET_DROP {cap}")
+    check(libc.prctl(47, 4, 0, 0, 0), "PR_CAP_AMBIENT_CLEAR_ALL")
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+    data = (ctypes.c_uint32 * 6)()
+    check(libc.capset(header, data), "capset")
+
+
+def _user_processes() -> int:
+    uid, n = os.getuid(), 0
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.stat(f"/proc/{name}").st_uid == uid:
+                    n += 1
+            except OSError:
+                pass
+    return n
+
+
+def _probe_paths(root: str) -> list[str]:
+    """Paths the jail must not read, checked from inside at every start: the host's /tmp (the jail's
+    own folder is below it), $HOME, /etc, /root."""
+    paths = [os.path.dirname(root), "/etc", "/etc/passwd", "/root", "/proc/1/cmdline", f"/proc/{os.getpid()}/environ"]
+    home = os.path.expanduser("~")
+    if home not in ("/", "") and os.path.isdir(home) and not any(
+            home == m or home.startswith(m.rstrip("/") + "/") for m in ro_mounts()):
+        paths.append(home)
+    return paths

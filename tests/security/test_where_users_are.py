@@ -1,0 +1,126 @@
+"""Jailed where users are, simulated for real on this machine (no Docker engine, no AppArmor here):
+a launcher installs, before exec, what a container runtime's default seccomp profile and capabilities
+do (root without CAP_SYS_ADMIN, namespace flags refused) or what Ubuntu 23.10+'s AppArmor restriction
+does to an unprivileged user (no usable user namespace).  Under each, jailcell's auto backend must give
+the landlock jail -- the README's first command works, `jailcell check` says landlock and why, and
+the hostile suite runs against it -- and never less than a policy's minimum."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .test_unprivileged import NOBODY, PYTHON, copy_root  # noqa: F401 - the fixture
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCHER = str(REPO / "tests" / "simulated_env.py")
+README_CODE = "import numpy; print(numpy.arange(6).reshape(2, 3))"
+
+
+def in_container(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, LAUNCHER, "container", "--", sys.executable, *args],
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_in_a_container_with_the_default_profile_the_readme_command_runs_in_the_landlock_jail(tmp_path):
+    r = in_container("-m", "jailcell", "run", "-c", README_CODE)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "[[0 1 2]\n [3 4 5]]\n"
+    r = in_container("-m", "jailcell", "run", "--json", "--policy", "minimal", "-c",
+                     "open('/etc/passwd').read()")
+    result = json.loads(r.stdout)
+    assert r.returncode == 1 and result["error"]["type"] == "PermissionError"
+    iso = result["isolation"]
+    assert iso["backend"] == "landlock" and iso["seccomp"] is True and iso["landlock_abi"] >= 1
+    assert any("no pid namespace" in d for d in iso["degraded"]), iso["degraded"]
+    assert "without any capability" in iso["user"] or "nobody" in iso["user"]
+    # a policy that accepts nothing less than namespaces is refused here, with the reason
+    strict = tmp_path / "strict.toml"
+    strict.write_text('extends = "minimal"\n[isolation]\nminimum = "namespaces"\n')
+    r = in_container("-m", "jailcell", "run", "--policy", str(strict), "-c", "print(1)")
+    assert r.returncode == 2 and "accepts no less than 'namespaces'" in r.stderr and r.stdout == ""
+    # nsjail by name fails closed there: nothing runs
+    marker = tmp_path / "ran"
+    r = in_container("-m", "jailcell", "run", "--backend", "nsjail", "-c", f"open({str(marker)!r}, 'w')")
+    assert r.returncode == 2 and not marker.exists()
+
+
+def test_check_in_a_container_says_landlock_and_why():
+    r = in_container("-m", "jailcell", "check")
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "backend auto                   works  landlock, because nsjail cannot jail here" in out
+    assert "creating mount/pid/network namespaces is refused" in out and "CAP_SYS_ADMIN" in out
+    assert "seccomp profile" in out and "--privileged" not in out and "seccomp=unconfined" not in out
+    assert "landlock jail                  works" in out and "auto picks landlock" in out
+
+
+def test_the_hostile_suite_runs_against_the_landlock_jail_in_a_container():
+    """The project's hostile programs (the OS jail's suite, import policy off), thrown at the landlock
+    jail inside the simulated container; the suite's own start-up probe proves that jail first."""
+    r = in_container("-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "-k", "landlock",
+                     "tests/security/test_hostile.py", "tests/security/test_between_runs.py",
+                     env={"JAILCELL_TEST_BACKENDS": "landlock"}, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-500:]
+
+
+UBUNTU_SCRIPT = r"""
+import json
+from jailcell import Sandbox
+with Sandbox("minimal", memory=64) as sb:
+    r = sb.run("print(6 * 7)")
+    secret = sb.run("print(open(SECRET).read())".replace("SECRET", repr(__import__("sys").argv[1])))
+    home = sb.run("open('/tmp/jailcell-ubuntu-probe', 'w').write('x')")
+    print(json.dumps({"ok": [r.status, r.stdout], "backend": r.isolation["backend"],
+                      "degraded": r.isolation["degraded"], "secret": secret.status, "tmp": home.status}))
+"""
+
+
+def test_as_a_user_on_ubuntu_with_the_userns_restriction_auto_gives_landlock(copy_root, tmp_path):  # noqa: F811
+    secret = tmp_path / "nobodys-secret"
+    secret.write_text("s3cret")
+    os.chown(secret, NOBODY, NOBODY)  # the user's own file, outside the jail's workspace
+    tmp_path.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(copy_root),
+           "JAILCELL_NSJAIL": str(copy_root / "nsjail" / "bin" / "nsjail")}
+    cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", PYTHON, LAUNCHER, "ubuntu", "--",
+           PYTHON, "-c", UBUNTU_SCRIPT, str(secret)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["ok"] == ["ok", "42\n"] and out["backend"] == "landlock"
+    assert out["secret"] == "error" and out["tmp"] == "error"  # the user's own file and /tmp: out of reach
+    assert any("RLIMIT_NPROC" in d for d in out["degraded"]), out["degraded"]  # no cgroups as nobody here
+    check = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", PYTHON, LAUNCHER,
+                            "ubuntu", "--", PYTHON, "-m", "jailcell", "check"], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert "auto picks landlock" in check.stdout, check.stdout + check.stderr
+    assert "creating a user namespace is refused" in check.stdout or "namespaces inside it are refused" in check.stdout
+
+
+def test_check_prints_the_apparmor_profile_where_ubuntu_restricts_user_namespaces(tmp_path, monkeypatch):
+    from jailcell import _check
+    from jailcell.backends import _nsjail
+
+    restrict = tmp_path / "apparmor_restrict_unprivileged_userns"
+    restrict.write_text("1\n")
+    monkeypatch.setattr(_nsjail, "APPARMOR_RESTRICT", restrict)
+    rows, _ = _check.gather()
+    detail = next(d for f, _s, d in rows if f == "unprivileged user namespaces")
+    assert "profile jailcell-nsjail " + _nsjail.nsjail_path() in detail and "userns," in detail
+    assert "sudo apparmor_parser -r /etc/apparmor.d/jailcell-nsjail" in detail
+
+
+@pytest.mark.parametrize("mode", ["container"])
+def test_the_launcher_really_refuses_namespaces(mode):
+    """The simulation itself: under it, nsjail's namespaces fail as they would in such a container."""
+    r = in_container("-c", "import ctypes; print(ctypes.CDLL(None, use_errno=True).unshare(0x20000), "
+                           "open('/proc/self/status').read().split('CapEff:')[1].split()[0])")
+    rc, capeff = r.stdout.split()
+    assert rc == "-1" and not int(capeff, 16) & (1 << 21)
