@@ -387,11 +387,8 @@ def metadata_by_fd() -> None:
     os.lchown = lambda path, uid, gid: os.chown(path, uid, gid, follow_symlinks=False)
 
 
-PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 4, 36
-NOT_HARDENED_EXIT = 124  # the zygote exits so when it cannot make itself non-dumpable
-
-
-PR_GET_DUMPABLE = 3
+PR_GET_DUMPABLE, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 3, 4, 36
+NOT_HARDENED_EXIT = 124  # a process of the jail exits so when it cannot be made non-dumpable or confined
 
 
 def prctl(option: int, arg: int) -> int:
