@@ -70,11 +70,11 @@ class LandlockError(OSError):
     pass
 
 
-def confine(read: list[str], write: list[str], devices: list[str], network: bool) -> dict:
-    """Build the jail around this process (and all it will fork).  ``read``: folders and files to
-    read and execute; ``write``: folders to use freely (the workspace, tmp); ``devices``: character
-    devices to read and write (/dev/null ...).  Returns what applied; raises LandlockError when the
-    kernel refuses any part (the caller exits: never a jail with less than asked)."""
+def ruleset(read: list[str], write: list[str], devices: list[str], network: bool) -> tuple[int, dict]:
+    """A Landlock ruleset (an fd) for the jail's cells, and what it covers.  ``read``: folders and files
+    to read and execute; ``write``: folders to use freely (the workspace, tmp); ``devices``: character
+    devices to read and write (/dev/null ...).  Made once per process that forks cells; each cell then
+    only restricts itself with it.  Raises LandlockError when the kernel refuses any part."""
     version = abi()
     if version < MIN_ABI:
         raise LandlockError(errno.ENOSYS, "Landlock is not available in this kernel (or is disabled)")
@@ -86,39 +86,56 @@ def confine(read: list[str], write: list[str], devices: list[str], network: bool
     attr = struct.pack("=QQQ", fs, handled_net, scoped)
     size = 8 if version < 4 else (16 if version < 6 else 24)
     buf = ctypes.create_string_buffer(attr[:size], size)
-    ruleset = libc.syscall(SYS_CREATE, buf, ctypes.c_size_t(size), ctypes.c_uint32(0))
-    if ruleset < 0:
+    fd = libc.syscall(SYS_CREATE, buf, ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if fd < 0:
         err = ctypes.get_errno()
         raise LandlockError(err, f"landlock_create_ruleset: {os.strerror(err)}")
-    added = []
+    added = 0
     try:
         for paths, rights in ((read, READ_EXEC), (write, WRITE_ALL), (devices, READ_FILE | WRITE_FILE)):
             for path in paths:
                 try:
-                    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+                    parent = os.open(path, os.O_PATH | os.O_CLOEXEC)
                 except OSError:
                     continue  # a path this machine does not have
                 try:
                     allowed = rights & fs
                     if not os.path.isdir(path):  # a file: only file rights apply
                         allowed &= EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
-                    rule = struct.pack("=Qi", allowed, fd)  # landlock_path_beneath_attr is packed
+                    rule = struct.pack("=Qi", allowed, parent)  # landlock_path_beneath_attr is packed
                     rbuf = ctypes.create_string_buffer(rule, len(rule))
-                    if libc.syscall(SYS_ADD_RULE, ruleset, RULE_PATH_BENEATH, rbuf, ctypes.c_uint32(0)) < 0:
+                    if libc.syscall(SYS_ADD_RULE, int(fd), RULE_PATH_BENEATH, rbuf, ctypes.c_uint32(0)) < 0:
                         err = ctypes.get_errno()
                         raise LandlockError(err, f"landlock_add_rule({path}): {os.strerror(err)}")
-                    added.append(path)
+                    added += 1
                 finally:
-                    os.close(fd)
-        if libc.prctl(_seccomp.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-            err = ctypes.get_errno()
-            raise LandlockError(err, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(err)}")
-        if libc.syscall(SYS_RESTRICT, ruleset, ctypes.c_uint32(0)) < 0:
-            err = ctypes.get_errno()
-            raise LandlockError(err, f"landlock_restrict_self: {os.strerror(err)}")
+                    os.close(parent)
+    except BaseException:
+        os.close(fd)
+        raise
+    return int(fd), {"abi": version, "network_rules": bool(handled_net), "scoped": bool(scoped), "paths": added}
+
+
+def restrict(ruleset_fd: int) -> None:
+    """Enter the domain of ``ruleset_fd`` (this process and all it will fork), under no_new_privs."""
+    libc = _libc()
+    libc.syscall.restype = ctypes.c_long
+    if libc.prctl(_seccomp.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise LandlockError(err, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(err)}")
+    if libc.syscall(SYS_RESTRICT, ruleset_fd, ctypes.c_uint32(0)) < 0:
+        err = ctypes.get_errno()
+        raise LandlockError(err, f"landlock_restrict_self: {os.strerror(err)}")
+
+
+def confine(read: list[str], write: list[str], devices: list[str], network: bool) -> dict:
+    """``ruleset`` and ``restrict`` at once; returns what applied."""
+    fd, applied = ruleset(read, write, devices, network)
+    try:
+        restrict(fd)
     finally:
-        os.close(ruleset)
-    return {"abi": version, "network_rules": bool(handled_net), "scoped": bool(scoped), "paths": len(added)}
+        os.close(fd)
+    return applied
 
 
 def probe(spec: dict) -> dict:

@@ -76,9 +76,16 @@ def _exiting(pid: int) -> bool:
     return True
 
 
+WALK = {"from": 0}  # without a pid namespace (landlock, process backends): the zygote's pid, whose tree is walked
+
+
 def _process_table() -> dict[int, list[bytes]]:
     """pid -> the fields of its /proc/<pid>/stat after the command name (state [0], ppid [1]) for every
-    process this /proc shows (the jail's own in a pid namespace)."""
+    process this /proc shows (the jail's own in a pid namespace), or, without one, for every process
+    below the zygote (a subreaper: what a run leaves comes back to it), found through the children
+    files -- not all of the machine's processes."""
+    if WALK["from"]:
+        return _tree_table(WALK["from"])
     table = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -88,6 +95,34 @@ def _process_table() -> dict[int, list[bytes]]:
                 table[int(name)] = rest
             except (OSError, ValueError, IndexError):
                 continue
+    return table
+
+
+def _tree_table(root: int) -> dict[int, list[bytes]]:
+    table: dict[int, list[bytes]] = {}
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                    kids = f.read().split()
+            except OSError:
+                continue
+            for kid in map(int, kids):
+                if kid in table:
+                    continue
+                try:
+                    rest = _stat_fields(str(kid))
+                    int(rest[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                table[kid] = rest
+                todo.append(kid)
     return table
 
 

@@ -99,13 +99,16 @@ def fork_spare(glb_factory, parent_sock: socket, session: bool, rehearse: bool =
         raise
     if pid == 0:
         Channels.close(ch.host_ends())
+        try:
+            cell.enter_landlock()  # (the landlock backend: the cell's own domain, before anything else)
+        except BaseException:  # noqa: BLE001 - never a cell without its domain
+            os._exit(SPARE_BROKEN)
         sock_fd = parent_sock.detach()  # the fd is re-numbered (or closed) by become()
         req, sock_fd = cell.become(*ch.cell_ends(), keep=(sock_fd,), stdio=session)
         if not session:
             os.close(sock_fd)
         os.setpgid(0, 0)  # os.kill(0, ...) from the program reaches its own processes only
         try:
-            cell.enter_landlock()  # (the landlock backend: the cell's own domain, before any request)
             machinery_signals(ignore=False)
             # Rehearse a request: the pages it writes are copied now, while the spare waits, instead of
             # on the next run's path.  When runs come back to back the request is due in a moment and
@@ -157,6 +160,7 @@ def forks_cells() -> None:
         _seccomp.install(landlock=bool(cell.CONFIG.get("landlock")))
         if cell.CONFIG.get("landlock"):  # (its filter denies metadata calls by path: a session's first holder
             cell.metadata_by_fd()        # copies a workspace for fork() through fds, as its cells do)
+            cell.landlock_ruleset()
     except OSError as exc:
         os.write(2, f"jailcell: {exc}\n".encode())
         os._exit(NO_FILTER_EXIT)

@@ -37,6 +37,7 @@ from _socket import socket
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _cell as cell  # noqa: E402  (what runs inside a cell)
 import _guard as guard  # noqa: E402  (the import policy)
+import _procs as procs  # noqa: E402
 import _protocol as proto  # noqa: E402  (stdlib-only framing shared with the host)
 from _nursery import Stateless, fork_nursery  # noqa: E402
 from _procs import kill_strays, log, reap_nohang  # noqa: E402
@@ -295,6 +296,8 @@ def main() -> None:
     sees = _confine(landlock) if landlock else {"root": sorted(os.listdir("/")),
                                                 "etc_passwd": os.path.exists("/etc/passwd")}
     cell.CONFIG.update(CONFIG)
+    if not CONFIG.get("pid_namespace"):  # the sweep walks this process's tree, not the machine's /proc
+        procs.WALK["from"] = os.getpid()
     _add_site_dirs(CONFIG.get("sys_path", []))
     guard.configure(CONFIG)
     _harden()
