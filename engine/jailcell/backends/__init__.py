@@ -59,26 +59,36 @@ def get_backend(name: str | None = None) -> Backend:
         ok, why = pidfd_support()
         if not ok:
             raise BackendUnavailable(why)
-        picked = _auto() if name == "auto" else name
-        backend = _cache.get(picked) or _make(picked)
+        made = None
+        if name == "auto":
+            picked, made = _pick()
+        else:
+            picked = name
+        backend = _cache.get(picked) or made or _make(picked)
         _cache[picked] = _cache[name] = backend
         return backend
 
 
 def _auto() -> str:
-    """The strongest backend that works here: nsjail, else landlock, else the refusal naming both."""
+    """The name of the strongest backend that works here (``jailcell check`` reports it)."""
+    return _pick()[0]
+
+
+def _pick() -> tuple[str, Backend | None]:
+    """The strongest backend that works here -- nsjail, else landlock -- (with nsjail's instance, made
+    on the way), else the refusal naming both causes."""
     try:
-        NsjailBackend()
+        nsjail = NsjailBackend()
         cannot = namespaces_unavailable()
     except BackendUnavailable as exc:
-        cannot = str(exc)
+        nsjail, cannot = None, str(exc)
     if cannot is None:
-        return "nsjail"
+        return "nsjail", nsjail
     from ._landlock import landlock_unavailable
 
     lacking = landlock_unavailable()
     if lacking is None:
-        return "landlock"
+        return "landlock", None
     raise BackendUnavailable(refusal(f"nsjail cannot create its namespaces here ({cannot}), and {lacking}"))
 
 
