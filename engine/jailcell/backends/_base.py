@@ -196,6 +196,35 @@ def _bytecode_matches(source: os.DirEntry, pyc: str) -> bool:
         and int.from_bytes(header[12:16], "little") == st.st_size & 0xFFFFFFFF
 
 
+def user_processes() -> int:
+    """How many processes this user has (RLIMIT_NPROC counts them all: a jail without cgroups gets
+    that many more)."""
+    uid, n = os.getuid(), 0
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.stat(f"/proc/{name}").st_uid == uid:
+                    n += 1
+            except OSError:
+                pass
+    return n
+
+
+def remove_root(spawned: Spawned) -> None:
+    """Remove a jail's folder on the host (workspace and tmp), whatever modes its program left there."""
+    import shutil
+
+    root = spawned.cleanup.pop("root", None)
+    if root:
+        for dirpath, dirnames, _ in os.walk(root):
+            for d in dirnames:  # a program may have chmod-ed its directories to 000
+                try:
+                    os.chmod(os.path.join(dirpath, d), 0o700)
+                except OSError:
+                    pass
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def preload_allowance(policy: Policy) -> int:
     """Memory allowed while the zygote imports its preload modules (before user code exists)."""
     return policy.limits.memory_mib * MIB + (1024 * MIB if policy.preload else 256 * MIB)

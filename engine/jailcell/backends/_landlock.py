@@ -18,7 +18,17 @@ from typing import Any
 
 from .._errors import BackendUnavailable
 from .._policy import MIB, Policy
-from ._base import JAIL_SRC, Backend, Spawned, preload_allowance, refusal, slim_processes, zygote_argv
+from ._base import (
+    JAIL_SRC,
+    Backend,
+    Spawned,
+    preload_allowance,
+    refusal,
+    remove_root,
+    slim_processes,
+    user_processes,
+    zygote_argv,
+)
 from ._cgroups import CgroupJails, Cgroups
 from ._layout import python_layout
 from ._nsjail import JAIL_UID, ro_mounts, unreadable_for_jail
@@ -91,7 +101,7 @@ class LandlockBackend(CgroupJails, Backend):
                 self.cgroups.remove(dirs)
                 shutil.rmtree(root, ignore_errors=True)
                 raise
-        nproc = None if dirs is not None else _user_processes() + pids + 1
+        nproc = None if dirs is not None else user_processes() + pids + 1
 
         as_nobody, no_caps = self.as_nobody, self.as_root and not self.as_nobody
 
@@ -166,15 +176,7 @@ class LandlockBackend(CgroupJails, Backend):
 
     def teardown(self, spawned: Spawned) -> None:
         super().teardown(spawned)
-        root = spawned.cleanup.pop("root", None)
-        if root:
-            for dirpath, dirnames, _ in os.walk(root):
-                for d in dirnames:  # a program may have chmod-ed its directories to 000
-                    try:
-                        os.chmod(os.path.join(dirpath, d), 0o700)
-                    except OSError:
-                        pass
-            shutil.rmtree(root, ignore_errors=True)
+        remove_root(spawned)
 
     def isolation(self, policy: Policy) -> dict[str, Any]:
         cg = self.cgroups.version
@@ -253,18 +255,6 @@ def _drop_capabilities() -> None:
     header = (ctypes.c_uint32 * 2)(0x20080522, 0)
     data = (ctypes.c_uint32 * 6)()
     check(libc.capset(header, data), "capset")
-
-
-def _user_processes() -> int:
-    uid, n = os.getuid(), 0
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if os.stat(f"/proc/{name}").st_uid == uid:
-                    n += 1
-            except OSError:
-                pass
-    return n
 
 
 def _probe_paths(root: str) -> list[str]:

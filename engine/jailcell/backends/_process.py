@@ -10,27 +10,13 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
 import subprocess
 import tempfile
 from typing import Any
 
 from .._policy import MIB, Policy
-from ._base import JAIL_SRC, Backend, Spawned, slim_processes, zygote_argv
+from ._base import JAIL_SRC, Backend, Spawned, remove_root, slim_processes, user_processes, zygote_argv
 from ._layout import python_layout
-
-
-def _count_user_processes() -> int:
-    uid = os.getuid()
-    n = 0
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if os.stat(f"/proc/{name}").st_uid == uid:
-                    n += 1
-            except OSError:
-                pass
-    return n
 
 
 class ProcessBackend(Backend):
@@ -42,7 +28,7 @@ class ProcessBackend(Backend):
         workspace, tmp = os.path.join(root, "work"), os.path.join(root, "tmp")
         os.mkdir(workspace, 0o700)
         os.mkdir(tmp, 0o700)
-        nproc = _count_user_processes() + lim.pids + 4 + slim_processes(policy, session)
+        nproc = user_processes() + lim.pids + 4 + slim_processes(policy, session)
 
         def limits() -> None:  # runs in the child before exec
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -64,15 +50,7 @@ class ProcessBackend(Backend):
         return Spawned(proc, config, {"root": root})
 
     def teardown(self, spawned: Spawned) -> None:
-        root = spawned.cleanup.pop("root", None)
-        if root:
-            for dirpath, dirnames, _ in os.walk(root):
-                for d in dirnames:  # a program may have chmod-ed its directories to 000
-                    try:
-                        os.chmod(os.path.join(dirpath, d), 0o700)
-                    except OSError:
-                        pass
-            shutil.rmtree(root, ignore_errors=True)
+        remove_root(spawned)
 
     def isolation(self, policy: Policy) -> dict[str, Any]:
         return {

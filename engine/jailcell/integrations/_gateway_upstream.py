@@ -85,32 +85,29 @@ class Upstream:
         """The body of ``resp`` (opened as a stream), at most ``limit`` bytes, by ``deadline``."""
         data = bytearray()
         chunks = resp.aiter_bytes()
-        while True:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    chunk = await chunks.__anext__()
-            except StopAsyncIteration:
-                return bytes(data)
-            except TimeoutError:
-                raise self._late(model) from None
+        while (chunk := await self._chunk(chunks, deadline, model)) is not None:
             data += chunk
             if len(data) > limit:
                 if what == "an error":  # enough to say what it was
                     return bytes(data[:limit])
                 raise self.failed(f"sent {what} larger than {limit} bytes", model)
+        return bytes(data)
+
+    async def _chunk(self, chunks: Any, deadline: float, model: str | None) -> bytes | None:
+        """The next piece of an answer, None at its end; a 502 once ``deadline`` has passed."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await chunks.__anext__()
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise self._late(model) from None
 
     async def _lines(self, resp: Any, deadline: float, model: str | None) -> AsyncIterator[str]:
         """The lines of a streamed answer, each at most MAX_LINE_BYTES, all of them MAX_ANSWER_BYTES."""
         buf, total = bytearray(), 0
         chunks = resp.aiter_bytes()
-        while True:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    chunk = await chunks.__anext__()
-            except StopAsyncIteration:
-                break
-            except TimeoutError:
-                raise self._late(model) from None
+        while (chunk := await self._chunk(chunks, deadline, model)) is not None:
             total += len(chunk)
             if total > MAX_ANSWER_BYTES:
                 raise self.failed(f"sent a stream larger than {MAX_ANSWER_BYTES} bytes", model)
