@@ -79,3 +79,55 @@ def test_the_cell_filter_rule_by_rule():
     for name in ("setown_self", "fionread", "setpgid_new", "kill_self", "dumpable_0"):
         assert after[name] == 0, (name, after[name])
     assert os.getpid()  # (the probe ran in its own session: nothing of this process was touched)
+
+
+UNSCOPED = r"""
+import ctypes, json, os, sys
+sys.path.insert(0, sys.argv[1])
+import _seccomp
+libc = ctypes.CDLL(None, use_errno=True)
+r, w = os.pipe()
+child = os.fork()
+if child == 0:  # lives until the probe ends (EOF on the pipe), holding none of its output
+    os.close(w)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.read(r, 1)
+    os._exit(0)
+os.close(r)
+
+def errno_of(call):
+    ctypes.set_errno(0)
+    return 0 if call() >= 0 else ctypes.get_errno()
+
+import tempfile
+own_fd, own_path = tempfile.mkstemp(prefix="jailcell-filter-probe-")
+os.unlink(own_path)
+_seccomp.install_program(_seccomp.program(landlock=True, unscoped=True))
+out = {
+    "kill_child": errno_of(lambda: libc.kill(child, 0)),
+    "kill_parent": errno_of(lambda: libc.kill(os.getppid(), 0)),
+    "tgkill": errno_of(lambda: libc.syscall(234, child, child, 0)),
+    "pidfd_open": errno_of(lambda: libc.syscall(434, child, 0)),
+    "kill_own_group": errno_of(lambda: libc.kill(0, 0)),
+    "chmod_path": errno_of(lambda: libc.chmod(b"/nonexistent-jailcell-probe", 0o700)),
+    "utimensat_path": errno_of(lambda: libc.utimensat(-100, b"/nonexistent-jailcell-probe", None, 0)),
+    "futimens": errno_of(lambda: libc.syscall(280, own_fd, None, None, 0)),
+}
+print(json.dumps(out))
+os._exit(0)
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the probe's numbers are x86_64's")
+def test_the_landlock_cells_filter_where_landlock_cannot_scope_signals():
+    """ABI < 6 (before Linux 6.12) cannot keep a cell's signals inside its domain: there a cell may
+    signal only its own process group -- no pid, no thread, no pidfd -- and never change metadata by path."""
+    out = subprocess.run([sys.executable, "-c", UNSCOPED, str(JAIL_SRC)], capture_output=True, text=True, timeout=60,
+                         process_group=0)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    for name in ("kill_child", "kill_parent", "tgkill", "pidfd_open", "chmod_path", "utimensat_path"):
+        assert data[name] == 1, (name, data)
+    assert data["kill_own_group"] == 0 and data["futimens"] == 0, data

@@ -88,6 +88,12 @@ PATH_METADATA = {
                 "lremovexattr": 15, "setxattrat": 463, "removexattrat": 466},
 }
 UTIMENSAT = {"x86_64": 280, "aarch64": 88}
+# Where Landlock cannot scope signals (ABI < 6), the landlock backend's cells may signal no process by pid
+# (the jail shares the host's pid namespace and uid): only their own process group, kill(0, ...).
+SIGNAL_BY_PID = {"x86_64": {"tkill": 200, "tgkill": 234, "rt_tgsigqueueinfo": 297, "pidfd_send_signal": 424,
+                            "pidfd_open": 434},
+                 "aarch64": {"tkill": 130, "tgkill": 131, "rt_tgsigqueueinfo": 240, "pidfd_send_signal": 424,
+                             "pidfd_open": 434}}
 
 
 def _arg_lo(i: int) -> int:
@@ -121,9 +127,10 @@ class _Asm:
         return b"".join(out)
 
 
-def program(machine: str | None = None, landlock: bool = False) -> bytes | None:
+def program(machine: str | None = None, landlock: bool = False, unscoped: bool = False) -> bytes | None:
     """The cell filter (None: unknown architecture); ``landlock``: with the landlock backend's rules
-    for metadata by path."""
+    for metadata by path; ``unscoped``: signals only to the cell's own process group (kill(0)), for a
+    Landlock that cannot scope them."""
     machine = machine or os.uname().machine
     arch = ARCHES.get(machine)
     if arch is None:
@@ -138,8 +145,11 @@ def program(machine: str | None = None, landlock: bool = False) -> bytes | None:
         a.op(JEQ, nr[name], "arg0_self", 0)
     a.op(JEQ, nr["setpriority"], "prio", 0)
     a.op(JEQ, nr["ioprio_set"], "ioprio", 0)
-    a.op(JEQ, nr["kill"], "signal", 0)
-    a.op(JEQ, nr["rt_sigqueueinfo"], "signal", 0)
+    a.op(JEQ, nr["kill"], "own_group" if unscoped else "signal", 0)
+    a.op(JEQ, nr["rt_sigqueueinfo"], "own_group" if unscoped else "signal", 0)
+    if unscoped:
+        for number in SIGNAL_BY_PID[machine].values():
+            a.op(JEQ, number, "deny", 0)
     a.op(JEQ, nr["setpgid"], "pgid", 0)
     a.op(JEQ, nr["fcntl"], "fcntl", 0)
     a.op(JEQ, nr["ioctl"], "ioctl", 0)
@@ -193,6 +203,10 @@ def program(machine: str | None = None, landlock: bool = False) -> bytes | None:
     a.op(JEQ, PR_SET_DUMPABLE, 0, "allow2")
     a.op(LD_ABS, _arg_lo(1))
     a.op(JEQ, 0, "allow2", "deny2")
+    if unscoped:  # kill(0, sig): the caller's own process group only
+        a.label("own_group")
+        a.op(LD_ABS, _arg_lo(0))
+        a.op(JEQ, 0, "allow2", "deny2")
     if landlock:  # utimensat(fd, NULL, ...) is futimens: allowed; with a path: denied
         a.label("utimensat")
         a.op(LD_ABS, _arg_lo(1))
@@ -291,10 +305,10 @@ def install_program(code: bytes) -> None:
         raise OSError(err, f"cannot install a seccomp filter: {os.strerror(err)}")
 
 
-def install(landlock: bool = False) -> bool:
+def install(landlock: bool = False, unscoped: bool = False) -> bool:
     """Stack the cell filter onto this process (and everything it will fork).  False if the
     architecture is unknown; raises OSError if the kernel refuses it."""
-    code = program(landlock=landlock)
+    code = program(landlock=landlock, unscoped=unscoped)
     if code is None:
         return False
     try:

@@ -23,6 +23,7 @@ __builtins__ = dict(builtins.__dict__)  # type: ignore[assignment]
 REHEARSE_AFTER_S = 0.01  # a spare forked back to back rehearses only if no request came this long
 NO_FILTER_EXIT = 125     # a process that forks cells exits so when it cannot get the cell filter
 SPARE_BROKEN = 122       # a spare exits so when it could not get ready (it ran no program)
+SCOPED_ABI = 6           # Landlock scopes signals from this ABI on
 
 
 EXIT_WAIT_S = 2.0  # how long a dead cell's parent may take to report its exit status
@@ -157,7 +158,8 @@ def forks_cells() -> None:
     guard.hide_jail()
     machinery_signals(ignore=True)
     try:
-        _seccomp.install(landlock=bool(cell.CONFIG.get("landlock")))
+        spec = cell.CONFIG.get("landlock")
+        _seccomp.install(landlock=bool(spec), unscoped=bool(spec) and int(spec.get("abi", 0)) < SCOPED_ABI)
         if cell.CONFIG.get("landlock"):  # (its filter denies metadata calls by path: a session's first holder
             cell.metadata_by_fd()        # copies a workspace for fork() through fds, as its cells do)
             cell.landlock_ruleset()

@@ -131,6 +131,7 @@ class LandlockBackend(CgroupJails, Backend):
             "devices": list(DEVICES),
             "network": bool(policy.network),
             "probe": _probe_paths(root),
+            "abi": self.abi,
         }
         env = self.env(policy, tmp=tmp, home=workspace)
         try:
@@ -193,8 +194,8 @@ class LandlockBackend(CgroupJails, Backend):
             degraded.append("no network namespace: socket() is refused by seccomp"
                             + (" and TCP by Landlock" if self.abi >= NET_ABI else ""))
         if self.abi < SCOPED_ABI:
-            degraded.append(f"Landlock ABI {self.abi} < {SCOPED_ABI}: signals to processes outside the jail are "
-                            "not scoped by Landlock (the cell filter and uid checks still apply)")
+            degraded.append(f"Landlock ABI {self.abi} < {SCOPED_ABI} cannot scope signals: a cell may signal only its "
+                            "own process group (kill(0, ...)), no process by pid (Linux 6.12+ lifts this)")
         if not cg:
             degraded.append("no cgroups: memory bounded by RLIMIT_AS; processes by RLIMIT_NPROC, which counts "
                             f"every process of this user (uid {os.getuid()}), not only the jail's "
