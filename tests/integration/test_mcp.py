@@ -75,21 +75,26 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_mcp_over_streamable_http():
+def start_http(*args: str) -> tuple[subprocess.Popen, str]:
+    """`jailcell mcp --transport http` on a free port, once it accepts connections; its URL."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "jailcell", "mcp", "--transport", "http", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "jailcell", "mcp", "--transport", "http", "--port", str(port), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.2)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    return proc, f"http://127.0.0.1:{port}/mcp"
 
+
+def test_mcp_over_streamable_http():
+    proc, url = start_http()
+    try:
         async def main():
-            async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+            async with Client(url) as client:
                 await exercise(client)
 
         asyncio.run(main())
@@ -135,19 +140,8 @@ def test_mcp_sessions_expire_when_idle_make_room_for_others_and_timeouts_stay_wi
     """One client cannot hold every session (64 at once locked everyone out for minutes): when the server
     is full the least recently used session is closed for a newcomer; unused sessions end; a run's
     timeout stays within the policy's limit (86400 was accepted)."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "jailcell", "mcp", "--transport", "http", "--port", str(port),
-                             "--policy", "minimal", "--max-sessions", "3", "--session-idle", "3"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc, url = start_http("--policy", "minimal", "--max-sessions", "3", "--session-idle", "3")
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.2)
-        url = f"http://127.0.0.1:{port}/mcp"
 
         async def main():
             async with Client(url) as a, Client(url) as b:

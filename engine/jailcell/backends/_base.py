@@ -210,6 +210,18 @@ def user_processes() -> int:
     return n
 
 
+def make_root() -> tuple[str, str, str]:
+    """A jail's folder on the host without a mount namespace (landlock, process backends): its root, the
+    workspace and tmp below it.  Named ``jailcell-<pid>-...``: whose it is (the tests check their own)."""
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix=f"jailcell-{os.getpid()}-")
+    workspace, tmp = os.path.join(root, "work"), os.path.join(root, "tmp")
+    os.mkdir(workspace, 0o700)
+    os.mkdir(tmp, 0o700)
+    return root, workspace, tmp
+
+
 def remove_root(spawned: Spawned) -> None:
     """Remove a jail's folder on the host (workspace and tmp), whatever modes its program left there."""
     import shutil

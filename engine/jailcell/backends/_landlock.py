@@ -13,7 +13,6 @@ import os
 import resource
 import shutil
 import subprocess
-import tempfile
 from typing import Any
 
 from .._errors import BackendUnavailable
@@ -22,6 +21,7 @@ from ._base import (
     JAIL_SRC,
     Backend,
     Spawned,
+    make_root,
     preload_allowance,
     refusal,
     remove_root,
@@ -83,10 +83,7 @@ class LandlockBackend(CgroupJails, Backend):
 
     def spawn(self, policy: Policy, *, session: bool, stderr: Any, channel: int) -> Spawned:
         lim = policy.limits
-        root = tempfile.mkdtemp(prefix=f"jailcell-{os.getpid()}-")  # whose it is: the tests check their own
-        workspace, tmp = os.path.join(root, "work"), os.path.join(root, "tmp")
-        os.mkdir(workspace, 0o700)
-        os.mkdir(tmp, 0o700)
+        root, workspace, tmp = make_root()
         if self.as_nobody:
             for path in (root, workspace, tmp):
                 os.chown(path, JAIL_UID, JAIL_UID)

@@ -11,11 +11,10 @@ from __future__ import annotations
 import os
 import resource
 import subprocess
-import tempfile
 from typing import Any
 
 from .._policy import MIB, Policy
-from ._base import JAIL_SRC, Backend, Spawned, remove_root, slim_processes, user_processes, zygote_argv
+from ._base import JAIL_SRC, Backend, Spawned, make_root, remove_root, slim_processes, user_processes, zygote_argv
 from ._layout import python_layout
 
 
@@ -24,10 +23,7 @@ class ProcessBackend(Backend):
 
     def spawn(self, policy: Policy, *, session: bool, stderr: Any, channel: int) -> Spawned:
         lim = policy.limits
-        root = tempfile.mkdtemp(prefix=f"jailcell-{os.getpid()}-")  # whose it is: the tests check their own
-        workspace, tmp = os.path.join(root, "work"), os.path.join(root, "tmp")
-        os.mkdir(workspace, 0o700)
-        os.mkdir(tmp, 0o700)
+        root, workspace, tmp = make_root()
         nproc = user_processes() + lim.pids + 4 + slim_processes(policy, session)
 
         def limits() -> None:  # runs in the child before exec
