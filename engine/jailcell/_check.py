@@ -99,8 +99,9 @@ def gather() -> tuple[list[tuple[str, str, str]], bool]:
     rows.append(_auto_row(picked, nsjail_ok, landlock_ok, cannot))
     rows.append(_daemon_row())
     rows.append(_row("process backend", None,
-                     "only when asked for by name (--backend process or JAILCELL_BACKEND=process; as root also "
-                     "JAILCELL_UNSAFE_PROCESS_AS_ROOT=1): NOT a boundary against the host"))
+                     "only when asked for by name (--backend process or JAILCELL_BACKEND=process) for a policy "
+                     "whose [isolation] minimum is \"none\" (as root also JAILCELL_UNSAFE_PROCESS_AS_ROOT=1): NOT a "
+                     "boundary against the host"))
     rows.append(_row("programs run jailed", jailed, f"yes: backend auto picks {picked} here" if jailed else
                      "NO: jailcell refuses to run programs here until the items marked NO are fixed"))
     return rows, jailed
@@ -116,7 +117,8 @@ def _landlock_rows(pidfd_ok: bool, cg) -> tuple[list[tuple[str, str, str]], bool
     abi = landlock_abi()
     rows = [_row("landlock", True, f"ABI {abi}: files" + (", TCP" if abi >= NET_ABI else "")
                  + (", signals and abstract unix sockets scoped" if abi >= SCOPED_ABI else "")
-                 + ("" if abi >= SCOPED_ABI else f" (ABI {SCOPED_ABI}+ also scopes signals: Linux 6.12+)"))]
+                 + ("" if abi >= SCOPED_ABI else f"; signals are not scoped below ABI {SCOPED_ABI} (Linux 6.12), so a "
+                    "cell may signal only its own process group"))]
     rows.append(_row("landlock process limit", True if cg.version else None,
                      "the jail's own cgroup pids limit" if cg.version else
                      "RLIMIT_NPROC, which counts every process of this user (no cgroup: " + cg.reason + "); "
