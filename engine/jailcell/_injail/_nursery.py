@@ -172,9 +172,10 @@ class Stateless:
 
     The full nursery is the zygote's image (every preload); a jail whose policy preloads heavy
     packages has a slim one too, forked before those were loaded.  A lost full nursery is replaced
-    at the sweep; a jail that lost its slim one (whose image is gone) or more than one nursery in a
-    run is retired after that run (the host replaces the jail).  No process of the jail is ever
-    dumpable: a nursery forked while a program runs cannot be reached through /proc either."""
+    at the sweep (or a second later if no sweep comes); a jail that lost its slim one (whose image
+    is gone) or more than one nursery in a run is retired after that run (the host replaces the
+    jail).  No process of the jail is ever dumpable: a nursery forked while a program runs cannot
+    be reached through /proc either."""
 
     def __init__(self, zygote, slim: tuple[int, socket] | None = None) -> None:
         self.zygote = zygote
