@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,7 +90,10 @@ def test_as_a_user_on_ubuntu_with_the_userns_restriction_auto_gives_landlock(cop
     tmp_path.chmod(0o755)
     env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(copy_root),
            "JAILCELL_NSJAIL": str(copy_root / "nsjail" / "bin" / "nsjail")}
-    cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", PYTHON, LAUNCHER, "ubuntu", "--",
+    launcher = copy_root / "simulated_env.py"  # nobody may not read this checkout (a 0700 CI folder)
+    shutil.copy(LAUNCHER, launcher)
+    launcher.chmod(0o644)
+    cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", PYTHON, str(launcher), "ubuntu", "--",
            PYTHON, "-c", UBUNTU_SCRIPT, str(secret)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -97,7 +101,7 @@ def test_as_a_user_on_ubuntu_with_the_userns_restriction_auto_gives_landlock(cop
     assert out["ok"] == ["ok", "42\n"] and out["backend"] == "landlock"
     assert out["secret"] == "error" and out["tmp"] == "error"  # the user's own file and /tmp: out of reach
     assert any("RLIMIT_NPROC" in d for d in out["degraded"]), out["degraded"]  # no cgroups as nobody here
-    check = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", PYTHON, LAUNCHER,
+    check = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", PYTHON, str(launcher),
                             "ubuntu", "--", PYTHON, "-m", "jailcell", "check"], env=env, capture_output=True,
                            text=True, timeout=300)
     assert "auto picks landlock" in check.stdout, check.stdout + check.stderr
