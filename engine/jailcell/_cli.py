@@ -197,7 +197,8 @@ def _command_mcp(sub: Any) -> None:
     mcp.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default: 127.0.0.1)")
     mcp.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     mcp.add_argument("--session-idle", type=_positive(float), default=600.0, metavar="SECONDS",
-                     help="close a session after this long unused (default: 600)")
+                     help="close a session after this long unused, and an MCP session whose client left "
+                          "without closing it (default: 600)")
     mcp.add_argument("--max-sessions", type=_positive_int, default=64, metavar="N",
                      help="sessions (one jail each) at most; when full, the least recently used idle one is closed "
                           "to make room (default: 64)")

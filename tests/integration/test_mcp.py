@@ -164,3 +164,46 @@ def test_mcp_sessions_expire_when_idle_make_room_for_others_and_timeouts_stay_wi
         proc.terminate()
         proc.wait(timeout=30)
     assert b"without authentication" in proc.stderr.read()
+
+
+def test_mcp_sessions_close_when_their_client_goes_away():
+    """A client of the session-id protocol (Mcp-Session-Id) that ends its MCP session takes its sandbox
+    sessions with it: their ids are gone for everyone and their jails end, instead of each holding a jail
+    until it idles out; one such client holds at most --sessions-per-client at once."""
+    import psutil
+
+    proc, url = start_http("--policy", "minimal", "--sessions-per-client", "2")
+    server = psutil.Process(proc.pid)
+
+    def jail_processes() -> int:
+        return len([p for p in server.children(recursive=True) if p.is_running()])
+
+    try:
+        async def main():
+            async with Client(url, mode="legacy") as b:
+                assert "1" in text(await b.call_tool("run_python", {"code": "print(1)"}))
+                before = jail_processes()
+                async with Client(url, mode="legacy") as a:
+                    ids = [text(await a.call_tool("create_session", {})) for _ in range(2)]
+                    r = await a.call_tool("create_session", {})
+                    assert r.is_error and "this client has 2 open sessions" in text(r)
+                    for sid in ids:
+                        await a.call_tool("run_python", {"code": "x = 1", "session_id": sid})
+                    assert jail_processes() > before
+                    # another client may use them while they are open (ids are capabilities) ...
+                    assert "1" in text(await b.call_tool("run_python", {"code": "x", "session_id": ids[0]}))
+                # ... and not once their client is gone (its exit sent DELETE)
+                for sid in ids:
+                    r = await b.call_tool("run_python", {"code": "x", "session_id": sid})
+                    assert r.is_error and "no open session" in text(r)
+                deadline = time.monotonic() + 20
+                while jail_processes() > before and time.monotonic() < deadline:
+                    await asyncio.sleep(0.2)
+                assert jail_processes() <= before
+                sid = text(await b.call_tool("create_session", {}))  # b's own sessions are untouched
+                assert "2" in text(await b.call_tool("run_python", {"code": "1 + 1", "session_id": sid}))
+
+        asyncio.run(main())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -40,12 +40,15 @@ def _mcp():
     return MCPServer, ToolError, TextContent, ImageContent, Context
 
 
-def _client_of(ctx: Any) -> str | None:
-    """The MCP session a tool call came in (its ``Mcp-Session-Id``), or None where the protocol has
-    none (stdio, whose client owns the whole server; stateless HTTP, where every request stands alone)."""
+def _client_of(ctx: Any) -> tuple[str | None, Any]:
+    """The MCP session a tool call came in (its ``Mcp-Session-Id``) and its connection, or
+    ``(None, None)`` where the protocol has none (stdio, whose client owns the whole server; the
+    2026 protocol over HTTP, where every request stands alone)."""
     connection = getattr(ctx.session, "_connection", None)
     session_id = getattr(connection, "session_id", None)
-    return session_id if isinstance(session_id, str) and session_id else None
+    if isinstance(session_id, str) and session_id and hasattr(connection, "exit_stack"):
+        return session_id, connection
+    return None, None
 
 
 class _State:
@@ -121,6 +124,17 @@ class _State:
             self.owners[session_id] = owner
             self.used[session_id] = time.monotonic()
 
+    def client_gone(self, owner: str) -> None:
+        """The MCP session ``owner`` ended (its client closed it, or the SDK expired it): close the
+        sandbox sessions it made."""
+        with self.lock:
+            gone = [self._drop(sid) for sid, o in list(self.owners.items()) if o == owner]
+        for session in gone:
+            if session is not None:
+                session._sync.close()  # returns at once; the jail is reclaimed in the background
+        if gone:
+            log.info("closed %d session(s) of a client that went away", len(gone))
+
 
 def build_server(policy: Any = "standard", *, backend: str | None = None, max_sessions: int = 64,
                  sessions_per_client: int = SESSIONS_PER_CLIENT, session_idle: float = SESSION_IDLE_S):
@@ -167,11 +181,14 @@ def build_server(policy: Any = "standard", *, backend: str | None = None, max_se
         return contents(result)
 
     async def create_session(ctx) -> str:
-        owner = _client_of(ctx)
+        owner, connection = _client_of(ctx)
         state.admit(owner)
         session = await state.sandbox.session(idle_timeout=state.idle_s)
         session_id = uuid.uuid4().hex
         state.add(session_id, session, owner)
+        if owner is not None and not connection.state.get("jailcell"):
+            connection.state["jailcell"] = True  # once per connection: its end closes all it made
+            connection.exit_stack.callback(state.client_gone, owner)
         return session_id
 
     create_session.__annotations__ = {"ctx": Context, "return": str}  # the SDK passes the call's context
@@ -222,7 +239,9 @@ def serve(transport: str = "stdio", *, host: str = "127.0.0.1", port: int = 8000
         if transport == "stdio":
             server.run(transport="stdio")
         elif transport == "http":
-            server.run(transport="streamable-http", host=host, port=port)
+            # the SDK ends an MCP session its client left without saying so after the same idle time
+            server.run(transport="streamable-http", host=host, port=port,
+                       session_idle_timeout=server.jailcell_state.idle_s)
         else:
             raise JailcellError(f"unknown transport {transport!r}; choose stdio or http")
     finally:
