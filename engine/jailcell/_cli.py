@@ -135,10 +135,14 @@ def _command_repl(sub: Any) -> None:
 
 
 def _command_check(sub: Any) -> None:
-    sub.add_parser("check", description="Probe nsjail, namespaces, seccomp, cgroups and limits on this machine; for "
-                               "each feature that does not work, say why and how to fix it. Exit 0 when "
-                               "programs run jailed here (missing extras such as cgroups are reported as "
-                               "degraded), 1 when they cannot run jailed.")
+    check = sub.add_parser("check", description=(
+        "Probe nsjail, namespaces, seccomp, cgroups and limits on this machine; for each feature that does not "
+        "work, say why and how to fix it. Exit 0 when programs run jailed here (missing extras such as cgroups "
+        "are reported as degraded), 1 when they cannot run jailed."))
+    check.add_argument("--container-profile", action="store_true",
+                       help="print jailcell's seccomp profile for containers instead (Docker's default profile plus "
+                            "the user namespace nsjail needs): `docker run --security-opt seccomp=FILE` then gives "
+                            "the nsjail backend without --privileged (docs/deploy.md)")
 
 
 def _command_serve(sub: Any) -> None:
@@ -332,6 +336,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "daemon":
             return _daemon(args)
         if args.command == "check":
+            if args.container_profile:
+                from .backends._nsjail import CONTAINER_PROFILE
+
+                sys.stdout.write(CONTAINER_PROFILE.read_text())
+                return 0
             from ._check import run_check
 
             return run_check()

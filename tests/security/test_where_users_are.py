@@ -20,11 +20,13 @@ from .test_unprivileged import NOBODY, PYTHON, copy_root  # noqa: F401 - the fix
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = str(REPO / "tests" / "simulated_env.py")
+DOCKER_DEFAULT = REPO / "tests" / "data" / "docker-default-seccomp.json"  # Docker's own default profile
 README_CODE = "import numpy; print(numpy.arange(6).reshape(2, 3))"
 
 
 def in_container(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, LAUNCHER, "container", "--", sys.executable, *args],
+    """``python ARGS`` as root in a container with Docker's default seccomp profile and capabilities."""
+    return subprocess.run([sys.executable, LAUNCHER, f"docker={DOCKER_DEFAULT}", "--", sys.executable, *args],
                           env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
@@ -56,8 +58,9 @@ def test_check_in_a_container_says_landlock_and_why():
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     assert "backend auto                   works  landlock, because nsjail cannot jail here" in out
-    assert "creating mount/pid/network namespaces is refused" in out and "CAP_SYS_ADMIN" in out
-    assert "seccomp profile" in out and "--privileged" not in out and "seccomp=unconfined" not in out
+    assert "creating a user namespace is refused" in out and "CAP_SYS_ADMIN" in out
+    assert "jailcell check --container-profile" in out
+    assert "--privileged" not in out and "seccomp=unconfined" not in out and "--cap-add" not in out
     assert "landlock jail                  works" in out and "auto picks landlock" in out
 
 
@@ -121,10 +124,72 @@ def test_check_prints_the_apparmor_profile_where_ubuntu_restricts_user_namespace
     assert "sudo apparmor_parser -r /etc/apparmor.d/jailcell-nsjail" in detail
 
 
-@pytest.mark.parametrize("mode", ["container"])
-def test_the_launcher_really_refuses_namespaces(mode):
-    """The simulation itself: under it, nsjail's namespaces fail as they would in such a container."""
-    r = in_container("-c", "import ctypes; print(ctypes.CDLL(None, use_errno=True).unshare(0x20000), "
-                           "open('/proc/self/status').read().split('CapEff:')[1].split()[0])")
-    rc, capeff = r.stdout.split()
-    assert rc == "-1" and not int(capeff, 16) & (1 << 21)
+def test_the_launcher_really_refuses_namespaces():
+    """The simulation itself: under it, namespaces fail as they would in such a container, clone3 is ENOSYS,
+    and root keeps only Docker's default capabilities."""
+    r = in_container("-c", "import ctypes; libc = ctypes.CDLL(None, use_errno=True)\n"
+                           "print(libc.unshare(0x20000), libc.unshare(0x10000000), libc.syscall(435, 0, 0), "
+                           "ctypes.get_errno(), open('/proc/self/status').read().split('CapEff:')[1].split()[0])")
+    mount_ns, user_ns, clone3, errno, capeff = r.stdout.split()
+    assert (mount_ns, user_ns, clone3, errno) == ("-1", "-1", "-1", "38"), r.stdout + r.stderr
+    assert int(capeff, 16) == 0xA80425FB  # Docker's 14 default capabilities, CAP_SYS_ADMIN not among them
+
+
+def test_the_shipped_container_profile_is_dockers_default_plus_what_nsjail_needs():
+    """What users pass to `docker run --security-opt seccomp=...`: Docker's default rules unchanged, and one
+    rule more that allows namespaces (for any capability set), nothing else."""
+    from jailcell.backends._nsjail import CONTAINER_PROFILE
+
+    shipped, default = json.loads(CONTAINER_PROFILE.read_text()), json.loads(DOCKER_DEFAULT.read_text())
+    extra = shipped["syscalls"].pop()
+    assert shipped == default
+    assert set(extra["names"]) == {"clone", "clone3", "mount", "pivot_root", "setns", "sethostname", "umount2",
+                                   "unshare"}
+    assert extra["action"] == "SCMP_ACT_ALLOW" and not extra.get("includes") and not extra.get("args")
+    r = subprocess.run([sys.executable, "-m", "jailcell", "check", "--container-profile"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == CONTAINER_PROFILE.read_text()
+
+
+CONTAINED = r"""
+import json, sys
+from jailcell import Sandbox
+with Sandbox("standard", memory=64) as sb:
+    r = sb.run("import os; print(os.getuid())")
+    secret = sb.run("print(open(SECRET).read())".replace("SECRET", repr(sys.argv[1])))
+    fork_bomb = sb.run("import os\nwhile True: os.fork()", timeout=3)
+    after = sb.run("print('still', 1)")
+    print(json.dumps({"ok": [r.status, r.stdout], "iso": r.isolation, "secret": secret.status,
+                      "bomb": fork_bomb.status, "after": after.stdout}))
+"""
+
+
+@pytest.mark.parametrize("user", ["root", "nobody"])
+def test_with_the_shipped_profile_a_container_gets_the_nsjail_backend(user, copy_root, tmp_path):  # noqa: F811
+    """Loaded by the same launcher (Docker's default capabilities: root without CAP_SYS_ADMIN), the shipped
+    profile gives auto the nsjail jail, namespaces and all, with the jail's user mapped to nobody (never to
+    root); a file of the container's root stays out of reach and a fork bomb is contained."""
+    from jailcell.backends._nsjail import CONTAINER_PROFILE
+
+    secret = tmp_path / "roots-secret"
+    secret.write_text("s3cret")
+    secret.chmod(0o600)
+    tmp_path.chmod(0o755)
+    (copy_root / "container-seccomp.json").write_text(CONTAINER_PROFILE.read_text())
+    launcher = copy_root / "simulated_env.py"  # nobody may not read this checkout (a 0700 CI folder)
+    shutil.copy(LAUNCHER, launcher)
+    launcher.chmod(0o644)
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(copy_root),
+           "JAILCELL_NSJAIL": str(copy_root / "nsjail" / "bin" / "nsjail")}
+    as_user = [] if user == "root" else ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    prefix = [*as_user, PYTHON, str(launcher), f"docker={copy_root / 'container-seccomp.json'}", "--", PYTHON]
+    r = subprocess.run([*prefix, "-c", CONTAINED, str(secret)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["ok"] == ["ok", "99999\n"] and out["iso"]["backend"] == "nsjail", out
+    assert out["iso"]["namespaces"][:2] == ["user", "pid"]
+    assert out["iso"]["degraded"] == ([] if user == "root" else [out["iso"]["degraded"][0]])  # nobody: no cgroups
+    assert "mapped to host uid 65534" in out["iso"]["user"], out["iso"]["user"]
+    assert out["secret"] == "error" and out["bomb"] in ("error", "timeout") and out["after"] == "still 1\n", out
+    check = subprocess.run([*prefix, "-m", "jailcell", "check"], env=env, capture_output=True, text=True, timeout=300)
+    assert "backend auto                   works  nsjail" in check.stdout, check.stdout + check.stderr

@@ -140,12 +140,17 @@ _CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x10000
 
 def namespaces_unavailable() -> str | None:
     """Why nsjail could not create its namespaces here, or None -- asked of the kernel in a throwaway
-    child (~1 ms): as root, new mount/pid/net namespaces (a container without CAP_SYS_ADMIN, or whose
-    seccomp profile refuses them, says no); otherwise a user namespace first and then those inside it
-    (Ubuntu's AppArmor restriction lets the first through and refuses the rest)."""
+    child (~1 ms): as root with CAP_SYS_ADMIN, new mount/pid/net namespaces; otherwise (a user, or root in a
+    container without CAP_SYS_ADMIN, where nsjail uses a user namespace too) a user namespace first and then
+    those inside it (Ubuntu's AppArmor restriction lets the first through and refuses the rest; a container's
+    default seccomp profile refuses the first)."""
     if _surely_namespaces():
         return None
     import ctypes
+
+    from ._nsjail import has_sys_admin
+
+    userns = os.geteuid() != 0 or not has_sys_admin()  # decided before the fork: no file reads in the child
 
     libc = ctypes.CDLL(None, use_errno=True)
     r, w = os.pipe()
@@ -153,7 +158,7 @@ def namespaces_unavailable() -> str | None:
     if pid == 0:  # only system calls here: no Python-level locks after a fork from a threaded process
         try:
             err = 0
-            if os.geteuid() != 0 and libc.unshare(_CLONE_NEWUSER) != 0:
+            if userns and libc.unshare(_CLONE_NEWUSER) != 0:
                 err = ctypes.get_errno() or 1
             elif libc.unshare(_CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET) != 0:
                 err = 1000 + (ctypes.get_errno() or 1)
@@ -171,11 +176,19 @@ def namespaces_unavailable() -> str | None:
         return None
     if code == -1:
         return "the namespace probe died"
+    if code < 1000 and os.geteuid() == 0:
+        return (f"creating a user namespace is refused ({os.strerror(code)}): jailcell runs as root without "
+                "CAP_SYS_ADMIN (a container) and the container's seccomp profile refuses namespaces (Docker's "
+                "default does); jailcell's container profile allows them (`jailcell check --container-profile`)")
     if code < 1000:
         return f"creating a user namespace is refused ({os.strerror(code)}): unprivileged user namespaces are off"
     inner = os.strerror(code - 1000)
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and not userns:
         return (f"creating mount/pid/network namespaces is refused ({inner}): inside a container without "
                 "CAP_SYS_ADMIN, or a seccomp profile that forbids them")
+    if os.geteuid() == 0:
+        return (f"a user namespace is created but namespaces inside it are refused ({inner}): a container whose "
+                "seccomp profile forbids them; jailcell's container profile allows them "
+                "(`jailcell check --container-profile`)")
     return (f"a user namespace is created but namespaces inside it are refused ({inner}): Ubuntu 23.10+'s AppArmor "
             "restriction of unprivileged user namespaces (kernel.apparmor_restrict_unprivileged_userns=1)")

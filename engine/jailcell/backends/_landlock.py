@@ -31,7 +31,7 @@ from ._base import (
 )
 from ._cgroups import CgroupJails, Cgroups
 from ._layout import python_layout
-from ._nsjail import JAIL_UID, ro_mounts, unreadable_for_jail
+from ._nsjail import JAIL_UID, nobody_reaches, ro_mounts, unreadable_for_jail
 
 MIN_ABI = 1
 SCOPED_ABI = 6     # signals and abstract unix sockets scoped to the domain
@@ -78,7 +78,7 @@ class LandlockBackend(CgroupJails, Backend):
         # Where nobody cannot reach this Python (e.g. under root's 0700 home), they run as uid 0 with no
         # capabilities at all (and no way to regain them): root's powers are gone, its uid stays.
         self.as_root = os.geteuid() == 0
-        self.as_nobody = self.as_root and not unreadable_for_jail(ro_mounts(), True) and _nobody_reaches(ro_mounts())
+        self.as_nobody = self.as_root and not unreadable_for_jail(ro_mounts(), True) and nobody_reaches(ro_mounts())
         self.cgroups = Cgroups.detect()
 
     def spawn(self, policy: Policy, *, session: bool, stderr: Any, channel: int) -> Spawned:
@@ -213,22 +213,6 @@ class LandlockBackend(CgroupJails, Backend):
             "rlimits": ["cpu", "fsize", "nofile", "core=0"] + ([] if cg else ["nproc", "as"]),
             "degraded": degraded,
         }
-
-
-def _nobody_reaches(paths: tuple[str, ...]) -> bool:
-    """Whether uid nobody can walk down to each of ``paths`` (every folder above it searchable by others)."""
-    import stat
-
-    for path in paths:
-        parent = os.path.dirname(os.path.abspath(path))
-        while parent and parent != "/":
-            try:
-                if not os.stat(parent).st_mode & stat.S_IXOTH:
-                    return False
-            except OSError:
-                return False
-            parent = os.path.dirname(parent)
-    return True
 
 
 _SECUREBITS = 0x2F  # NOROOT, NO_SETUID_FIXUP, their locks, KEEP_CAPS_LOCKED: exec never gives root's caps back

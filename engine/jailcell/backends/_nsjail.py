@@ -141,17 +141,47 @@ def unreadable_for_jail(paths: tuple[str, ...], as_root: bool) -> list[str]:
     return bad
 
 
+def nobody_reaches(paths: tuple[str, ...]) -> bool:
+    """Whether uid nobody can walk down to each of ``paths`` (every folder above it searchable by others)."""
+    for path in paths:
+        parent = os.path.dirname(os.path.abspath(path))
+        while parent and parent != "/":
+            try:
+                if not os.stat(parent).st_mode & stat.S_IXOTH:
+                    return False
+            except OSError:
+                return False
+            parent = os.path.dirname(parent)
+    return True
+
+
 THP_DIR = "/sys/kernel/mm/transparent_hugepage"
+CAP_SYS_ADMIN = 21
+CONTAINER_PROFILE = Path(__file__).with_name("container-seccomp.json")  # Docker's default + what nsjail needs
+
+
+def has_sys_admin() -> bool:
+    """Whether this process holds CAP_SYS_ADMIN (root in a container does not)."""
+    try:
+        with open("/proc/self/status") as f:
+            status = f.read()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) & (1 << CAP_SYS_ADMIN))
+    return False
 
 
 class NsjailCommand:
     """Policy -> nsjail argv.  Pure: no side effects, easy to read and to test."""
 
     def __init__(self, nsjail: str, policy: Policy, as_root: bool, cgroups: bool, python: str = "",
-                 workspace: str = "/work", session: bool = False) -> None:
+                 workspace: str = "/work", session: bool = False, root_userns: bool = False) -> None:
         self.nsjail = nsjail
         self.policy = policy
         self.as_root = as_root
+        self.root_userns = root_userns  # root without CAP_SYS_ADMIN (a container): a user namespace too
         self.cgroups = cgroups  # the jail's processes are in cgroups of jailcell's (their pids limit is there)
         self.python = python
         self.workspace = workspace
@@ -164,7 +194,11 @@ class NsjailCommand:
             self.nsjail, "--mode", "o", "--quiet", "--time_limit", "0",
             "--hostname", "jailcell", "--cwd", self.workspace, "--nice_level", "0",
         ]
-        if self.as_root:
+        if self.as_root and self.root_userns:
+            # Root without CAP_SYS_ADMIN (a container) builds namespaces only inside a user namespace; it maps
+            # the jail's user to host nobody, never to root (whose files the jail would then own).
+            args += ["--user", f"{INSIDE_UID}:{JAIL_UID}:1", "--group", f"{INSIDE_UID}:{JAIL_UID}:1"]
+        elif self.as_root:
             # No user namespace: a root-mapped one would give the jail host-root file ownership.
             args += ["--disable_clone_newuser", "--user", str(JAIL_UID), "--group", str(JAIL_UID)]
         else:
@@ -221,6 +255,7 @@ class NsjailBackend(CgroupJails, Backend):
             )
         self.path = path
         self.as_root = os.geteuid() == 0
+        self.root_userns = self.as_root and not has_sys_admin()
         unreadable = unreadable_for_jail(ro_mounts(), self.as_root)
         if unreadable:
             raise BackendUnavailable(
@@ -228,6 +263,12 @@ class NsjailBackend(CgroupJails, Backend):
                 f"{'; '.join(unreadable[:5])}. Jails run as nobody because jailcell runs as root. Fix: make them "
                 "world-readable (`chmod -R o+rX PATH`), or install Python and its packages somewhere readable by "
                 "all users, or run jailcell as a normal user (a user namespace then maps the jail to you)")
+        if self.root_userns and not nobody_reaches(ro_mounts()):
+            raise BackendUnavailable(
+                f"jailcell runs as root without CAP_SYS_ADMIN (a container), so nsjail builds the jail inside a user "
+                f"namespace as nobody, who cannot reach {python_layout().describe()} (a folder above it is not "
+                "searchable by others, e.g. /root). Fix: install Python and its packages where every user can reach "
+                "them (/usr, /opt, a venv outside /root), or use the landlock backend")
         self.cgroups = Cgroups.detect()
 
     def spawn(self, policy: Policy, *, session: bool, stderr: Any, channel: int) -> Spawned:
@@ -246,7 +287,7 @@ class NsjailBackend(CgroupJails, Backend):
                 raise
         workspace = workspace_path()
         argv = NsjailCommand(self.path, policy, self.as_root, dirs is not None, workspace=workspace,
-                             session=session).argv()
+                             session=session, root_userns=self.root_userns).argv()
         config = self.zygote_config(policy, session=session, workspace=workspace, tmp=TMP,
                                     pid_namespace=True, rlimit_as=dirs is None)
         config["enter_cgroups"] = len(entry_fds)
@@ -296,14 +337,20 @@ class NsjailBackend(CgroupJails, Backend):
 
     def isolation(self, policy: Policy) -> dict[str, Any]:
         namespaces = ["pid", "mount", "ipc", "uts", "cgroup"] + ([] if policy.network else ["net"])
-        if not self.as_root:
+        if not self.as_root or self.root_userns:
             namespaces.insert(0, "user")
         cg = self.cgroups.version
+        if self.root_userns:
+            user = (f"uid {INSIDE_UID} in a user namespace, mapped to host uid {JAIL_UID} (nobody): jailcell runs as "
+                    "root without CAP_SYS_ADMIN (a container)")
+        elif self.as_root:
+            user = f"host uid {JAIL_UID} (nobody); no user namespace because jailcell runs as root"
+        else:
+            user = f"uid {INSIDE_UID} in a user namespace, mapped to host uid {os.getuid()}"
         return {
             "backend": "nsjail",
             "namespaces": namespaces,
-            "user": (f"host uid {JAIL_UID} (nobody); no user namespace because jailcell runs as root"
-                     if self.as_root else f"uid {INSIDE_UID} in a user namespace, mapped to host uid {os.getuid()}"),
+            "user": user,
             "seccomp": True,
             "cgroup": cg,
             "memory_limit": "cgroup" if cg else "rlimit_as",
@@ -362,7 +409,8 @@ def _probe() -> tuple[bool, str]:
         workspace = workspace_path()
     except (BackendUnavailable, OSError) as exc:
         return False, str(exc)
-    argv = NsjailCommand(backend.path, Policy(name="probe"), backend.as_root, False, workspace=workspace).argv()
+    argv = NsjailCommand(backend.path, Policy(name="probe"), backend.as_root, False, workspace=workspace,
+                         root_userns=backend.root_userns).argv()
     argv = argv[: argv.index("--") + 1] + [layout.python, "-I", "-c", PROBE]
     argv.remove("--quiet")  # keep all of nsjail's words for the report
     try:
@@ -420,8 +468,10 @@ def explain_failure(stderr: str, layout: PythonLayout) -> str:
                 Path("/proc/sys/user/max_user_namespaces").read_text().strip() == "0":
             fix = landlock + "user namespaces are disabled: `sudo sysctl user.max_user_namespaces=15000`"
         elif os.geteuid() == 0 or os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv"):
-            fix = landlock + ("inside a container, give it namespaces: CAP_SYS_ADMIN (`--cap-add SYS_ADMIN`) and a "
-                              "seccomp profile that lets unshare/clone create them (docs/deploy.md)")
+            fix = landlock + ("inside a container, run it with jailcell's seccomp profile, which lets nsjail create "
+                              "a user namespace and the others inside it (`jailcell check --container-profile > "
+                              "jailcell-seccomp.json`, then `docker run --security-opt seccomp=jailcell-seccomp.json`; "
+                              "docs/deploy.md)")
         else:
             fix = landlock + "enable unprivileged user namespaces (`sysctl kernel.unprivileged_userns_clone=1`)"
     elif bind:
