@@ -5,7 +5,9 @@
 - ``docker=PROFILE``: a container (Docker, Podman, Kubernetes RuntimeDefault): a Docker seccomp profile
   file (JSON) installed as Docker installs it for a container with Docker's default capabilities
   (libseccomp; rules chosen by those capabilities and this machine's architecture), and root's
-  capabilities cut to that default set.  ``tests/data/docker-default-seccomp.json``
+  capabilities cut to that default set.  ``docker=PROFILE,ro-cgroups`` also makes (as root) the cgroup
+  file systems read-only, as Docker mounts them, in a mount namespace of the launcher's own (the
+  machine's stay as they are).  ``tests/data/docker-default-seccomp.json``
   is Docker's own default profile (moby/profiles seccomp/default.json at 3c28324, Apache-2.0).
 
 Usage: python simulated_env.py MODE -- COMMAND [ARGS...]   (installs the filter, then execs COMMAND)
@@ -142,6 +144,22 @@ def install_docker_profile(path: str) -> None:
         raise OSError(ctypes.get_errno(), "seccomp_load")
 
 
+def readonly_cgroups() -> None:
+    """In a mount namespace of this process's own, every cgroup file system read-only (Docker's view)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+    ms_rdonly, ms_remount, ms_bind, ms_rec, ms_private = 1, 32, 4096, 16384, 1 << 18
+    if libc.unshare(0x00020000) != 0:  # CLONE_NEWNS
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+    if libc.mount(None, b"/", None, ms_rec | ms_private, None) != 0:
+        raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1] for line in f if line.split()[2] in ("cgroup", "cgroup2")]
+    for point in points:
+        if libc.mount(None, point.encode(), None, ms_remount | ms_bind | ms_rdonly, None) != 0:
+            raise OSError(ctypes.get_errno(), f"remount {point} read-only")
+
+
 def keep_only(caps: set[int]) -> None:
     """Every capability not in ``caps`` out of the bounding set and the process's own sets."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -166,9 +184,12 @@ def main() -> None:
     if sep != "--" or not cmd:
         raise SystemExit(__doc__)
     if mode.startswith("docker="):
+        profile, *options = mode.split("=", 1)[1].split(",")
         if os.geteuid() == 0:
+            if "ro-cgroups" in options:
+                readonly_cgroups()
             keep_only(set(DOCKER_CAPS.values()))
-        install_docker_profile(mode.split("=", 1)[1])
+        install_docker_profile(profile)
         os.execvp(cmd[0], cmd)
     install_program(program(mode))
     os.execvp(cmd[0], cmd)

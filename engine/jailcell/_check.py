@@ -125,11 +125,22 @@ def _landlock_rows(pidfd_ok: bool, cg) -> tuple[list[tuple[str, str, str]], bool
                  + (", signals and abstract unix sockets scoped" if abi >= SCOPED_ABI else "")
                  + ("" if abi >= SCOPED_ABI else f"; signals are not scoped below ABI {SCOPED_ABI} (Linux 6.12), so a "
                     "cell may signal only its own process group"))]
-    rows.append(_row("landlock process limit", True if cg.version else None,
-                     "the jail's own cgroup pids limit" if cg.version else
-                     "RLIMIT_NPROC, which counts every process of this user (no cgroup: " + cg.reason + "); "
-                     "a delegated cgroup v2 subtree (systemd-run --user -p Delegate=yes, or a container with "
-                     "--cgroupns=private and a writable /sys/fs/cgroup) gives each jail its own"))
+    from .backends._landlock import LandlockBackend
+
+    try:
+        own_uids = LandlockBackend().own_uids
+    except JailcellError as exc:
+        return [*rows, _row("landlock jail", False, str(exc))], False
+    if cg.version:
+        rows.append(_row("landlock process limit", True, "the jail's own cgroup pids limit"))
+    elif own_uids:
+        rows.append(_row("landlock process limit", True, "RLIMIT_NPROC of a uid each jail has to itself (jailcell runs "
+                         "as root; no cgroup: " + cg.reason + ")"))
+    else:
+        rows.append(_row("landlock process limit", None,
+                         "RLIMIT_NPROC, which counts every process of this user (no cgroup: " + cg.reason + "); "
+                         "a delegated cgroup v2 subtree (systemd-run --user -p Delegate=yes, or a container with "
+                         "--cgroupns=private and a writable /sys/fs/cgroup) gives each jail its own"))
     if not pidfd_ok:
         return rows, False
     from ._sandbox import Sandbox

@@ -193,3 +193,78 @@ def test_with_the_shipped_profile_a_container_gets_the_nsjail_backend(user, copy
     assert out["secret"] == "error" and out["bomb"] in ("error", "timeout") and out["after"] == "still 1\n", out
     check = subprocess.run([*prefix, "-m", "jailcell", "check"], env=env, capture_output=True, text=True, timeout=300)
     assert "backend auto                   works  nsjail" in check.stdout, check.stdout + check.stderr
+
+
+OWN_UIDS = r"""
+import json, threading, time
+from jailcell import Sandbox
+BOMB = '''
+import os, time
+n = 0
+try:
+    while True:
+        if os.fork() == 0:
+            time.sleep(30)
+            os._exit(0)
+        n += 1
+except OSError as e:
+    print('stopped after', n, 'errno', e.errno)
+time.sleep(2)
+'''
+FORK = '''
+import os
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0)
+print('forked', os.getuid())
+'''
+with Sandbox("standard") as a, Sandbox("standard") as b:
+    uids = [a.run("import os; print(os.getuid())").stdout, b.run("import os; print(os.getuid())").stdout]
+    out = {}
+    t = threading.Thread(target=lambda: out.update(bomb=a.run(BOMB, timeout=15)))
+    t.start()
+    time.sleep(1.5)  # a's bomb is at its limit and holds it
+    other = b.run(FORK)
+    t.join()
+    print(json.dumps({"uids": uids, "bomb": out["bomb"].stdout, "other": [other.status, other.stdout],
+                      "iso": other.isolation}))
+"""
+
+
+def test_in_a_container_without_cgroups_each_landlock_jail_has_a_uid_and_a_process_bound_of_its_own(
+        copy_root):  # noqa: F811
+    """Docker mounts cgroups read-only: no cgroup pids limit.  As root, each landlock jail then runs as a uid
+    no account and no other jail has, so RLIMIT_NPROC counts that jail alone: a fork bomb stops at the
+    policy's limit and another jail forks meanwhile (with one shared uid the bomb took everyone's share)."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(copy_root)}
+    launcher = copy_root / "simulated_env.py"
+    shutil.copy(LAUNCHER, launcher)
+    launcher.chmod(0o644)
+    r = subprocess.run([PYTHON, str(launcher), f"docker={DOCKER_DEFAULT},ro-cgroups", "--", PYTHON, "-c", OWN_UIDS],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    uids = [int(u) for u in out["uids"]]
+    assert uids[0] != uids[1] and all(u >= 1 << 30 for u in uids), uids
+    stopped = out["bomb"].split()
+    assert stopped[:1] == ["stopped"] and int(stopped[2]) <= 64 and stopped[4] == "11", out["bomb"]  # EAGAIN
+    assert out["other"] == ["ok", f"forked {uids[1]}\n"], out["other"]
+    iso = out["iso"]
+    assert iso["backend"] == "landlock" and iso["cgroup"] is None
+    assert iso["pids_limit"] == "rlimit_nproc (the jail's own uid)" and "uid of the jail's own" in iso["user"]
+    assert any("read-only" in d and "RLIMIT_NPROC of the jail's own uid" in d for d in iso["degraded"]), iso
+
+
+def test_as_root_without_cgroups_a_jail_that_would_run_as_uid_0_is_refused():
+    """Where only root reaches the interpreter (this one, under /root) and there are no cgroups, a landlock
+    jail would run as uid 0, which RLIMIT_NPROC does not bind even without capabilities: refused, not run
+    without a process bound."""
+    if os.stat(Path(sys.executable).resolve()).st_uid != 0 or not str(Path(sys.executable).resolve()).startswith(
+            "/root/"):
+        pytest.skip("needs an interpreter only root can reach (this machine's is elsewhere)")
+    r = subprocess.run([sys.executable, LAUNCHER, f"docker={DOCKER_DEFAULT},ro-cgroups", "--", sys.executable, "-m",
+                        "jailcell", "run", "--backend", "landlock", "-c", "print(1)"],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+    assert "which no process limit binds" in r.stderr and "Fix: install Python where every user can reach" in r.stderr

@@ -196,10 +196,10 @@ def _bytecode_matches(source: os.DirEntry, pyc: str) -> bool:
         and int.from_bytes(header[12:16], "little") == st.st_size & 0xFFFFFFFF
 
 
-def user_processes() -> int:
-    """How many processes this user has (RLIMIT_NPROC counts them all: a jail without cgroups gets
-    that many more)."""
-    uid, n = os.getuid(), 0
+def user_processes(uid: int | None = None) -> int:
+    """How many processes a user (this one by default) has: RLIMIT_NPROC counts them all, so a jail
+    without cgroups that runs as that user gets that many more."""
+    uid, n = os.getuid() if uid is None else uid, 0
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:

@@ -66,6 +66,13 @@ class CgroupDirs:
         return list(dict.fromkeys([self.memory, self.pids]))
 
 
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 class Cgroups:
     """What cgroup support this machine gives jailcell, and operations on jail directories."""
 
@@ -97,7 +104,11 @@ class Cgroups:
                     raise PermissionError(errno.EACCES, "Permission denied")
                 return cls("v1", mem, pids, None, "cgroup v1 memory and pids controllers")
             except OSError as exc:
-                reasons.append(f"cgroup v1: cannot create {v1['memory'] / ROOT_NAME}: {exc.strerror} (needs root)")
+                why = "needs root"
+                if exc.errno == errno.EROFS or _read_only(v1["memory"]):
+                    why = "mounted read-only, as a container runtime mounts it"
+                    exc.strerror = "Read-only file system"
+                reasons.append(f"cgroup v1: cannot create {v1['memory'] / ROOT_NAME}: {exc.strerror} ({why})")
         for mount in v2:
             try:
                 controllers = set(_read(mount / "cgroup.controllers").split())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import resource
+import secrets
 import shutil
 import subprocess
 from typing import Any
@@ -37,6 +38,10 @@ MIN_ABI = 1
 SCOPED_ABI = 6     # signals and abstract unix sockets scoped to the domain
 NET_ABI = 4        # TCP bind/connect rules
 DEVICES = ("/dev/null", "/dev/zero", "/dev/full")
+# As root, each jail runs as a uid of its own drawn from here (no account has one): RLIMIT_NPROC, which
+# counts a uid's processes, is then the jail's own process bound where there are no cgroups (a container),
+# and no two jails share a uid.
+OWN_UIDS = (1 << 30, 1 << 24)  # first, how many
 READ_EXTRA = ("/etc/ld.so.cache", "/etc/localtime", "/sys/devices/system/cpu", "/dev/urandom", "/dev/random")
 
 
@@ -79,14 +84,23 @@ class LandlockBackend(CgroupJails, Backend):
         # capabilities at all (and no way to regain them): root's powers are gone, its uid stays.
         self.as_root = os.geteuid() == 0
         self.as_nobody = self.as_root and not unreadable_for_jail(ro_mounts(), True) and nobody_reaches(ro_mounts())
+        self.own_uids = self.as_nobody and _mapped(*OWN_UIDS)  # else host nobody, shared by every jail
         self.cgroups = Cgroups.detect()
+        if self.as_root and not self.as_nobody and not self.cgroups.version:
+            # uid 0 is exempt from RLIMIT_NPROC even without capabilities: nothing would bound the processes
+            raise BackendUnavailable(refusal(
+                f"jailcell runs as root, no other user can reach {python_layout().describe()} (a folder above it is "
+                f"not searchable by others, e.g. /root), and there are no cgroups ({self.cgroups.reason}): jails "
+                "would run as uid 0, which no process limit binds. Fix: install Python where every user can "
+                "reach it (/usr, /opt, a venv outside /root), or give jailcell cgroups"))
 
     def spawn(self, policy: Policy, *, session: bool, stderr: Any, channel: int) -> Spawned:
         lim = policy.limits
         root, workspace, tmp = make_root()
+        uid = (OWN_UIDS[0] + secrets.randbelow(OWN_UIDS[1])) if self.own_uids else JAIL_UID
         if self.as_nobody:
             for path in (root, workspace, tmp):
-                os.chown(path, JAIL_UID, JAIL_UID)
+                os.chown(path, uid, uid)
         dirs = None
         entry_fds: list[int] = []
         pids = lim.pids + 3 + slim_processes(policy, session)
@@ -98,15 +112,20 @@ class LandlockBackend(CgroupJails, Backend):
                 self.cgroups.remove(dirs)
                 shutil.rmtree(root, ignore_errors=True)
                 raise
-        nproc = None if dirs is not None else user_processes() + pids + 1
+        if dirs is not None:
+            nproc = None
+        elif self.own_uids:
+            nproc = pids + 1  # the jail's uid is its own: the bound counts the jail's processes alone
+        else:
+            nproc = user_processes(JAIL_UID if self.as_nobody else None) + pids + 1
 
         as_nobody, no_caps = self.as_nobody, self.as_root and not self.as_nobody
 
         def limits() -> None:  # runs in the child before exec
             if as_nobody:
                 os.setgroups([])
-                os.setresgid(JAIL_UID, JAIL_UID, JAIL_UID)
-                os.setresuid(JAIL_UID, JAIL_UID, JAIL_UID)
+                os.setresgid(uid, uid, uid)
+                os.setresuid(uid, uid, uid)
             elif no_caps:
                 _drop_capabilities()
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -193,21 +212,27 @@ class LandlockBackend(CgroupJails, Backend):
         if self.abi < SCOPED_ABI:
             degraded.append(f"Landlock ABI {self.abi} < {SCOPED_ABI} cannot scope signals: a cell may signal only its "
                             "own process group (kill(0, ...)), no process by pid (Linux 6.12+ lifts this)")
-        if not cg:
+        if not cg and self.own_uids:
+            degraded.append("no cgroups: memory bounded by RLIMIT_AS per process, not per jail; processes by "
+                            f"RLIMIT_NPROC of the jail's own uid ({self.cgroups.reason})")
+        elif not cg:
+            uid = JAIL_UID if self.as_nobody else os.getuid()
             degraded.append("no cgroups: memory bounded by RLIMIT_AS; processes by RLIMIT_NPROC, which counts "
-                            f"every process of this user (uid {os.getuid()}), not only the jail's "
-                            f"({self.cgroups.reason})")
+                            f"every process of uid {uid}, not only the jail's ({self.cgroups.reason})")
         return {
             "backend": "landlock",
             "namespaces": [],
             "landlock_abi": self.abi,
-            "user": (f"host uid {JAIL_UID} (nobody), because jailcell runs as root" if self.as_nobody else
+            "user": (f"a host uid of the jail's own ({OWN_UIDS[0]} and up, no account's), because jailcell runs as "
+                     "root" if self.own_uids else
+                     f"host uid {JAIL_UID} (nobody), because jailcell runs as root" if self.as_nobody else
                      "host uid 0 without any capability (jailcell runs as root; nobody cannot reach this Python)"
                      if self.as_root else f"host uid {os.getuid()} (same user as jailcell)"),
             "seccomp": True,
             "cgroup": cg,
             "memory_limit": "cgroup" if cg else "rlimit_as",
-            "pids_limit": "cgroup" if cg else "rlimit_nproc (per user)",
+            "pids_limit": "cgroup" if cg else "rlimit_nproc (the jail's own uid)" if self.own_uids else
+                          "rlimit_nproc (per user)",
             "network": "host network (policy enables it)" if policy.network else "none (no sockets; TCP denied)",
             "filesystem": "read-only interpreter and libraries; private workspace and TMPDIR; nothing else of the host",
             "rlimits": ["cpu", "fsize", "nofile", "core=0"] + ([] if cg else ["nproc", "as"]),
@@ -216,6 +241,20 @@ class LandlockBackend(CgroupJails, Backend):
 
 
 _SECUREBITS = 0x2F  # NOROOT, NO_SETUID_FIXUP, their locks, KEEP_CAPS_LOCKED: exec never gives root's caps back
+
+
+def _mapped(first: int, count: int) -> bool:
+    """Whether uids and gids ``first`` .. ``first + count - 1`` exist in this user namespace (a rootless
+    container maps only a few)."""
+    for name in ("uid_map", "gid_map"):
+        try:
+            with open(f"/proc/self/{name}") as f:
+                ranges = [tuple(int(x) for x in line.split()) for line in f if line.strip()]
+        except (OSError, ValueError):
+            return False
+        if not any(inside <= first and first + count <= inside + n for inside, _outside, n in ranges):
+            return False
+    return True
 
 
 def _drop_capabilities() -> None:
