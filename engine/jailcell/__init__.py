@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # the names, for readers and type checkers; at run time each 
     from typing import Any
 
     from ._async import AsyncSandbox, AsyncSession
+    from ._audit import AuditLog, audit_context
     from ._errors import (
         BackendUnavailable,
         InputError,
@@ -25,6 +26,7 @@ if TYPE_CHECKING:  # the names, for readers and type checkers; at run time each 
         SandboxClosed,
         UsageError,
     )
+    from ._metrics import enable_metrics
     from ._policy import Imports, Limits, Policy
     from ._pool import Pool
     from ._result import STATUSES, Result, Status
@@ -33,7 +35,8 @@ if TYPE_CHECKING:  # the names, for readers and type checkers; at run time each 
 # Where each public name lives.  ``import jailcell`` loads none of them: a command that needs only
 # a Result (the CLI's client of a daemon) must not pay for asyncio, threads and the engine.
 _HOMES = {
-    "AsyncSandbox": "_async", "AsyncSession": "_async",
+    "AsyncSandbox": "_async", "AsyncSession": "_async", "AuditLog": "_audit", "audit_context": "_audit",
+    "enable_metrics": "_metrics",
     "BackendUnavailable": "_errors", "InputError": "_errors", "JailcellError": "_errors", "JailError": "_errors",
     "MissingExtra": "_errors", "PolicyError": "_errors", "SandboxClosed": "_errors", "UsageError": "_errors",
     "Imports": "_policy", "Limits": "_policy", "Policy": "_policy",
@@ -88,4 +91,7 @@ __all__ = [
     "SandboxClosed",
     "UsageError",
     "MissingExtra",
+    "AuditLog",
+    "audit_context",
+    "enable_metrics",
 ]

@@ -103,8 +103,8 @@ class AsyncSandbox(_Twin):
 
     def __init__(self, policy: str | os.PathLike[str] | Policy | None = "standard", *, backend: str | None = None,
                  warm: bool = False, functions: Mapping[str, Callable[..., Any]] | None = None,
-                 **overrides: Any) -> None:
-        self._sync = Sandbox(policy, backend=backend, warm=warm, functions=functions, **overrides)
+                 audit: Any = None, **overrides: Any) -> None:
+        self._sync = Sandbox(policy, backend=backend, warm=warm, functions=functions, audit=audit, **overrides)
 
     @property
     def policy(self) -> Policy:

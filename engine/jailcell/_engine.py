@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any, Callable, Mapping, NoReturn
 
+from . import _audit, _metrics
 from ._bridge import HostFunctions
 from ._errors import BackendUnavailable, InputError, JailError, UsageError
 from ._host._jail import Cancel, HeadLost, Jail, JailTimeout, RunCancelled, close_all
@@ -154,7 +155,15 @@ class RunLock:
         if self._owner == threading.get_ident():
             raise UsageError("run() was called on a Sandbox or Session from inside one of its own runs (a host "
                              "function calling back into it); use another Sandbox, Session or Pool for that")
-        self._lock.acquire()
+        m = _metrics.M
+        if m is None:
+            self._lock.acquire()
+        elif not self._lock.acquire(blocking=False):
+            m.waiting.inc()  # a run waiting for its turn on this jail
+            try:
+                self._lock.acquire()
+            finally:
+                m.waiting.dec()
         self._owner = threading.get_ident()
         return self
 
@@ -178,13 +187,15 @@ class _Engine:
     """Everything the sync and async classes share: policy, backend, requests, results."""
 
     def __init__(self, policy: str | os.PathLike[str] | Policy | None, backend: str | None, overrides: dict[str, Any],
-                 functions: Mapping[str, Callable[..., Any]] | None = None) -> None:
+                 functions: Mapping[str, Callable[..., Any]] | None = None, audit: Any = None) -> None:
         self.policy = Policy.load(policy).with_overrides(**overrides)
+        self.audit = _audit.resolve(audit)
         self.backend = get_backend(backend)
         if not self.policy.admits(self.backend.name):
             raise BackendUnavailable(below_minimum(self.policy, self.backend.name, backend))
         self.functions = HostFunctions(functions)
         self._isolation: dict[str, Any] | None = None
+        self._policy_sha256: str | None = None
 
     def isolation(self) -> dict[str, Any]:
         if self._isolation is None:
@@ -219,23 +230,70 @@ class _Engine:
         return RunRequest(code, wall, float(cpu), _check_files(files, self.policy),
                           tuple(self.functions.names) if self.functions else ())
 
-    def execute(self, jail: Jail, req: RunRequest, head: str | None = None,
-                cancel: Cancel | None = None) -> tuple[Result, bool]:
+    def execute(self, jail: Jail, req: RunRequest, head: str | None = None, cancel: Cancel | None = None,
+                session: str | None = None) -> tuple[Result, bool]:
         """Run ``req`` in ``jail``.  Returns the Result and whether the jail is still usable.
-        Raises RunCancelled if ``cancel`` came before the program started."""
+        Raises RunCancelled if ``cancel`` came before the program started.  Every run that reaches
+        a jail is counted in the metrics and written to the audit log here, and only here."""
         t0 = time.monotonic()
+        observed = self.audit is not None or _metrics.M is not None
+        calls: dict[str, int] = {}
+        on_call: Callable[[dict[str, Any]], dict[str, Any]] = self.functions
+        if observed and self.functions:
+            def on_call(msg: dict[str, Any]) -> dict[str, Any]:
+                name = msg.get("name")
+                if isinstance(name, str) and name in self.functions.functions:  # names of the app's, not the code's
+                    calls[name] = calls.get(name, 0) + 1
+                return self.functions(msg)
         try:
-            reply = jail.run(req, head=head, on_call=self.functions, cancel=cancel)
-        except (HeadLost, RunCancelled):
+            reply = jail.run(req, head=head, on_call=on_call, cancel=cancel)
+        except RunCancelled:
+            if observed:
+                self.observe(req, Result(status="killed", error={"type": "Cancelled", "message": "", "traceback": ""},
+                                         duration_s=time.monotonic() - t0, isolation=self.isolation()),
+                             session, calls, status="cancelled")
+            raise
+        except HeadLost:
             raise
         except (JailTimeout, EOFError, OSError, JailError, ProtocolError) as exc:
             jail.kill()
             why = "it stopped answering" if isinstance(exc, JailTimeout) else f"{type(exc).__name__}: {exc}"
             again = "; the program had started, so it was not run again" if jail.delivered else ""
-            return self._host_failure("killed", "JailDied", f"the jail broke during the run ({why}){again}", t0), False
+            result = self._host_failure("killed", "JailDied", f"the jail broke during the run ({why}){again}", t0)
+            if observed:
+                self.observe(req, result, session, calls)
+            return result, False
         if reply.input_error is not None:
             raise InputError(reply.input_error)
-        return self.to_result(reply, jail), True
+        result = self.to_result(reply, jail)
+        if observed:
+            self.observe(req, result, session, calls)
+        return result, True
+
+    def observe(self, req: RunRequest, result: Result, session: str | None, calls: dict[str, int],
+                status: str | None = None) -> None:
+        """The metrics and the audit line of one run."""
+        status = status or result.status
+        policy = self.policy.name
+        m = _metrics.M
+        if m is not None:
+            m.runs.labels(policy, status, self.backend.name).inc()
+            m.run_seconds.labels(policy).observe(result.duration_s)
+            m.run_cpu.labels(policy).observe(result.cpu_s)
+            m.run_memory.labels(policy).observe(result.peak_memory_bytes)
+            who = _audit.current().get("who")
+            if who is not None:
+                m.key_runs.labels(who).inc()
+            for name, n in calls.items():
+                m.host_calls.labels(name).inc(n)
+        if self.audit is not None:
+            if self._policy_sha256 is None:
+                self._policy_sha256 = _audit.sha256(self.policy.to_toml())
+            self.audit.write(_audit.record(
+                code=req.code, log=self.audit, policy=policy, policy_sha256=self._policy_sha256, status=status,
+                duration_s=result.duration_s, cpu_s=result.cpu_s, peak_memory_bytes=result.peak_memory_bytes,
+                files=result.files, isolation=result.isolation, host_calls=calls, session=session,
+                error_type=(result.error or {}).get("type")))
 
     def _host_failure(self, status: Status, etype: str, message: str, t0: float) -> Result:
         return Result(status=status, error={"type": etype, "message": message, "traceback": ""},

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping
 
+from . import _metrics
 from ._async import call_cancellable
 from ._errors import InputError, SandboxClosed
 from ._host._jail import Cancel, RunCancelled
@@ -31,7 +32,7 @@ class Pool:
     def __init__(self, size: int | None = None, policy: str | os.PathLike[str] | Policy | None = "standard", *,
                  backend: str | None = None, warm: bool = True,
                  functions: Mapping[str, Callable[..., Any]] | None = None,
-                 **overrides: Any) -> None:
+                 audit: Any = None, **overrides: Any) -> None:
         size = size if size is not None else (os.cpu_count() or 1)
         if not isinstance(size, int) or size < 1:
             raise InputError(f"Pool size must be a positive integer, got {size!r}")
@@ -41,7 +42,7 @@ class Pool:
         self._closed = False
         engine_policy = Policy.load(policy).with_overrides(**overrides)
         def start() -> Sandbox:
-            return Sandbox(engine_policy, backend=backend, warm=warm, functions=functions)
+            return Sandbox(engine_policy, backend=backend, warm=warm, functions=functions, audit=audit)
 
         starters = [start] * size
         with ThreadPoolExecutor(max_workers=size) as ex:
@@ -66,7 +67,18 @@ class Pool:
              cancel: Cancel | None = None) -> Result:
         if self._closed:
             raise SandboxClosed("this Pool is closed")
-        sb = self._sandboxes.get()
+        m = _metrics.M
+        if m is None:
+            sb = self._sandboxes.get()
+        else:
+            try:
+                sb = self._sandboxes.get_nowait()
+            except queue.Empty:
+                m.waiting.inc()  # every jail of the pool is busy
+                try:
+                    sb = self._sandboxes.get()
+                finally:
+                    m.waiting.dec()
         try:
             if cancel is not None and cancel.cancelled:  # cancelled while it waited for a jail
                 raise RunCancelled("cancelled before it started")

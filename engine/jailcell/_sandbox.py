@@ -9,7 +9,7 @@ import binascii  # not base64.py, which costs every `jailcell run` ~0.9 ms
 import os
 import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ._engine import FILE_CHUNK, RunLock, _check_files, _Engine, check_file_name, raise_reply_error
 from ._errors import JailError, SandboxClosed
@@ -18,6 +18,9 @@ from ._injail._protocol import ProtocolError
 from ._policy import MIB, Policy
 from ._result import Result
 from ._threads import LazyThread
+
+if TYPE_CHECKING:
+    from ._audit import AuditLog
 
 __all__ = ["Sandbox", "Session"]
 
@@ -42,12 +45,16 @@ class Sandbox:
     functions: arguments and results travel as JSON, exceptions come back with their type name
     and message, and the time they take counts against the run's wall-clock limit.  They run in
     the thread that called ``run`` (async functions are awaited).
+
+    ``audit`` writes one JSON line per run to an audit log (a path, or an :class:`AuditLog`);
+    by default ``$JAILCELL_AUDIT_LOG`` if set, ``False`` for none.  :func:`audit_context` says who
+    asked for the runs inside it.
     """
 
     def __init__(self, policy: str | os.PathLike[str] | Policy | None = "standard", *, backend: str | None = None,
                  warm: bool = False, functions: Mapping[str, Callable[..., Any]] | None = None,
-                 **overrides: Any) -> None:
-        self._engine = _Engine(policy, backend, overrides, functions)
+                 audit: str | os.PathLike[str] | AuditLog | bool | None = None, **overrides: Any) -> None:
+        self._engine = _Engine(policy, backend, overrides, functions, audit)
         self._lock = RunLock()
         self._jail: Jail | None = None
         self._closed = False
@@ -159,6 +166,7 @@ class Session:
         self._lost: str | None = None  # why the session's state is gone, if it is
         self._idle_timeout = idle_timeout
         self._last_used = time.monotonic()
+        self._audit_id = os.urandom(8).hex()  # names the session (and each fork) in the audit log
         shared.refs += 1
         if idle_timeout is not None:
             _reaper.watch(self)
@@ -223,7 +231,8 @@ class Session:
         req = req.without_files()
         with self._shared.lock:
             try:
-                result, usable = self._engine.execute(self._shared.jail, req, head=self._head, cancel=cancel)
+                result, usable = self._engine.execute(self._shared.jail, req, head=self._head, cancel=cancel,
+                                                      session=self._audit_id)
             except HeadLost as exc:
                 self._lost = str(exc)
                 raise JailError(f"{exc}; create a new session") from None

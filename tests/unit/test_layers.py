@@ -16,7 +16,7 @@ MAX_LINES = 600
 
 # Lower layers first; a module may import from its own layer and the ones before it.
 LAYERS = [
-    {"_injail", "_errors", "_values", "_result", "_threads"},
+    {"_injail", "_errors", "_values", "_result", "_threads", "_metrics", "_audit"},
     {"_policy", "_bridge"},
     {"backends"},
     {"_host"},

@@ -27,11 +27,13 @@ import time
 import weakref
 from typing import Any, Callable
 
+from .. import _metrics
 from .._errors import BackendUnavailable, JailError, warn
 from .._injail import _protocol as proto
 from .._policy import Policy
 from ..backends import Backend, refusal
 from ..backends._base import Spawned
+from ._cancel import Cancel, RunCancelled
 from ._control import control as _control
 from ._control import read_hello
 from ._run import Outcome, RunRequest
@@ -52,37 +54,12 @@ class JailTimeout(Exception):
     """The jail did not answer in time."""
 
 
-class RunCancelled(Exception):
-    """A run cancelled before its program started (it never ran).  Internal: the async twins turn
-    a cancelled run into CancelledError."""
+def _live_jails() -> list[tuple[bool, int]]:
+    """(a session jail?, its spare cells) for each live jail: what a metrics scrape reads."""
+    return [(bool(j.session), j.spare_count()) for j in list(_live) if j.alive()]
 
 
-class Cancel:
-    """Cancels one run from another thread: before it starts (then it never starts) or while it
-    runs (its cell is killed, as by an interrupt).  Only the run it was given to is touched."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._jail: Jail | None = None
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        with self._lock:
-            self.cancelled = True
-            if self._jail is not None:
-                self._jail.interrupt()
-
-    def enter(self, jail: "Jail") -> bool:
-        """The run is about to start on ``jail``: False if it was cancelled already."""
-        with self._lock:
-            if self.cancelled:
-                return False
-            self._jail = jail
-            return True
-
-    def leave(self) -> None:
-        with self._lock:
-            self._jail = None
+_metrics.jails_from(_live_jails)
 
 
 class HeadLost(JailError):
@@ -182,10 +159,12 @@ class Jail:
         self._pid = os.getpid()  # a forked copy of this object does not own the jail
         try:
             self._start()
-        except BaseException:
+        except BaseException as exc:
             self.close()
+            _metrics.jail_failed(backend.name, exc)
             raise
         _live.add(self)
+        _metrics.jail_started(backend.name)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -248,6 +227,10 @@ class Jail:
     def alive(self) -> bool:
         """The control thread notices at once when the zygote (and so the jail) is gone."""
         return not self.closed and self._broken is None and self._spawned is not None and self._pid == os.getpid()
+
+    def spare_count(self) -> int:
+        """Warm cells waiting for a run (stateless jails) or for a session's next run."""
+        return len(self._spares) + sum(1 for s in list(self._heads.values()) if s is not None)
 
     def log(self) -> str:
         try:
