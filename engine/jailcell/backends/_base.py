@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import subprocess
@@ -33,6 +34,11 @@ BASE_ENV = {
     "MPLBACKEND": "Agg",
     "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
 }
+
+
+# What a failed start of a jail's process says when this process (or the machine) is short of something:
+# a JailError that says so, never "the backend cannot jail here".
+HOST_SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.ENOSPC})
 
 
 def refusal(why: str) -> str:

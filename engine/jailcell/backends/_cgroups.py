@@ -210,8 +210,9 @@ class Cgroups:
         return fds
 
     def holds(self, dirs: CgroupDirs, pid: int) -> bool:
-        """Whether process ``pid`` is in every one of the jail's cgroups."""
-        return all(pid in _procs(d) for d in dirs.all())
+        """Whether process ``pid`` is in every one of the jail's cgroups.  OSError when a list cannot be
+        read (out of file descriptors, say): that is not the answer "no"."""
+        return all(pid in [int(x) for x in _read(d / "cgroup.procs").split()] for d in dirs.all())
 
     def enter(self, dirs: CgroupDirs, pid: int) -> None:
         """Move process ``pid`` (a zygote that has forked nothing yet) into the jail's cgroups;

@@ -19,6 +19,7 @@ from typing import Any
 from .._errors import BackendUnavailable
 from .._policy import MIB, Policy
 from ._base import (
+    HOST_SHORTAGES,
     JAIL_SRC,
     Backend,
     Spawned,
@@ -162,6 +163,8 @@ class LandlockBackend(CgroupJails, Backend):
             if dirs is not None:
                 self.cgroups.remove(dirs)
             shutil.rmtree(root, ignore_errors=True)
+            if exc.errno in HOST_SHORTAGES:  # this process is out of something: not the backend's fault
+                raise
             raise BackendUnavailable(f"cannot start the jail's Python ({layout.python}): {exc}") from None
         return Spawned(proc, config, {"root": root, "cgroups": dirs}, config_fds=entry_fds)
 

@@ -17,6 +17,7 @@ from typing import Any
 from .._errors import BackendUnavailable
 from .._policy import MIB, Policy
 from ._base import (
+    HOST_SHORTAGES,
     JAIL_SRC,
     JAIL_SRC_MOUNT,
     Backend,
@@ -299,6 +300,8 @@ class NsjailBackend(CgroupJails, Backend):
                 os.close(fd)
             if dirs is not None:
                 self.cgroups.remove(dirs)
+            if exc.errno in HOST_SHORTAGES:  # this process is out of something: not the backend's fault
+                raise
             raise BackendUnavailable(f"cannot start nsjail ({self.path}): {exc}") from None
         return Spawned(proc, config, {"cgroups": dirs}, config_fds=entry_fds)
 
