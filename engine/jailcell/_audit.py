@@ -51,6 +51,14 @@ def current() -> dict[str, str]:
     return _context.get() or {}
 
 
+def tag(**fields: str | None) -> None:
+    """Add to what the innermost :func:`audit_context` says (a service learns who asks only after
+    its request began: at authentication).  Outside any, does nothing."""
+    said = _context.get()
+    if said is not None:
+        said.update({k: str(v)[:200] for k, v in fields.items() if v is not None and k in FIELDS})
+
+
 class AuditLog:
     """An append-only JSON-lines file.  Thread-safe; one instance per path is shared by every
     Sandbox of the process that names that path."""

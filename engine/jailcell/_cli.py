@@ -116,6 +116,9 @@ def _command_daemon(sub: Any) -> None:
     dmn.add_argument("--max-policies", type=_positive_int, default=4,
                      help="policies (with their limits) kept warm at once; the least recently used idle one "
                           "is closed to make room (default: 4)")
+    dmn.add_argument("--metrics-port", type=int, metavar="PORT",
+                     help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics (needs jailcell[metrics])")
+    _add_audit_options(dmn)
     act = dmn.add_mutually_exclusive_group()
     act.add_argument("--status", action="store_true", help="say whether a daemon serves the socket, and what")
     act.add_argument("--stop", action="store_true", help="end the daemon that serves the socket")
@@ -164,6 +167,10 @@ def _command_serve(sub: Any) -> None:
     srv.add_argument("--api-key", help="require this key from clients (Authorization: Bearer KEY); "
                                        "default: $JAILCELL_API_KEY (flags show up in `ps`, the environment does not); "
                                        "with neither, a key is made at start and printed once")
+    srv.add_argument("--keys", metavar="FILE",
+                     help="named keys (TOML, [[key]] tables: name, key or sha256, policy, max_containers, "
+                          "runs_per_minute): each client's name goes to the logs and metrics, its code runs under "
+                          "its policy, over its limits it gets 429 (docs/operations.md); instead of --api-key")
     srv.add_argument("--no-auth", action="store_true",
                      help="accept requests without a key: only on a loopback address, and every local user and "
                           "program can then use the gateway")
@@ -189,6 +196,10 @@ def _command_serve(sub: Any) -> None:
                           "to make room (default: 32)")
     srv.add_argument("--container-idle", type=_positive(float), default=1200.0, metavar="SECONDS",
                      help="close a container after this long unused (default: 1200, as hosted containers)")
+    srv.add_argument("--no-metrics", action="store_true",
+                     help="do not count anything for GET /metrics (default: counted when prometheus_client is "
+                          "installed; /metrics needs a key like the API)")
+    _add_audit_options(srv)
     _add_sandbox_options(srv)
 
 
@@ -208,6 +219,7 @@ def _command_mcp(sub: Any) -> None:
                           "to make room (default: 64)")
     mcp.add_argument("--sessions-per-client", type=_positive_int, default=8, metavar="N",
                      help="sessions one MCP session (Mcp-Session-Id) may hold at once (default: 8)")
+    _add_audit_options(mcp)
     _add_sandbox_options(mcp)
 
 
@@ -249,6 +261,15 @@ def _positive(kind: type) -> Any:
 
 
 _positive_int = _positive(int)
+
+
+def _add_audit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--audit-log", metavar="PATH",
+                        help="append one JSON line per run to PATH (who, policy, code sha256, status, time, CPU, "
+                             "memory, files; rotated at 100 MiB, 5 kept; docs/operations.md); default: "
+                             "$JAILCELL_AUDIT_LOG")
+    parser.add_argument("--audit-code", action="store_true",
+                        help="also write each run's code into the audit log (default: only its sha256)")
 
 
 def _add_sandbox_options(parser: argparse.ArgumentParser) -> None:
@@ -346,44 +367,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_check()
         if args.command == "policy":
             return _policy(args)
-        if args.command == "serve":
-            from ._policy import Policy
-            from .integrations.gateway import serve as serve_gateway
+        if args.command in ("serve", "mcp"):
+            from ._cli_services import run_service
 
-            Policy.load(args.policy)
-            from .integrations._gateway_guard import is_loopback, redact_url
-
-            if not args.upstream.startswith(("http://", "https://")):
-                return _usage(f"--upstream must be an http(s) URL, got {redact_url(args.upstream)!r}")
-            if args.no_auth and not is_loopback(args.host):
-                return _usage(f"--no-auth is refused with --host {args.host}, which is not a loopback address: every "
-                              "machine that reaches it could run code here; set a key (JAILCELL_API_KEY) instead")
-            model_map = {}
-            for spec in args.model_map:
-                name, sep, target = spec.partition("=")
-                if not sep or not name or not target:
-                    return _usage(f"--model-map takes NAME=UPSTREAM, got {spec!r}")
-                model_map[name] = target
-            env = os.environ
-            serve_gateway(args.upstream, host=args.host, port=args.port, log_level=args.log_level,
-                          model=args.model, model_map=model_map,
-                          api_key=args.api_key or env.get("JAILCELL_API_KEY") or None,
-                          upstream_api_key=(args.upstream_api_key or env.get("JAILCELL_UPSTREAM_API_KEY")
-                                            or env.get("OPENAI_API_KEY") or None),
-                          policy=args.policy, backend=args.backend, max_steps=args.max_steps,
-                          max_containers=args.max_containers, container_idle=args.container_idle,
-                          upstream_timeout=args.upstream_timeout, ray_address=args.ray_address,
-                          no_auth=args.no_auth, allowed_hosts=args.allowed_hosts, cors_origins=args.cors_origins)
-            return EXIT_OK
-        if args.command == "mcp":
-            from ._policy import Policy
-            from .integrations.mcp import serve
-
-            Policy.load(args.policy)  # a bad policy is a usage error before anything starts
-            serve(args.transport, host=args.host, port=args.port, policy=args.policy, backend=args.backend,
-                  session_idle=args.session_idle, sessions_per_client=args.sessions_per_client,
-                  max_sessions=args.max_sessions)
-            return EXIT_OK
+            return run_service(args)
         if args.command == "bench":
             from ._bench import WORKLOADS, run_bench
 
@@ -517,31 +504,9 @@ def _print_result(result: dict[str, Any], as_json: bool) -> None:
 
 
 def _daemon(args: argparse.Namespace) -> int:
-    from . import _daemon as daemon
+    from ._cli_services import run_daemon
 
-    path = os.path.abspath(args.socket) if args.socket else daemon.socket_path()
-    if args.status or args.stop:
-        sock = daemon.connect(path, quiet=False) if path else None
-        if sock is None:
-            print(f"jailcell: no daemon serves {path}", file=sys.stderr)
-            return EXIT_FAILED
-        answer = daemon.request(sock, {"op": "stop" if args.stop else "status"})
-        if args.stop:
-            print(f"jailcell: the daemon at {path} is stopping")
-        else:
-            import json
-
-            print(json.dumps(answer, indent=2))
-        return EXIT_OK
-
-    def ready(server: Any) -> None:
-        print(f"jailcell daemon: serving {server.path} (pid {os.getpid()}, backend {server.backend.name}, "
-              f"warm: {', '.join(args.warm or ['standard'])}); `jailcell run` hands its programs here. "
-              "Stop with Ctrl-C or `jailcell daemon --stop`.", file=sys.stderr, flush=True)
-
-    daemon.serve(path, warm=args.warm or ["standard"], backend=args.backend, jails=args.jails,
-                 max_policies=args.max_policies, on_ready=ready)
-    return EXIT_OK
+    return run_daemon(args)
 
 
 def _policy(args: argparse.Namespace) -> int:

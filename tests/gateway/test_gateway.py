@@ -3,6 +3,7 @@
 import base64
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -510,10 +511,12 @@ def test_the_cli_server_end_to_end_and_graceful_shutdown():
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
         assert wait_for(lambda: not set(jail_processes()) - before, 10)  # shutdown left no jail behind
-        logged = proc.stderr.read() + proc.stdout.read()  # (uvicorn writes its access lines to stdout)
+        logged = proc.stderr.read() + proc.stdout.read()
         start = next(line for line in logged.splitlines() if "jailcell serve:" in line)
         assert f"http://127.0.0.1:{port}/v1" in start and up.url in start and "'minimal'" in start, start
-        assert '"POST /v1/responses HTTP/1.1" 200' in logged and '"GET /v1/models HTTP/1.1" 401' in logged
+        # one access line per request, with its request id (and the key's name, where keys have names)
+        assert re.search(r"gateway POST /v1/responses 200 [\d.]+s request_id=req_\S+ who=-", logged), logged
+        assert re.search(r"gateway GET /v1/models 401 ", logged) and "HTTP/1.1" not in logged, logged
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -25,7 +25,7 @@ LAYERS = [
     {"_async"},
     {"_pool"},
     {"__init__"},
-    {"_check", "_bench", "_repl", "integrations", "_cli", "_daemon", "__main__", "benchmarks"},
+    {"_check", "_bench", "_repl", "integrations", "_cli", "_cli_services", "_daemon", "__main__", "benchmarks"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

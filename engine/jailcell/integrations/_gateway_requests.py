@@ -7,9 +7,12 @@ import asyncio
 import collections
 import contextlib
 import json
+import math
+import time
 import uuid
 from typing import Any, Iterable
 
+from .. import _metrics
 from .tools import TOOL_NAME
 
 
@@ -17,9 +20,10 @@ class GatewayError(Exception):
     """A request the gateway refuses or cannot serve; rendered in the endpoint's error format."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
+                 param: str | None = None, retry_after: int | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+        self.headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
 
 
 MAX_DEPTH = 64  # JSON nesting a request may have (messages, tools and their schemas need far less)
@@ -124,43 +128,70 @@ def _messages(value: Any, where: str) -> list[dict[str, Any]]:
 
 
 class _Containers:
+    """The gateway's containers (sessions that outlive a request).  Each belongs to the key that made
+    it: another key is told it does not exist."""
+
     def __init__(self, sandbox: Any, idle: float, limit: int) -> None:  # AsyncSandbox, or AsyncRayPool
         self.sandbox, self.idle, self.limit = sandbox, idle, limit
         self.items: collections.OrderedDict[str, list[Any]] = collections.OrderedDict()  # id -> [session, busy]
+        self.owners: dict[str, str | None] = {}  # id -> the name of the key that made it
+        self.used: dict[str, float] = {}  # id -> when it was last released (monotonic)
         self.files: dict[str, dict[str, int]] = {}  # id -> {name: bytes} written by its runs
         self.lock = asyncio.Lock()
 
-    def check(self, cid: str | None) -> None:
-        """Fail early (before any model call) when a requested container is gone."""
+    def check(self, cid: str | None, owner: str | None = None) -> None:
+        """Fail early (before any model call) when a requested container is gone, or not the caller's."""
         if cid is None:
             return
         entry = self.items.get(cid)
-        if entry is None or entry[0].closed:
+        if entry is None or entry[0].closed or self.owners.get(cid) != owner:
             raise GatewayError(404, f"container {cid!r} does not exist or has expired (containers close after "
                                     f"{self.idle:g} s idle); omit it to get a new one",
                                code="container_not_found", param="container")
 
-    async def acquire(self, cid: str | None) -> tuple[str, Any]:
+    def _drop(self, cid: str) -> Any:
+        self.owners.pop(cid, None)
+        self.used.pop(cid, None)
+        self.files.pop(cid, None)
+        return self.items.pop(cid)[0]
+
+    def room_for(self, key: Any) -> None:
+        """429 when ``key`` holds as many containers as it may (Retry-After: until its oldest idle one expires)."""
+        if key is None or key.max_containers is None:
+            return
+        mine = [k for k, (s, _) in self.items.items() if self.owners.get(k) == key.name and not s.closed]
+        if len(mine) < key.max_containers:
+            return
+        idle = [self.used.get(k, 0.0) for k in mine if not self.items[k][1]]
+        wait = math.ceil(min(idle) + self.idle - time.monotonic()) if idle else 1
+        if _metrics.M is not None:
+            _metrics.M.limited.labels(key.name, "max_containers").inc()
+        raise GatewayError(429, f"key {key.name!r} holds {len(mine)} containers, the most it may (max_containers); "
+                                "reuse one (pass its id) or retry when one has expired", "rate_limit_error",
+                           "too_many_containers", retry_after=max(1, wait))
+
+    async def acquire(self, cid: str | None, key: Any = None, sandbox: Any = None) -> tuple[str, Any]:
+        owner = key.name if key is not None else None
         async with self.lock:
             if cid is not None:
-                self.check(cid)
+                self.check(cid, owner)
                 entry = self.items[cid]
                 entry[1] += 1
                 self.items.move_to_end(cid)
                 return cid, entry[0]
             for old in [k for k, (s, busy) in self.items.items() if s.closed and not busy]:
-                del self.items[old]
-                self.files.pop(old, None)
+                self._drop(old)
+            self.room_for(key)
             if len(self.items) >= self.limit:
                 idle = next((k for k, (_, busy) in self.items.items() if not busy), None)
                 if idle is None:
                     raise GatewayError(429, f"all {self.limit} containers are in use; retry later or raise "
-                                            "--max-containers", "rate_limit_error", "too_many_containers")
-                session = self.items.pop(idle)[0]
-                self.files.pop(idle, None)
-                await session.close()
+                                            "--max-containers", "rate_limit_error", "too_many_containers",
+                                       retry_after=1)
+                await self._drop(idle).close()
             cid = _new_id("cntr")
-            self.items[cid] = [await self.sandbox.session(idle_timeout=self.idle), 1]
+            self.items[cid] = [await (sandbox or self.sandbox).session(idle_timeout=self.idle), 1]
+            self.owners[cid] = owner
             return cid, self.items[cid][0]
 
     def note_files(self, cid: str, files: list[dict[str, Any]]) -> None:
@@ -170,20 +201,26 @@ class _Containers:
             if len(known) < 1000 or f["name"] in known:
                 known[f["name"]] = int(f["size"])
 
-    def session(self, cid: str) -> Any:
-        """An existing container's session, for its files (404 if it is gone)."""
-        self.check(cid)
+    def session(self, cid: str, owner: str | None = None) -> Any:
+        """An existing container's session, for its files (404 if it is gone or another key's)."""
+        self.check(cid, owner)
         return self.items[cid][0]
 
     def release(self, cid: str) -> None:
         entry = self.items.get(cid)
         if entry is not None:
             entry[1] -= 1
+            self.used[cid] = time.monotonic()
+
+    def open_count(self) -> int:
+        return sum(1 for s, _ in list(self.items.values()) if not s.closed)
 
     def close(self) -> None:
         for session, _ in self.items.values():
             session._sync.close()
         self.items.clear()
+        self.owners.clear()
+        self.used.clear()
         self.files.clear()
 
 
@@ -194,6 +231,7 @@ class _Conversation:
                  extra: dict[str, Any], code_tool: bool, container: str | None) -> None:
         self.model, self.messages, self.own_tools, self.extra = model, messages, own_tools, extra
         self.code_tool, self.container = code_tool, container
+        self.key: Any = None  # the named key that asked (its containers, policy and limits)
 
 
 def _echo_tools(body: dict[str, Any]) -> list[dict[str, Any]]:

@@ -22,8 +22,10 @@ import asyncio
 import json
 import logging
 import random
+import time
 from typing import Any, AsyncIterator
 
+from .. import _metrics
 from ._gateway_guard import redact_url, url_secrets
 from ._gateway_requests import GatewayError
 
@@ -140,18 +142,37 @@ class Upstream:
                 pass
         await asyncio.sleep(delay)
 
+    async def ping(self) -> str | None:
+        """None if the upstream answers HTTP at all (any status: it is there), else why not (for /readyz).
+        On a new connection: a pooled one may outlive the server that accepted it."""
+        try:
+            async with self.httpx.AsyncClient(timeout=5.0) as client:
+                resp = await client.get(f"{self.base_url}/models")
+        except self.httpx.HTTPError as exc:
+            return f"{self.display_url} cannot be reached: {type(exc).__name__}"
+        return None if resp.status_code < 500 else f"{self.display_url} answered {resp.status_code}"
+
     async def _send(self, method: str, path: str, model: str | None, *, stream: bool = False,
                     json_body: dict[str, Any] | None = None) -> Any:
         """An answer whose status is final (not retryable, or out of retries); a stream is opened but
-        not read.  Connection failures after the last retry are a 502."""
+        not read.  Connection failures after the last retry are a 502.  Each attempt is counted in the
+        metrics with its status (or "error") and the time until its answer began."""
         client = self.client()
+        m = _metrics.M
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
+            t0 = time.monotonic()
             try:
                 request = client.build_request(method, f"{self.base_url}{path}", json=json_body)
                 resp = await client.send(request, stream=stream)
-            except (self.httpx.ConnectError, self.httpx.ConnectTimeout, self.httpx.RemoteProtocolError,
-                    self.httpx.ReadError, self.httpx.WriteError) as exc:
+            except self.httpx.HTTPError as exc:
+                if m is not None:
+                    m.upstream.labels("error").inc()
+                    m.upstream_seconds.observe(time.monotonic() - t0)
+                retryable = (self.httpx.ConnectError, self.httpx.ConnectTimeout, self.httpx.RemoteProtocolError,
+                             self.httpx.ReadError, self.httpx.WriteError)
+                if not isinstance(exc, retryable):  # e.g. a read timeout: the request may have been taken
+                    raise self.failed(f"failed: {type(exc).__name__}: {exc}", model) from None
                 # (a pooled connection the upstream closed while idle, most often; a read *timeout* is
                 # not retried: the upstream may still be generating)
                 if last:
@@ -159,8 +180,9 @@ class Upstream:
                 log.info("upstream %s: %s, retrying", self.display_url, type(exc).__name__)
                 await self._pause(attempt, None)
                 continue
-            except self.httpx.HTTPError as exc:  # e.g. a read timeout: the request may have been taken
-                raise self.failed(f"failed: {type(exc).__name__}: {exc}", model) from None
+            if m is not None:
+                m.upstream.labels(str(resp.status_code)).inc()
+                m.upstream_seconds.observe(time.monotonic() - t0)
             if resp.status_code in RETRY_STATUSES and not last:
                 retry_after = resp.headers.get("retry-after")
                 await resp.aclose()

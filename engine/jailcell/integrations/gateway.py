@@ -34,10 +34,12 @@ from pathlib import Path
 from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from urllib.parse import quote
 
+from .. import _audit, _metrics
 from .._async import AsyncSandbox
 from .._errors import InputError, JailcellError, MissingExtra
 from .._result import Result
-from ._gateway_guard import Guard, bearer_ok, csp_for, is_loopback, new_key
+from ._gateway_guard import Guard, csp_for, is_loopback, new_key
+from ._gateway_keys import Key, Keys
 from ._gateway_render import _ChatRender, _dashscope_code, _DashScopeRender, _ResponsesRender
 from ._gateway_requests import (
     MAX_DEPTH,
@@ -53,11 +55,13 @@ from ._gateway_requests import (
     _validating,
 )
 from ._gateway_upstream import Upstream
+from ._service import Observe, Readiness, health_routes, jail_ready, metrics_on
 from .tools import ExecutedCall, ToolLoopResult, _loop
 
 __all__ = ["Gateway", "GatewayError", "serve"]
 
 log = logging.getLogger("jailcell.gateway")
+access_log = logging.getLogger("jailcell.access")
 
 MAX_BODY = 8 * 1024 * 1024
 MAX_STORED_RESPONSES = 1000
@@ -119,16 +123,22 @@ class Gateway:
                  backend: str | None = None, max_steps: int = 8, max_containers: int = 32,
                  container_idle: float = 1200.0, upstream_timeout: float = 600.0, upstream_retries: int = 2,
                  ray_address: str | None = None, no_auth: bool = False, allowed_hosts: Sequence[str] = (),
-                 cors_origins: Sequence[str] = ()) -> None:
+                 cors_origins: Sequence[str] = (), keys: str | Path | Keys | None = None,
+                 metrics: bool | None = None) -> None:
         Starlette, self.JSONResponse, self.StreamingResponse, HTMLResponse, self.Response, Route = _deps()
         if max_steps < 1 or max_containers < 1 or container_idle <= 0:
             raise ValueError("max_steps and max_containers must be >= 1 and container_idle > 0")
         self.upstream = Upstream(upstream, api_key=upstream_api_key, timeout=upstream_timeout,
                                  retries=upstream_retries)
         self.model, self.model_map = model, dict(model_map or {})
+        if keys is not None and (api_key is not None or no_auth):
+            raise ValueError("give named keys (--keys) or one key (--api-key / JAILCELL_API_KEY), not both")
         # Never open by default: without a key (and without no_auth) one is made now; serve() prints it.
-        self.generated_key = api_key is None and not no_auth
+        self.generated_key = api_key is None and not no_auth and keys is None
         self.api_key: str | None = new_key() if self.generated_key else api_key
+        self.named = keys is not None  # named keys: each with its name in the logs, its policy and limits
+        self.keys: Keys | None = (keys if isinstance(keys, Keys) else Keys.load(keys)) if keys is not None else \
+            Keys.single(self.api_key) if self.api_key is not None else None
         self.max_steps = max_steps
         self.public_url = ""  # set by serve(): the start line names it
         self.sandbox: Any
@@ -138,10 +148,19 @@ class Gateway:
             self.sandbox = AsyncRayPool(RayPool(policy, address=ray_address, backend=backend))
         else:
             self.sandbox = AsyncSandbox(policy, backend=backend)
+        self.sandboxes: dict[str | None, Any] = {None: self.sandbox}  # a key's policy -> where its code runs
+        for name in sorted(self.keys.policies() if self.keys else ()):
+            if ray_address:
+                raise ValueError("per-key policies are not available with --ray; every key uses --policy there")
+            self.sandboxes[name] = AsyncSandbox(name, backend=backend)
         self.containers = _Containers(self.sandbox, container_idle, max_containers)
+        if metrics_on(metrics):
+            _metrics.M.count_open("containers", self.containers.open_count)  # type: ignore[union-attr]
+        readiness = Readiness({"jail": lambda: jail_ready(self.sandbox), "upstream": self.upstream.ping}, log)
         self.stored: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self.stored_bytes = 0
         routes = Starlette(routes=[
+            *health_routes(Route, self.JSONResponse, self.Response, readiness, self._refused),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/responses", self.responses, methods=["POST"]),
             Route("/api/v1/services/aigc/text-generation/generation", self.dashscope, methods=["POST"]),
@@ -152,7 +171,8 @@ class Gateway:
                                                                               "Cache-Control": "no-store"}),
                   methods=["GET"]),
         ], lifespan=self._lifespan)
-        self.app = Guard(routes, allowed_hosts=allowed_hosts, cors_origins=cors_origins)
+        self.app = Observe(Guard(routes, allowed_hosts=allowed_hosts, cors_origins=cors_origins), "gateway",
+                           [r.path for r in routes.routes], access_log)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app):
@@ -162,7 +182,7 @@ class Gateway:
                      self.public_url, self.public_url, self.upstream.display_url,
                      f" as model {self.model!r}" if self.model else "", self.sandbox.policy.name, iso.get("backend"),
                      f" on a Ray cluster ({len(iso['actors'])} actors)" if iso.get("cluster") == "ray" else "",
-                     "; clients need the API key" if self.api_key else "")
+                     "; clients need a key" if self.keys else "")
         try:
             yield
         finally:
@@ -171,18 +191,46 @@ class Gateway:
 
     def close(self) -> None:
         self.containers.close()
-        self.sandbox._sync.close()
+        for sandbox in self.sandboxes.values():
+            sandbox._sync.close()
 
     # -- requests ----------------------------------------------------------------------------
 
-    def _authorize(self, request) -> None:
-        if self.api_key is not None:
-            if not bearer_ok(request.headers.get("authorization", ""), self.api_key):
-                raise GatewayError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' with the key "
-                                        "given to jailcell serve --api-key", code="invalid_api_key")
+    def _authorize(self, request) -> Key | None:
+        """The key the request presents (401 if none is right); None when the gateway has no keys."""
+        if self.keys is None:
+            return None
+        key = self.keys.find(request.headers.get("authorization", ""))
+        if key is None:
+            raise GatewayError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' with a key of "
+                                    "this gateway (--api-key, JAILCELL_API_KEY or --keys)", code="invalid_api_key")
+        if self.named:
+            _audit.tag(who=key.name)
+        return key
+
+    def _refused(self, request) -> Any:
+        """The error response for a request without a right key, or None (for /metrics)."""
+        try:
+            self._authorize(request)
+        except GatewayError as exc:
+            return self._openai_error(exc)
+        return None
+
+    def _admit(self, key: Key | None) -> None:
+        """429 when ``key`` used its runs of the last minute (checked as a request arrives)."""
+        retry = key.runs_retry_after() if key is not None else None
+        if key is None or retry is None:
+            return
+        if _metrics.M is not None:
+            _metrics.M.limited.labels(key.name, "runs_per_minute").inc()
+        raise GatewayError(429, f"key {key.name!r} ran {key.runs_per_minute} programs in the last minute, the most "
+                                "it may (runs_per_minute)", "rate_limit_error", "rate_limit_exceeded",
+                           retry_after=retry)
 
     async def _body(self, request) -> dict[str, Any]:
-        self._authorize(request)
+        key = self._authorize(request)
+        self._admit(key)
+        request.state.key = key
         raw = b""
         async for chunk in request.stream():
             raw += chunk
@@ -212,7 +260,8 @@ class Gateway:
 
     def _openai_error(self, exc: GatewayError):
         return self.JSONResponse({"error": {"message": exc.message, "type": exc.kind, "param": exc.param,
-                                            "code": exc.code}}, status_code=exc.status)
+                                            "code": exc.code, "request_id": _audit.current().get("request_id")}},
+                                 status_code=exc.status, headers=exc.headers)
 
     async def _unless_client_leaves(self, request, work: Awaitable[Any]) -> Any:
         """Await ``work`` (a non-streaming answer), cancelling it if the client disconnects first: the
@@ -269,7 +318,10 @@ class Gateway:
     async def _converse(self, conv: _Conversation, *, stream: bool) -> AsyncIterator[tuple]:
         """Events: ("delta", field, text) · ("turn", message) · ("call", id, code) ·
         ("result", ExecutedCall, container_id) · ("done", ToolLoopResult, model name, container_id)."""
-        self.containers.check(conv.container)
+        key = conv.key
+        self.containers.check(conv.container, key.name if key is not None else None)
+        if conv.code_tool and conv.container is None:
+            self.containers.room_for(key)  # a key at its cap hears so before any model call
         steps = _loop(conv.model, conv.messages, conv.own_tools, self.max_steps, 8000, conv.extra, conv.code_tool)
         container, session = None, None
         model_name = conv.model
@@ -293,7 +345,11 @@ class Gateway:
                     call_id, code = payload
                     yield "call", call_id, code
                     if session is None:
-                        container, session = await self.containers.acquire(conv.container)
+                        container, session = await self.containers.acquire(
+                            conv.container, key, self.sandboxes[key.policy if key is not None else None])
+                        _audit.tag(conversation=container)
+                    if key is not None:
+                        key.count_run()
                     try:
                         reply = await session.run(code)  # cancelled (client gone): the run is killed
                     except InputError as exc:  # e.g. code over the size limit: the model is told
@@ -337,9 +393,9 @@ class Gateway:
     async def container_files(self, request):
         """The files a container's runs wrote (as the hosted containers API lists them)."""
         try:
-            self._authorize(request)
+            key = self._authorize(request)
             cid = request.path_params["container_id"]
-            self.containers.session(cid)
+            self.containers.session(cid, key.name if key is not None else None)
         except GatewayError as exc:
             return self._openai_error(exc)
         data = [{"id": _file_id(name), "object": "container.file", "container_id": cid, "path": name,
@@ -350,9 +406,9 @@ class Gateway:
     async def container_file(self, request):
         """One file of a container's workspace, as bytes."""
         try:
-            self._authorize(request)
+            key = self._authorize(request)
             cid = request.path_params["container_id"]
-            session = self.containers.session(cid)
+            session = self.containers.session(cid, key.name if key is not None else None)
             name = _file_name(request.path_params["file_id"])
             try:
                 data = await session.download(name)
@@ -369,6 +425,7 @@ class Gateway:
             body = await self._body(request)
             with _validating():
                 conv, render = self._chat_request(body)
+            conv.key = request.state.key
             if body.get("stream") is True:
                 return await self._stream(request, self._converse(conv, stream=True), render.chunks, render.error)
             async def collect():
@@ -396,7 +453,8 @@ class Gateway:
         try:
             body = await self._body(request)
             with _validating():
-                conv, render = self._responses_request(body)
+                conv, render = self._responses_request(body, request.state.key)
+            conv.key = request.state.key
             if body.get("stream") is True:
                 return await self._stream(request, self._converse(conv, stream=True), render.events, render.error)
             async def collect():
@@ -407,13 +465,15 @@ class Gateway:
         except GatewayError as exc:
             return self._openai_error(exc)
 
-    def _responses_request(self, body: dict[str, Any]) -> tuple["_Conversation", "_ResponsesRender"]:
+    def _responses_request(self, body: dict[str, Any], key: Key | None) -> tuple["_Conversation", "_ResponsesRender"]:
         enabled, own = _function_tools(body.get("tools"))
         history: list[dict[str, Any]] = []
         container = None
         previous = body.get("previous_response_id")
         if previous is not None:
             stored = self.stored.get(previous) if isinstance(previous, str) else None
+            if stored is not None and stored["owner"] != (key.name if key is not None else None):
+                stored = None  # another key's conversation: as if it did not exist
             if stored is None:
                 raise GatewayError(404, f"previous response {previous!r} not found (this gateway keeps the last "
                                         f"{MAX_STORED_RESPONSES} responses stored with store=true, "
@@ -438,9 +498,10 @@ class Gateway:
         _check_flag(body, "stream")
         _check_flag(body, "store")
         return conv, _ResponsesRender(body, conv.model, "code_interpreter_call.outputs" in include,
-                                      self.max_steps, self._store(body, bool(instructions)))
+                                      self.max_steps, self._store(body, bool(instructions), key))
 
-    def _store(self, body: dict[str, Any], has_instructions: bool) -> Callable[[str, ToolLoopResult, Any], None]:
+    def _store(self, body: dict[str, Any], has_instructions: bool,
+               key: Key | None) -> Callable[[str, ToolLoopResult, Any], None]:
         def store(response_id: str, out: ToolLoopResult, container: str | None) -> None:
             if body.get("store") is False:
                 return
@@ -449,7 +510,8 @@ class Gateway:
             if size > MAX_STORED_BYTES // 4:  # too large to keep: previous_response_id gets a clear 404
                 log.info("response %s not stored: its conversation is %d bytes", response_id, size)
                 return
-            self.stored[response_id] = {"messages": messages, "container": container, "bytes": size}
+            self.stored[response_id] = {"messages": messages, "container": container, "bytes": size,
+                                        "owner": key.name if key is not None else None}
             self.stored_bytes += size
             while len(self.stored) > MAX_STORED_RESPONSES or self.stored_bytes > MAX_STORED_BYTES:
                 _, dropped = self.stored.popitem(last=False)
@@ -457,11 +519,12 @@ class Gateway:
         return store
 
     async def dashscope(self, request):
-        request_id = str(uuid.uuid4())
+        request_id = _audit.current().get("request_id") or str(uuid.uuid4())
         try:
             body = await self._body(request)
             with _validating():
                 conv, render = self._dashscope_request(body, request_id)
+            conv.key = request.state.key
             if request.headers.get("x-dashscope-sse", "").lower() == "enable":
                 return await self._stream(request, self._converse(conv, stream=True), render.sse, render.sse_error)
             async def collect():
@@ -471,7 +534,7 @@ class Gateway:
             return await self._unless_client_leaves(request, collect())
         except GatewayError as exc:
             return self.JSONResponse({"request_id": request_id, "code": _dashscope_code(exc), "message": exc.message},
-                                     status_code=exc.status)
+                                     status_code=exc.status, headers=exc.headers)
 
     def _dashscope_request(self, body: dict[str, Any], request_id: str) -> tuple["_Conversation", "_DashScopeRender"]:
         params = body.get("parameters") or {}
@@ -525,6 +588,7 @@ def serve(upstream: str, *, host: str = "127.0.0.1", port: int = 8000, log_level
     config = copy.deepcopy(LOGGING_CONFIG)
     config["loggers"]["jailcell"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
     try:
-        uvicorn.run(gateway.app, host=host, port=port, log_level=log_level, log_config=config)
+        # the access log is ours (jailcell.access: request id and key name), not uvicorn's
+        uvicorn.run(gateway.app, host=host, port=port, log_level=log_level, log_config=config, access_log=False)
     finally:
         gateway.close()
