@@ -360,3 +360,26 @@ def test_a_socket_folder_made_first_by_another_user_is_named_as_such(reachable, 
     assert socket_path() == str(reachable / "jailcell" / "daemon.sock")
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     assert socket_path() == f"/tmp/jailcell-{os.geteuid()}/daemon.sock"
+
+
+def test_the_daemon_serves_metrics_and_audits_the_runs_it_is_handed(sock, tmp_path):
+    """`jailcell daemon --metrics-port --audit-log`: the runs `jailcell run` hands it are counted at
+    127.0.0.1:PORT/metrics and written to the audit log, one line each."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    audit = tmp_path / "audit.jsonl"
+    d = Daemon(sock, "--policy", "minimal", "--metrics-port", str(port), "--audit-log", str(audit))
+    try:
+        for code in ("print(1)", "1/0"):
+            jailcell("run", "--policy", "minimal", "-c", code, sock=sock)
+        scraped = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        runs = {s.labels["status"]: s.value for f in text_string_to_metric_families(scraped) for s in f.samples
+                if s.name == "jailcell_runs_total"}
+        assert runs == {"ok": 1.0, "error": 1.0}, runs
+    finally:
+        d.stop()
+    assert [json.loads(line)["status"] for line in audit.read_text().splitlines()] == ["ok", "error"]

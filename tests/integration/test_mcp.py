@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import json
 import socket
 import subprocess
 import sys
@@ -207,3 +208,48 @@ def test_mcp_sessions_close_when_their_client_goes_away():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_mcp_over_http_serves_health_metrics_and_request_ids(tmp_path):
+    """What an operator watches: /healthz and /readyz, /metrics (scraped with prometheus_client's parser)
+    moving by exactly the runs made, an audit line per run naming the MCP call, a request id per request."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    audit = tmp_path / "audit.jsonl"
+    proc, url = start_http("--policy", "minimal", "--audit-log", str(audit))
+    base = url.rsplit("/mcp", 1)[0]
+
+    def runs() -> dict:
+        text_ = httpx.get(f"{base}/metrics").text
+        return {tuple(sorted(s.labels.items())): s.value for f in text_string_to_metric_families(text_)
+                for s in f.samples if s.name == "jailcell_runs_total"}
+
+    try:
+        assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
+        ready = httpx.get(f"{base}/readyz", headers={"X-Request-Id": "probe-1"})
+        assert ready.status_code == 200 and ready.headers["x-request-id"] == "probe-1"
+        before = runs()
+
+        async def main():
+            async with Client(url, mode="legacy") as client:
+                await client.call_tool("run_python", {"code": "print(1)"})
+                sid = text(await client.call_tool("create_session", {}))
+                await client.call_tool("run_python", {"code": "1/0", "session_id": sid})
+                return sid
+
+        sid = asyncio.run(main())
+        after = runs()
+        ok = [k for k in after if ("status", "ok") in k][0]
+        err = [k for k in after if ("status", "error") in k][0]
+        assert after[ok] - before.get(ok, 0) == 1 and after[err] - before.get(err, 0) == 1
+        gauges = httpx.get(f"{base}/metrics").text
+        assert "jailcell_http_requests_total{" in gauges and 'service="mcp"' in gauges
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [line["status"] for line in lines] == ["ok", "error"]
+    assert lines[1]["conversation"] == sid and lines[0]["conversation"] is None
+    assert all(line["request_id"].startswith("mcp-") for line in lines)
+    assert b"request_id=probe-1" in proc.stderr.read()  # the access line

@@ -16,6 +16,7 @@ import time
 import uuid
 from typing import Any
 
+from .. import _audit, _metrics
 from .._async import AsyncSandbox, AsyncSession
 from .._errors import JailcellError, MissingExtra
 from .tools import format_result
@@ -24,6 +25,7 @@ __all__ = ["build_server", "serve"]
 
 
 log = logging.getLogger("jailcell.mcp")
+access_log = logging.getLogger("jailcell.access")
 
 SESSION_IDLE_S = 600.0     # a session nobody used for this long is closed
 SESSIONS_PER_CLIENT = 8    # sessions one client (one MCP connection) may hold at once
@@ -168,17 +170,24 @@ def build_server(policy: Any = "standard", *, backend: str | None = None, max_se
             items.append(ImageContent(type="image", data=out["data"], mime_type=out["mime_type"]))
         return items
 
-    @server.tool(description="Run Python code in a sandbox and return its output, the value of the last "
-                             "expression, errors and figures. Without session_id each run starts fresh.")
-    @reported
-    async def run_python(code: str, session_id: str | None = None, timeout: float | None = None) -> list:
+    async def run_python(code: str, session_id: str | None = None, timeout: float | None = None,
+                         ctx: Any = None) -> list:
         if timeout is not None and (isinstance(timeout, bool) or not timeout > 0 or timeout > wall_limit):
             raise ValueError(f"timeout must be more than 0 and at most {wall_limit:g} s (the limit of policy "
                              f"{state.sandbox.policy.name!r}), not {timeout!r}")
         target = state.session(session_id) if session_id else state.sandbox
-        with state.busy(session_id):
+        # the audit line names the MCP call (an HTTP request may carry many) and the sandbox session
+        request = getattr(ctx, "request_id", None) if ctx is not None else None
+        with state.busy(session_id), _audit.audit_context(request_id=f"mcp-{request}" if request else None,
+                                                          conversation=session_id):
             result = await target.run(code, timeout=timeout)  # a cancelled request kills the run
         return contents(result)
+
+    run_python.__annotations__ = {"code": str, "session_id": str | None, "timeout": float | None, "ctx": Context,
+                                  "return": list}
+    server.tool(description="Run Python code in a sandbox and return its output, the value of the last "
+                            "expression, errors and figures. Without session_id each run starts fresh.")(
+        reported(run_python))
 
     async def create_session(ctx) -> str:
         owner, connection = _client_of(ctx)
@@ -224,6 +233,32 @@ def build_server(policy: Any = "standard", *, backend: str | None = None, max_se
     return server
 
 
+def _serve_http(server: Any, host: str, port: int) -> None:
+    """Streamable HTTP at /mcp, with /healthz, /readyz and /metrics beside it (unauthenticated, as the MCP
+    endpoint itself), a request id and an access line per request."""
+    import copy
+
+    import uvicorn
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+    from uvicorn.config import LOGGING_CONFIG
+
+    from ._service import Observe, Readiness, health_routes, jail_ready, metrics_on
+
+    state = server.jailcell_state
+    if metrics_on(None):
+        _metrics.M.count_open("sessions", lambda: len(state.sessions))  # type: ignore[union-attr]
+    readiness = Readiness({"jail": lambda: jail_ready(state.sandbox)}, log)
+    for route in health_routes(Route, JSONResponse, Response, readiness, None):
+        server.custom_route(route.path, methods=["GET"])(route.endpoint)
+    # the SDK ends an MCP session its client left without saying so after the same idle time
+    app = server.streamable_http_app(session_idle_timeout=state.idle_s, host=host)
+    app = Observe(app, "mcp", ["/mcp", "/healthz", "/readyz", "/metrics"], access_log)
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["jailcell"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    uvicorn.run(app, host=host, port=port, log_level="warning", log_config=config, access_log=False)
+
+
 def serve(transport: str = "stdio", *, host: str = "127.0.0.1", port: int = 8000, policy: Any = "standard",
           backend: str | None = None, **limits: Any) -> None:
     """Run the server until it is stopped; every sandbox is closed on the way out.  Over HTTP there is
@@ -239,9 +274,7 @@ def serve(transport: str = "stdio", *, host: str = "127.0.0.1", port: int = 8000
         if transport == "stdio":
             server.run(transport="stdio")
         elif transport == "http":
-            # the SDK ends an MCP session its client left without saying so after the same idle time
-            server.run(transport="streamable-http", host=host, port=port,
-                       session_idle_timeout=server.jailcell_state.idle_s)
+            _serve_http(server, host, port)
         else:
             raise JailcellError(f"unknown transport {transport!r}; choose stdio or http")
     finally:
