@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -534,6 +536,8 @@ class Suite:
                         m.note += f" (CPU by phase not measured: {type(exc).__name__}: {exc})"
                 self.measure("b2b_print", system, True, jc)
 
+        self._b2b_observed(n)
+
         def floor(m: Measurement) -> None:
             data = fork_floor("standard", [PRINT] * n, "b2b")
             m.samples_s = data["samples"]
@@ -544,6 +548,50 @@ class Suite:
             m.note = ("a bare os.fork() per program, pipelined (the next forked while one runs), standard's "
                       "modules and allocator, no isolation, no protocol, no clean-up")
         self.measure("b2b_print", "fork_floor", False, floor)
+
+    def _b2b_observed(self, n: int) -> None:
+        """Metrics and the audit log on (``jailcell_observed``) against both off (``jailcell_unobserved``),
+        interleaved in batches on two warm sandboxes so that drift on a shared machine hits both alike."""
+        import tempfile
+
+        from jailcell import AuditLog, Sandbox, _metrics
+
+        try:
+            metrics = _metrics.enable_metrics()
+        except ImportError as exc:
+            def missing(m: Measurement, exc: ImportError = exc) -> None:
+                raise exc  # reported as skipped: "not installed: prometheus_client"
+            for system in ("jailcell_observed", "jailcell_unobserved"):
+                self.measure("b2b_print", system, True, missing)
+            return
+        enabled, _metrics.M = _metrics.M, None  # off for the plain batches (and for the rest of the bench)
+        folder = tempfile.mkdtemp(prefix="jailcell-bench-audit-")
+        log = AuditLog(os.path.join(folder, "audit.jsonl"))
+        samples: dict[str, list[float]] = {"jailcell_observed": [], "jailcell_unobserved": []}
+        try:
+            with Sandbox("standard", warm=True, audit=log) as seen, Sandbox("standard", warm=True, audit=False) as plain:
+                _timed(lambda: seen.run(PRINT), 10)
+                _timed(lambda: plain.run(PRINT), 10)
+                batch = max(10, n // 10)
+                tick = self.progress("b2b_print observed/unobserved", 2 * batch * math.ceil(n / batch))
+                for _ in range(math.ceil(n / batch)):
+                    _metrics.M = metrics
+                    samples["jailcell_observed"] += _timed(lambda: _check(seen.run(PRINT)), batch, 0, tick)
+                    _metrics.M = None
+                    samples["jailcell_unobserved"] += _timed(lambda: _check(plain.run(PRINT)), batch, 0, tick)
+            written = sum(1 for _ in open(log.path))
+        finally:
+            _metrics.M = enabled
+            log.close()
+            shutil.rmtree(folder, ignore_errors=True)
+        for system, note in (("jailcell_observed", f"Prometheus metrics and the audit log on ({written} lines "
+                                                   "written), interleaved with jailcell_unobserved"),
+                             ("jailcell_unobserved", "both off, in the same batches as jailcell_observed")):
+            def row(m: Measurement, system: str = system, note: str = note) -> None:
+                m.samples_s = samples[system]
+                m.throughput_per_s = len(m.samples_s) / sum(m.samples_s)
+                m.note = note
+            self.measure("b2b_print", system, True, row)
 
     def numpy(self) -> None:
         from jailcell import Sandbox
@@ -929,6 +977,7 @@ class Suite:
         # The landlock backend (issue 30): the warm path no slower for being unprivileged (within 1.2x of nsjail).
         ratio("warm print(1), landlock vs nsjail backend (x faster, p50; goal >= 1/1.2)", ("warm_print", "jailcell_landlock"), ("warm_print", "jailcell"), "p50", 1 / 1.2)
         ratio("back-to-back print(1), landlock / nsjail backend (x throughput; goal >= 1/1.2)", ("b2b_print", "jailcell_landlock"), ("b2b_print", "jailcell"), "throughput", 1 / 1.2)
+        ratio("back-to-back print(1), metrics + audit log on / off (x throughput; goal >= 0.95)", ("b2b_print", "jailcell_observed"), ("b2b_print", "jailcell_unobserved"), "throughput", 0.95)
         ratio("a new jail's first run, landlock vs nsjail backend (x faster, p50; no preloads; goal >= 1)", ("cold_start", "jailcell_landlock"), ("cold_start", "jailcell_no_preload"), "p50", 1.0)
         ratio("numpy matmul vs Jupyter execute (x faster, p50)", ("numpy", "jailcell"), ("numpy", "jupyter"), "p50", None)
         ratio("warm print(1) vs smolagents LocalPythonExecutor (x faster, p50)", ("warm_print", "jailcell"), ("warm_print", "smolagents"), "p50", None)
