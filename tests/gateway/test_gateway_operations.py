@@ -212,3 +212,25 @@ def test_a_bad_keys_file_is_a_usage_error_naming_what_is_wrong(tmp_path, content
                         str(keys), "--port", "9"], capture_output=True, text=True, timeout=60,
                        env={k: v for k, v in os.environ.items() if k != "JAILCELL_API_KEY"})
     assert r.returncode == 2 and says in r.stderr and str(keys) in r.stderr, r.stderr
+
+
+def test_a_container_keeps_its_open_files_and_random_stream_across_requests():
+    """Issue 32 through the gateway: a file opened in one request's code is written in the next, and
+    random.seed in one continues in the next (a container is a session)."""
+    upstream = FakeUpstream([*code_then_answer("import random\nrandom.seed(1)\nnotes = open('notes.txt', 'w')\nprint(1)"),
+                             *code_then_answer("other = open('other.txt', 'w')\nnotes.write('kept'); notes.flush()\n"
+                                               "print(round(random.random(), 6))")])
+    g = Running(upstream.url)
+    try:
+        first = ask(g.client())
+        container = first.model_extra["jailcell"]["container_id"]
+        ask(g.client(), extra_body={"container": container})
+        assert "0.134364" in last_tool_output(upstream.requests[-1])
+        files = {f["path"]: f["id"] for f in httpx.get(f"{g.url}/containers/{container}/files", headers=AUTH).json()["data"]}
+        content = httpx.get(f"{g.url}/containers/{container}/files/{files['notes.txt']}/content", headers=AUTH)
+        assert content.content == b"kept"
+        other = httpx.get(f"{g.url}/containers/{container}/files/{files['other.txt']}/content", headers=AUTH)
+        assert other.content == b""
+    finally:
+        g.close()
+        upstream.close()

@@ -24,6 +24,7 @@ import os
 import resource
 import sys
 
+import _carry as carry
 import _files as files
 import _guard as guard
 import _protocol as proto
@@ -529,15 +530,16 @@ def user_globals() -> dict:
 def become(req_r: int, out_w: int, err_w: int, res: int, keep: tuple[int, ...] = (), stdio: bool = True) -> list[int]:
     """In a freshly forked cell: stdio onto the run's channels (0: /dev/null, 1/2: the output
     pipes, 3: the result socket); everything else is closed but ``req_r`` and ``keep``, which
-    move to fds >= 10.  Returns their new numbers (``req_r``'s first).  ``stdio=False`` keeps
-    the parent's sys.stdout/stderr objects (bound to fds 1 and 2, never written by the parent)."""
+    move to free fds >= 10, and a session program's own open files (``carry.kept``).  Returns the
+    new numbers (``req_r``'s first).  ``stdio=False`` keeps the parent's sys.stdout/stderr objects
+    (bound to fds 1 and 2, never written by the parent)."""
     moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (req_r, *keep)]
     devnull = os.open("/dev/null", os.O_RDONLY)
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
     os.dup2(res, RES_FD)
     os.dup2(devnull, 0)
-    close_fds({0, 1, 2, RES_FD, *moved})
+    close_fds({0, 1, 2, RES_FD, *moved} | carry.kept())
     if stdio:
         fresh_stdio()
     return moved
@@ -560,6 +562,8 @@ def serve(req_fd: int, glb: dict, session: bool, res_fd: int = RES_FD) -> None:
     """
     req = proto.read_frame(req_fd, CONFIG.get("max_request", MAX_REQUEST))
     os.close(req_fd)
+    if session:
+        carry.before_run()
     try:
         for name, b64 in (req.get("files") or {}).items():
             files.write_file(".", name, binascii.a2b_base64(b64))
@@ -576,6 +580,15 @@ def serve(req_fd: int, glb: dict, session: bool, res_fd: int = RES_FD) -> None:
     if req.get("functions"):
         install_host_functions(glb, req["functions"], res_fd)
     report = execute(req["code"], glb, session)
+    if session:
+        lost = carry.lost_threads()
+        if lost:
+            try:
+                sys.stderr.flush()
+            except Exception:  # noqa: BLE001 - the program's stderr object: the warning goes to fd 2 anyway
+                pass
+            os.write(2, f"jailcell: {len(lost)} thread(s) still running when this run ended ({', '.join(lost[:5])}) "
+                        "do not survive into the session's next run: a session keeps the main thread only\n".encode())
     if listed or os.stat(".").st_mtime_ns != mtime:
         after = files.list_files(".")
         report["files"] = [{"name": n, "size": v[0]} for n, v in sorted(after.items()) if before.get(n) != v]

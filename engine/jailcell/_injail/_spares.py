@@ -10,6 +10,7 @@ import select
 import time
 from _socket import socket
 
+import _carry as carry
 import _cell as cell
 import _guard as guard
 import _protocol as proto
@@ -93,6 +94,7 @@ def fork_spare(glb_factory, parent_sock: socket, session: bool, rehearse: bool =
     after a finished run: the process is now the holder of the new state, talking to the
     zygote over ``socket`` (the holder's channel, moved out of the way of the cell's fds)."""
     ch = Channels()
+    randomness = carry.random_state() if session else None  # (CPython reseeds random in every child)
     try:
         pid = _fork(reap=session)
     except OSError:
@@ -100,6 +102,7 @@ def fork_spare(glb_factory, parent_sock: socket, session: bool, rehearse: bool =
         raise
     if pid == 0:
         Channels.close(ch.host_ends())
+        carry.after_fork(randomness)  # a session continues its random stream; stateless cells do not
         try:
             cell.enter_landlock()  # (the landlock backend: the cell's own domain, before anything else)
         except BaseException:  # noqa: BLE001 - never a cell without its domain
@@ -130,6 +133,7 @@ def fork_spare(glb_factory, parent_sock: socket, session: bool, rehearse: bool =
             # teardown of a large address space is not on the request's critical path.
             while True:
                 time.sleep(3600)
+        carry.take({sock_fd})  # the program's open files (and offsets) are now the state's
         devnull = os.open("/dev/null", os.O_RDWR)  # a holder keeps none of the run's channels
         for fd in (0, 1, 2, cell.RES_FD):
             os.dup2(devnull, fd)
