@@ -71,6 +71,8 @@ def test_a_killed_run_does_not_move_the_offsets_of_the_state_it_returns_to(sandb
         assert killed.status == "timeout"
         crashed = s.run("import os\nf.read(5)\nos.kill(os.getpid(), 9)")
         assert crashed.status == "killed"
+        closed = s.run("f.close()\nimport os\nos.kill(os.getpid(), 9)")  # the state's descriptor stays open
+        assert closed.status == "killed"
         assert ok(s, "f.read(10)").result == repr(DATA[10:20])
 
 
