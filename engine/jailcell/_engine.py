@@ -247,13 +247,13 @@ class _Engine:
                 return self.functions(msg)
         try:
             reply = jail.run(req, head=head, on_call=on_call, cancel=cancel)
-        except RunCancelled:
+        except (RunCancelled, HeadLost) as exc:  # (cancelled before it started; or its session's state died)
             if observed:
-                self.observe(req, Result(status="killed", error={"type": "Cancelled", "message": "", "traceback": ""},
-                                         duration_s=time.monotonic() - t0, isolation=self.isolation()),
-                             session, calls, status="cancelled")
-            raise
-        except HeadLost:
+                cancelled = isinstance(exc, RunCancelled)
+                error = {"type": "Cancelled" if cancelled else "SessionLost", "message": str(exc), "traceback": ""}
+                self.observe(req, Result(status="killed", error=error, duration_s=time.monotonic() - t0,
+                                         isolation=self.isolation()), session, calls,
+                             status="cancelled" if cancelled else None)
             raise
         except (JailTimeout, EOFError, OSError, JailError, ProtocolError) as exc:
             jail.kill()
