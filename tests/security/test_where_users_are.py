@@ -268,3 +268,31 @@ def test_as_root_without_cgroups_a_jail_that_would_run_as_uid_0_is_refused():
                        capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
     assert "which no process limit binds" in r.stderr and "Fix: install Python where every user can reach" in r.stderr
+
+
+NO_POWERS = """
+import os
+fd = os.open('mine.txt', os.O_CREAT | os.O_WRONLY)
+held = []
+for name, call in (('fchown', lambda: os.fchown(fd, 1, 1)), ('setuid', lambda: os.setuid(1)),
+                   ('setgroups', lambda: os.setgroups([0]))):
+    try:
+        call()
+        held.append(name)
+    except OSError:
+        pass
+print(held)
+"""
+
+
+def test_a_landlock_jail_that_keeps_uid_0_holds_no_capability():
+    """As root where only root reaches the interpreter (this machine's pyenv under /root), landlock jails
+    keep uid 0 but drop every capability first thing (the zygote does, and the host checks it did
+    before any program runs): root's powers over files and ids are gone."""
+    if not str(Path(sys.executable).resolve()).startswith("/root/") or os.geteuid() != 0:
+        pytest.skip("needs root and an interpreter only root can reach")
+    r = subprocess.run([sys.executable, "-m", "jailcell", "run", "--backend", "landlock", "--json", "-c", NO_POWERS],
+                       capture_output=True, text=True, timeout=120)
+    result = json.loads(r.stdout)
+    assert result["status"] == "ok" and result["stdout"] == "[]\n", result
+    assert "without any capability" in result["isolation"]["user"]

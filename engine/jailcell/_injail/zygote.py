@@ -29,6 +29,7 @@ import _signal as signal  # not signal.py, whose enums cost ~4 ms at every jail 
 import builtins
 import gc
 import os
+import resource
 import select
 import sys
 import time
@@ -268,11 +269,16 @@ def _confine(spec: dict) -> dict:
 
     cell.STATE["landlock"] = _landlock
     try:
+        for name, value in (CONFIG.get("rlimits") or {}).items():  # what every process of the jail inherits
+            resource.setrlimit(getattr(resource, f"RLIMIT_{name.upper()}"), (int(value), int(value)))
+        if CONFIG.get("drop_capabilities"):  # root's powers go before anything else happens here
+            _landlock.drop_capabilities()
         _seccomp.install_program(_seccomp.jail_program(bool(spec.get("network"))))
         sees = _landlock.probe(spec)
         if "error" in sees:
             raise OSError(sees["error"])
-    except (OSError, KeyError, TypeError, ValueError, SyntaxError) as exc:
+        sees["capabilities"] = _landlock.capabilities()
+    except (OSError, KeyError, TypeError, ValueError, SyntaxError, AttributeError) as exc:
         os.write(2, f"jailcell: cannot build the landlock jail: {exc}\n".encode())
         os._exit(NOT_CONFINED_EXIT)
     return sees

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import resource
 import secrets
 import shutil
 import subprocess
@@ -120,28 +119,19 @@ class LandlockBackend(CgroupJails, Backend):
         else:
             nproc = user_processes(JAIL_UID if self.as_nobody else None) + pids + 1
 
-        as_nobody, no_caps = self.as_nobody, self.as_root and not self.as_nobody
-
-        def limits() -> None:  # runs in the child before exec
-            if as_nobody:
-                os.setgroups([])
-                os.setresgid(uid, uid, uid)
-                os.setresuid(uid, uid, uid)
-            elif no_caps:
-                _drop_capabilities()
-            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-            resource.setrlimit(resource.RLIMIT_FSIZE, (lim.file_size_mib * MIB,) * 2)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (lim.open_files,) * 2)
-            if nproc is not None:
-                try:
-                    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-                except (ValueError, OSError):
-                    pass
+        # No preexec_fn (which makes subprocess fork the whole host, and run Python in the child): the
+        # user is set by subprocess itself; the zygote sets its limits and, as root where it must, drops
+        # its capabilities, first thing once it has its config (it forks nothing before; verify()
+        # checks that it holds no capability).
+        user: dict[str, Any] = {"user": uid, "group": uid, "extra_groups": []} if self.as_nobody else {}
 
         layout = python_layout()
         config = self.zygote_config(policy, session=session, workspace=workspace, tmp=tmp,
                                     pid_namespace=False, rlimit_as=dirs is None)
         config["enter_cgroups"] = len(entry_fds)
+        config["drop_capabilities"] = self.as_root and not self.as_nobody
+        config["rlimits"] = {"core": 0, "fsize": lim.file_size_mib * MIB, "nofile": lim.open_files,
+                             **({"nproc": nproc} if nproc else {})}
         config["landlock"] = {
             "read": [*ro_mounts(), str(JAIL_SRC), os.path.dirname(os.path.realpath(layout.python)), *READ_EXTRA],
             "write": [root],
@@ -155,7 +145,7 @@ class LandlockBackend(CgroupJails, Backend):
             proc = subprocess.Popen(
                 zygote_argv(layout.python, str(JAIL_SRC / "zygote.py")),
                 stdin=channel, stdout=channel, stderr=stderr, env=env, cwd=workspace,
-                close_fds=True, start_new_session=True, preexec_fn=limits,
+                close_fds=True, start_new_session=True, **user,
             )
         except OSError as exc:
             for fd in entry_fds:
@@ -185,6 +175,8 @@ class LandlockBackend(CgroupJails, Backend):
         readable = sees.get("readable")
         if not isinstance(readable, list) or readable:
             return refusal(f"the landlock jail can read what it must not: {readable!r:.300}")
+        if sees.get("capabilities") != 0:
+            return refusal(f"the landlock jail's first process holds capabilities ({sees.get('capabilities')!r:.40})")
         return None
 
     def start_failure(self, jail_log: str) -> str | None:
@@ -243,9 +235,6 @@ class LandlockBackend(CgroupJails, Backend):
         }
 
 
-_SECUREBITS = 0x2F  # NOROOT, NO_SETUID_FIXUP, their locks, KEEP_CAPS_LOCKED: exec never gives root's caps back
-
-
 def _mapped(first: int, count: int) -> bool:
     """Whether uids and gids ``first`` .. ``first + count - 1`` exist in this user namespace (a rootless
     container maps only a few)."""
@@ -258,27 +247,6 @@ def _mapped(first: int, count: int) -> bool:
         if not any(inside <= first and first + count <= inside + n for inside, _outside, n in ranges):
             return False
     return True
-
-
-def _drop_capabilities() -> None:
-    """In the child before exec, as root: drop every capability for good -- the bounding and ambient sets,
-    and the effective, permitted and inheritable ones -- with securebits that keep an exec from
-    restoring them.  Raises OSError if any step fails (the spawn fails: never a jail with root's powers)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def check(rc: int, what: str) -> None:
-        if rc != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"{what}: {os.strerror(err)}")
-
-    check(libc.prctl(28, _SECUREBITS, 0, 0, 0), "PR_SET_SECUREBITS")
-    for cap in range(64):
-        if libc.prctl(24, cap, 0, 0, 0) != 0 and ctypes.get_errno() != 22:  # PR_CAPBSET_DROP (EINVAL: no such cap)
-            check(-1, f"PR_CAPBSET_DROP {cap}")
-    check(libc.prctl(47, 4, 0, 0, 0), "PR_CAP_AMBIENT_CLEAR_ALL")
-    header = (ctypes.c_uint32 * 2)(0x20080522, 0)
-    data = (ctypes.c_uint32 * 6)()
-    check(libc.capset(header, data), "capset")
 
 
 def _probe_paths(root: str) -> list[str]:
