@@ -55,7 +55,10 @@ class Key:
         self._runs: collections.deque[float] = collections.deque()
 
     def count_run(self) -> None:
-        self._runs.append(time.monotonic())
+        if self.runs_per_minute is not None:  # (a key without the limit keeps no record)
+            self._runs.append(time.monotonic())
+            while len(self._runs) > self.runs_per_minute:  # more than the window can ever need
+                self._runs.popleft()
 
     def runs_retry_after(self) -> int | None:
         """Seconds until this key may run again, or None if it is under its runs limit now."""
