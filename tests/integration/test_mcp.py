@@ -176,21 +176,23 @@ def test_mcp_sessions_close_when_their_client_goes_away():
     proc, url = start_http("--policy", "minimal", "--sessions-per-client", "2")
     server = psutil.Process(proc.pid)
 
-    def jail_processes() -> int:
-        return len([p for p in server.children(recursive=True) if p.is_running()])
+    def jails() -> set[int]:
+        """The server's direct children: one process (nsjail's) per jail."""
+        return {p.pid for p in server.children() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
 
     try:
         async def main():
             async with Client(url, mode="legacy") as b:
                 assert "1" in text(await b.call_tool("run_python", {"code": "print(1)"}))
-                before = jail_processes()
+                before = jails()
                 async with Client(url, mode="legacy") as a:
                     ids = [text(await a.call_tool("create_session", {})) for _ in range(2)]
                     r = await a.call_tool("create_session", {})
                     assert r.is_error and "this client has 2 open sessions" in text(r)
                     for sid in ids:
                         await a.call_tool("run_python", {"code": "x = 1", "session_id": sid})
-                    assert jail_processes() > before
+                    theirs = jails() - before
+                    assert len(theirs) >= 2, theirs  # a jail per session
                     # another client may use them while they are open (ids are capabilities) ...
                     assert "1" in text(await b.call_tool("run_python", {"code": "x", "session_id": ids[0]}))
                 # ... and not once their client is gone (its exit sent DELETE)
@@ -198,9 +200,9 @@ def test_mcp_sessions_close_when_their_client_goes_away():
                     r = await b.call_tool("run_python", {"code": "x", "session_id": sid})
                     assert r.is_error and "no open session" in text(r)
                 deadline = time.monotonic() + 20
-                while jail_processes() > before and time.monotonic() < deadline:
+                while jails() & theirs and time.monotonic() < deadline:
                     await asyncio.sleep(0.2)
-                assert jail_processes() <= before
+                assert not jails() & theirs  # their jails ended
                 sid = text(await b.call_tool("create_session", {}))  # b's own sessions are untouched
                 assert "2" in text(await b.call_tool("run_python", {"code": "1 + 1", "session_id": sid}))
 
