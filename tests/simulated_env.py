@@ -7,7 +7,7 @@
   (libseccomp; rules chosen by those capabilities and this machine's architecture), and root's
   capabilities cut to that default set.  ``docker=PROFILE,ro-cgroups`` also makes (as root) the cgroup
   file systems read-only, as Docker mounts them, in a mount namespace of the launcher's own (the
-  machine's stay as they are).  ``tests/data/docker-default-seccomp.json``
+  machine's stay as they are); ``,masked-proc`` also hides parts of /proc there, as Docker and Podman do.  ``tests/data/docker-default-seccomp.json``
   is Docker's own default profile (moby/profiles seccomp/default.json at 3c28324, Apache-2.0).
 
 Usage: python simulated_env.py MODE -- COMMAND [ARGS...]   (installs the filter, then execs COMMAND)
@@ -144,20 +144,39 @@ def install_docker_profile(path: str) -> None:
         raise OSError(ctypes.get_errno(), "seccomp_load")
 
 
-def readonly_cgroups() -> None:
-    """In a mount namespace of this process's own, every cgroup file system read-only (Docker's view)."""
+def _libc_mount():
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
-    ms_rdonly, ms_remount, ms_bind, ms_rec, ms_private = 1, 32, 4096, 16384, 1 << 18
+    return libc
+
+
+def private_mounts() -> None:
+    """A mount namespace of this process's own (what is changed below stays out of the machine's)."""
+    libc = _libc_mount()
     if libc.unshare(0x00020000) != 0:  # CLONE_NEWNS
         raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
-    if libc.mount(None, b"/", None, ms_rec | ms_private, None) != 0:
+    if libc.mount(None, b"/", None, 16384 | (1 << 18), None) != 0:  # MS_REC | MS_PRIVATE
         raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
+
+
+def readonly_cgroups() -> None:
+    """Every cgroup file system read-only (Docker's view)."""
+    libc = _libc_mount()
     with open("/proc/self/mounts") as f:
         points = [line.split()[1] for line in f if line.split()[2] in ("cgroup", "cgroup2")]
     for point in points:
-        if libc.mount(None, point.encode(), None, ms_remount | ms_bind | ms_rdonly, None) != 0:
+        if libc.mount(None, point.encode(), None, 32 | 4096 | 1, None) != 0:  # MS_REMOUNT | MS_BIND | MS_RDONLY
             raise OSError(ctypes.get_errno(), f"remount {point} read-only")
+
+
+def masked_proc() -> None:
+    """In a mount namespace of this process's own, part of /proc hidden as Docker and Podman hide it
+    (/dev/null over /proc/kcore and friends): the kernel then refuses a new /proc in any namespace made
+    below (its "too revealing" rule), which is what nsjail meets in such a container."""
+    libc = _libc_mount()
+    for path in ("/proc/kcore", "/proc/keys", "/proc/timer_list"):
+        if os.path.exists(path) and libc.mount(b"/dev/null", path.encode(), None, 4096, None) != 0:  # MS_BIND
+            raise OSError(ctypes.get_errno(), f"mask {path}")
 
 
 def keep_only(caps: set[int]) -> None:
@@ -186,8 +205,12 @@ def main() -> None:
     if mode.startswith("docker="):
         profile, *options = mode.split("=", 1)[1].split(",")
         if os.geteuid() == 0:
+            if options:
+                private_mounts()
             if "ro-cgroups" in options:
                 readonly_cgroups()
+            if "masked-proc" in options:
+                masked_proc()
             keep_only(set(DOCKER_CAPS.values()))
         install_docker_profile(profile)
         os.execvp(cmd[0], cmd)

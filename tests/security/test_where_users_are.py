@@ -296,3 +296,30 @@ def test_a_landlock_jail_that_keeps_uid_0_holds_no_capability():
     result = json.loads(r.stdout)
     assert result["status"] == "ok" and result["stdout"] == "[]\n", result
     assert "without any capability" in result["isolation"]["user"]
+
+
+def test_with_the_profile_but_a_masked_proc_auto_falls_back_to_landlock_and_says_why(copy_root, tmp_path):  # noqa: F811
+    """Docker and Podman hide parts of /proc by default; the kernel then refuses nsjail a /proc of its
+    own even where the seccomp profile lets it make namespaces (found in a real podman container). auto
+    must see that before it picks nsjail: it gives landlock, and names the cause and the fix."""
+    from jailcell.backends._nsjail import CONTAINER_PROFILE
+
+    (copy_root / "container-seccomp.json").write_text(CONTAINER_PROFILE.read_text())
+    launcher = copy_root / "simulated_env.py"
+    shutil.copy(LAUNCHER, launcher)
+    launcher.chmod(0o644)
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(copy_root),
+           "JAILCELL_NSJAIL": str(copy_root / "nsjail" / "bin" / "nsjail")}
+    launch = [PYTHON, str(launcher), f"docker={copy_root / 'container-seccomp.json'},masked-proc", "--", PYTHON]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*launch, *args], capture_output=True, text=True, timeout=300, env=env)
+
+    r = run("-m", "jailcell", "run", "--json", "-c", "print(1)")
+    assert r.returncode == 0 and json.loads(r.stdout)["isolation"]["backend"] == "landlock", r.stdout + r.stderr
+    auto = next(line for line in run("-m", "jailcell", "check").stdout.splitlines() if line.startswith("backend auto"))
+    assert "landlock" in auto and "a /proc cannot be mounted" in auto and "systempaths=unconfined" in auto, auto
+    marker = tmp_path / "ran"
+    tmp_path.chmod(0o777)
+    named = run("-m", "jailcell", "run", "--backend", "nsjail", "-c", f"open({str(marker)!r}, 'w')")
+    assert named.returncode == 2 and "could not mount a /proc" in named.stderr and not marker.exists(), named.stderr

@@ -136,6 +136,7 @@ def _surely_namespaces() -> bool:
 
 
 _CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 2, 4, 8, 1 << 14, 1 << 18
 
 
 def namespaces_unavailable() -> str | None:
@@ -153,6 +154,7 @@ def namespaces_unavailable() -> str | None:
     userns = os.geteuid() != 0 or not has_sys_admin()  # decided before the fork: no file reads in the child
 
     libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # only system calls here: no Python-level locks after a fork from a threaded process
@@ -162,6 +164,16 @@ def namespaces_unavailable() -> str | None:
                 err = ctypes.get_errno() or 1
             elif libc.unshare(_CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET) != 0:
                 err = 1000 + (ctypes.get_errno() or 1)
+            else:  # as nsjail does next: a /proc of the new pid namespace (a container that masks
+                inner = os.fork()  # parts of its own /proc refuses that: "too revealing")
+                if inner == 0:
+                    code = 0
+                    if libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0 or libc.mount(
+                            b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None) != 0:
+                        code = ctypes.get_errno() or 1
+                    os._exit(code)
+                ended = os.waitstatus_to_exitcode(os.waitpid(inner, 0)[1])
+                err = 2000 + (ended if ended > 0 else 255) if ended else 0
             os.write(w, str(err).encode())
         finally:
             os._exit(0)
@@ -176,19 +188,24 @@ def namespaces_unavailable() -> str | None:
         return None
     if code == -1:
         return "the namespace probe died"
+    if code >= 2000:
+        return (f"namespaces are created but a /proc cannot be mounted in them ({os.strerror(code - 2000)}): a "
+                "container that masks parts of its own /proc (Docker's and Podman's defaults); nsjail needs it "
+                "unmasked (`--security-opt systempaths=unconfined` with Docker, `--security-opt unmask=/proc/*` "
+                "with Podman)")
     if code < 1000 and os.geteuid() == 0:
         return (f"creating a user namespace is refused ({os.strerror(code)}): jailcell runs as root without "
                 "CAP_SYS_ADMIN (a container) and the container's seccomp profile refuses namespaces (Docker's "
                 "default does); jailcell's container profile allows them (`jailcell check --container-profile`)")
     if code < 1000:
         return f"creating a user namespace is refused ({os.strerror(code)}): unprivileged user namespaces are off"
-    inner = os.strerror(code - 1000)
+    refused = os.strerror(code - 1000)
     if os.geteuid() == 0 and not userns:
-        return (f"creating mount/pid/network namespaces is refused ({inner}): inside a container without "
+        return (f"creating mount/pid/network namespaces is refused ({refused}): inside a container without "
                 "CAP_SYS_ADMIN, or a seccomp profile that forbids them")
     if os.geteuid() == 0:
-        return (f"a user namespace is created but namespaces inside it are refused ({inner}): a container whose "
+        return (f"a user namespace is created but namespaces inside it are refused ({refused}): a container whose "
                 "seccomp profile forbids them; jailcell's container profile allows them "
                 "(`jailcell check --container-profile`)")
-    return (f"a user namespace is created but namespaces inside it are refused ({inner}): Ubuntu 23.10+'s AppArmor "
+    return (f"a user namespace is created but namespaces inside it are refused ({refused}): Ubuntu 23.10+'s AppArmor "
             "restriction of unprivileged user namespaces (kernel.apparmor_restrict_unprivileged_userns=1)")

@@ -461,7 +461,13 @@ def explain_failure(stderr: str, layout: PythonLayout) -> str:
     cause, fix = "nsjail could not create the jail", ""
     bind = re.search(r"(?:statvfs|mount)\('([^']+)'", text)
     restrict = APPARMOR_RESTRICT
-    if "Operation not permitted" in text and ("clone" in text.lower() or "CLONE_NEW" in text or "unshare" in text):
+    if "mandatory point: '/proc'" in text:
+        cause = "nsjail could not mount a /proc in the jail's namespaces"
+        fix = ("the landlock backend (auto picks it where it works) jails programs without namespaces; for nsjail: "
+               "this container masks parts of its own /proc (Docker's and Podman's defaults), which makes the "
+               "kernel refuse a new one: `--security-opt systempaths=unconfined` (Docker) or "
+               "`--security-opt unmask=/proc/*` (Podman)")
+    elif "Operation not permitted" in text and ("clone" in text.lower() or "CLONE_NEW" in text or "unshare" in text):
         cause = "the kernel refused to create namespaces for this user"
         landlock = "the landlock backend (auto picks it where it works) jails programs without namespaces; for nsjail: "
         if restrict.exists() and restrict.read_text().strip() == "1":
