@@ -1,7 +1,7 @@
 """Launch a command as it would run where users are, on a machine that has neither Docker nor AppArmor:
 
 - ``ubuntu``: Ubuntu 23.10+'s AppArmor restriction, as an unprivileged user sees it: a user namespace
-  cannot be used (here: creating one is refused).
+  can be made but not used (here: any other namespace, in it or with it, is refused).
 - ``docker=PROFILE``: a container (Docker, Podman, Kubernetes RuntimeDefault): a Docker seccomp profile
   file (JSON) installed as Docker installs it for a container with Docker's default capabilities
   (libseccomp; rules chosen by those capabilities and this machine's architecture), and root's
@@ -36,6 +36,7 @@ JEQ = 0x15
 RET_ENOSYS = 0x00050000 | 38
 NR = {"x86_64": {"clone": 56, "clone3": 435, "unshare": 272}, "aarch64": {"clone": 220, "clone3": 435, "unshare": 97}}
 CLONE_NEWUSER = 0x10000000
+OTHER_NAMESPACES = 0x7E020000 & ~CLONE_NEWUSER  # mount, uts, ipc, pid, net, cgroup
 
 
 def program(mode: str) -> bytes:
@@ -55,7 +56,7 @@ def program(mode: str) -> bytes:
         a.label("clone")
         a.label("unshare")
         a.op(LD_ABS, _arg_lo(0))
-        a.op(JSET, CLONE_NEWUSER, "deny", "allow")
+        a.op(JSET, OTHER_NAMESPACES, "deny", "allow")  # a user namespace alone is made, nothing in it
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     a.label("allow")

@@ -128,14 +128,17 @@ def _landlock_rows(pidfd_ok: bool, cg) -> tuple[list[tuple[str, str, str]], bool
     from .backends._landlock import LandlockBackend
 
     try:
-        own_uids = LandlockBackend().own_uids
+        landlock = LandlockBackend()
     except JailcellError as exc:
         return [*rows, _row("landlock jail", False, str(exc))], False
     if cg.version:
         rows.append(_row("landlock process limit", True, "the jail's own cgroup pids limit"))
-    elif own_uids:
+    elif landlock.own_uids:
         rows.append(_row("landlock process limit", True, "RLIMIT_NPROC of a uid each jail has to itself (jailcell runs "
                          "as root; no cgroup: " + cg.reason + ")"))
+    elif landlock.own_userns:
+        rows.append(_row("landlock process limit", True, "RLIMIT_NPROC, counted in a user namespace each jail makes "
+                         "for itself (no cgroup: " + cg.reason + ")"))
     else:
         rows.append(_row("landlock process limit", None,
                          "RLIMIT_NPROC, which counts every process of this user (no cgroup: " + cg.reason + "); "

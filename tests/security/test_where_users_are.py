@@ -103,7 +103,8 @@ def test_as_a_user_on_ubuntu_with_the_userns_restriction_auto_gives_landlock(cop
     out = json.loads(r.stdout)
     assert out["ok"] == ["ok", "42\n"] and out["backend"] == "landlock"
     assert out["secret"] == "error" and out["tmp"] == "error"  # the user's own file and /tmp: out of reach
-    assert any("RLIMIT_NPROC" in d for d in out["degraded"]), out["degraded"]  # no cgroups as nobody here
+    # no cgroups as nobody here: the jail's processes are counted in a user namespace of its own
+    assert any("RLIMIT_NPROC, counted in the jail's own user namespace" in d for d in out["degraded"]), out["degraded"]
     check = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", PYTHON, str(launcher),
                             "ubuntu", "--", PYTHON, "-m", "jailcell", "check"], env=env, capture_output=True,
                            text=True, timeout=300)
@@ -323,3 +324,43 @@ def test_with_the_profile_but_a_masked_proc_auto_falls_back_to_landlock_and_says
     tmp_path.chmod(0o777)
     named = run("-m", "jailcell", "run", "--backend", "nsjail", "-c", f"open({str(marker)!r}, 'w')")
     assert named.returncode == 2 and "could not mount a /proc" in named.stderr and not marker.exists(), named.stderr
+
+
+BOMB_BESIDE = r"""
+import json, threading, time
+from jailcell import Sandbox
+BOMB = "import os, time\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            time.sleep(30)\n" \
+       "            os._exit(0)\n        n += 1\nexcept OSError as e:\n    print('stopped after', n, 'errno', e.errno)\n" \
+       "time.sleep(2)\n"
+FORK = "import os\npid = os.fork()\nif pid == 0:\n    os._exit(0)\nos.waitpid(pid, 0)\nprint('forked')\n"
+with Sandbox("standard") as a, Sandbox("standard") as b:
+    b.run("1")
+    out = {}
+    t = threading.Thread(target=lambda: out.update(bomb=a.run(BOMB, timeout=15)))
+    t.start()
+    time.sleep(1.5)
+    other = b.run(FORK)
+    t.join()
+    print(json.dumps({"bomb": out["bomb"].stdout, "other": [other.status, other.stdout],
+                      "pids": other.isolation["pids_limit"]}))
+"""
+
+
+def test_on_ubuntu_each_landlock_jail_counts_its_processes_in_a_user_namespace_of_its_own(copy_root):  # noqa: F811
+    """As a user without cgroups, RLIMIT_NPROC would count all of the user's processes: a fork bomb in one
+    jail would take every other jail's share. Ubuntu's restriction still lets a user namespace be made
+    (only not used for anything), and the kernel counts RLIMIT_NPROC per user namespace: each jail makes
+    one, and its bomb stops at its own limit while the next jail forks."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(copy_root)}
+    launcher = copy_root / "simulated_env.py"
+    shutil.copy(LAUNCHER, launcher)
+    launcher.chmod(0o644)
+    cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", PYTHON, str(launcher), "ubuntu", "--",
+           PYTHON, "-c", BOMB_BESIDE]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    stopped = out["bomb"].split()
+    assert stopped[:1] == ["stopped"] and int(stopped[2]) <= 64 and stopped[4] == "11", out["bomb"]
+    assert out["other"] == ["ok", "forked\n"], out
+    assert out["pids"] == "rlimit_nproc (the jail's own user namespace)"

@@ -142,10 +142,12 @@ def confine(read: list[str], write: list[str], devices: list[str], network: bool
 SECUREBITS = 0x2F  # NOROOT, NO_SETUID_FIXUP, their locks, KEEP_CAPS_LOCKED: exec never gives root's caps back
 
 
-def drop_capabilities() -> None:
-    """As root (where no other user reaches the interpreter): drop every capability for good -- the
-    bounding and ambient sets, and the effective, permitted and inheritable ones -- with securebits that
-    keep an exec from restoring them.  Raises LandlockError if any step fails."""
+def drop_capabilities(for_good: bool = True) -> None:
+    """Drop every capability: the ambient, effective, permitted and inheritable sets (which needs no
+    capability) and, ``for_good`` (as root, where no other user reaches the interpreter), the bounding
+    set too, with securebits that keep an exec from restoring any.  In a user namespace of its own a
+    process is not root there (no uid is mapped), so an exec gives nothing back; and it may not be
+    allowed those two steps (Ubuntu's AppArmor denies powers there).  Raises LandlockError if a step fails."""
     libc = _libc()
 
     def check(rc: int, what: str) -> None:
@@ -153,14 +155,23 @@ def drop_capabilities() -> None:
             err = ctypes.get_errno()
             raise LandlockError(err, f"{what}: {os.strerror(err)}")
 
-    check(libc.prctl(28, SECUREBITS, 0, 0, 0), "PR_SET_SECUREBITS")
-    for cap in range(64):
-        if libc.prctl(24, cap, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:  # PR_CAPBSET_DROP
-            check(-1, f"PR_CAPBSET_DROP {cap}")
+    if for_good:
+        check(libc.prctl(28, SECUREBITS, 0, 0, 0), "PR_SET_SECUREBITS")
+        for cap in range(64):
+            if libc.prctl(24, cap, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:  # PR_CAPBSET_DROP
+                check(-1, f"PR_CAPBSET_DROP {cap}")
     check(libc.prctl(47, 4, 0, 0, 0), "PR_CAP_AMBIENT_CLEAR_ALL")
     header = (ctypes.c_uint32 * 2)(0x20080522, 0)
     data = (ctypes.c_uint32 * 6)()
     check(libc.capset(header, data), "capset")
+
+
+def own_user_namespace() -> None:
+    """Enter a new user namespace (no uids mapped into it): the kernel then counts this process and all it
+    forks against RLIMIT_NPROC apart from the user's other processes.  Raises LandlockError if refused."""
+    if _libc().unshare(0x10000000) != 0:  # CLONE_NEWUSER
+        err = ctypes.get_errno()
+        raise LandlockError(err, f"unshare(CLONE_NEWUSER): {os.strerror(err)}")
 
 
 def capabilities() -> int | None:

@@ -269,6 +269,9 @@ def _confine(spec: dict) -> dict:
 
     cell.STATE["landlock"] = _landlock
     try:
+        if CONFIG.get("own_userns"):  # before the limits: the kernel keeps the user's limit of this moment
+            _landlock.own_user_namespace()  # for the user's count, and applies the jail's to the jail's own
+            _landlock.drop_capabilities(for_good=False)  # the powers a new user namespace gives, at once
         for name, value in (CONFIG.get("rlimits") or {}).items():  # what every process of the jail inherits
             resource.setrlimit(getattr(resource, f"RLIMIT_{name.upper()}"), (int(value), int(value)))
         if CONFIG.get("drop_capabilities"):  # root's powers go before anything else happens here
@@ -278,6 +281,8 @@ def _confine(spec: dict) -> dict:
         if "error" in sees:
             raise OSError(sees["error"])
         sees["capabilities"] = _landlock.capabilities()
+        with open("/proc/self/uid_map") as f:  # empty in a user namespace of its own (nothing mapped)
+            sees["uid_map"] = f.read().strip()
     except (OSError, KeyError, TypeError, ValueError, SyntaxError, AttributeError) as exc:
         os.write(2, f"jailcell: cannot build the landlock jail: {exc}\n".encode())
         os._exit(NOT_CONFINED_EXIT)

@@ -9,6 +9,7 @@ unprivileged user namespaces.  What differs from nsjail is listed in every Resul
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import secrets
 import shutil
@@ -86,6 +87,10 @@ class LandlockBackend(CgroupJails, Backend):
         self.as_nobody = self.as_root and not unreadable_for_jail(ro_mounts(), True) and nobody_reaches(ro_mounts())
         self.own_uids = self.as_nobody and _mapped(*OWN_UIDS)  # else host nobody, shared by every jail
         self.cgroups = Cgroups.detect()
+        # Not root and no cgroups: where a user namespace can be made (Ubuntu's AppArmor restriction lets
+        # one be made, only without powers), each jail gets its own, in which the kernel counts its
+        # processes apart from this user's others (RLIMIT_NPROC is counted per user namespace).
+        self.own_userns = not self.as_root and not self.cgroups.version and _userns_creatable()
         if self.as_root and not self.as_nobody and not self.cgroups.version:
             # uid 0 is exempt from RLIMIT_NPROC even without capabilities: nothing would bound the processes
             raise BackendUnavailable(refusal(
@@ -114,8 +119,8 @@ class LandlockBackend(CgroupJails, Backend):
                 raise
         if dirs is not None:
             nproc = None
-        elif self.own_uids:
-            nproc = pids + 1  # the jail's uid is its own: the bound counts the jail's processes alone
+        elif self.own_uids or self.own_userns:
+            nproc = pids + 1  # the jail's uid or user namespace is its own: the bound counts its processes alone
         else:
             nproc = user_processes(JAIL_UID if self.as_nobody else None) + pids + 1
 
@@ -130,6 +135,7 @@ class LandlockBackend(CgroupJails, Backend):
                                     pid_namespace=False, rlimit_as=dirs is None)
         config["enter_cgroups"] = len(entry_fds)
         config["drop_capabilities"] = self.as_root and not self.as_nobody
+        config["own_userns"] = self.own_userns
         config["rlimits"] = {"core": 0, "fsize": lim.file_size_mib * MIB, "nofile": lim.open_files,
                              **({"nproc": nproc} if nproc else {})}
         config["landlock"] = {
@@ -175,6 +181,8 @@ class LandlockBackend(CgroupJails, Backend):
         readable = sees.get("readable")
         if not isinstance(readable, list) or readable:
             return refusal(f"the landlock jail can read what it must not: {readable!r:.300}")
+        if self.own_userns and sees.get("uid_map") != "":
+            return refusal("the landlock jail's first process did not enter a user namespace of its own")
         if sees.get("capabilities") != 0:
             return refusal(f"the landlock jail's first process holds capabilities ({sees.get('capabilities')!r:.40})")
         return None
@@ -207,9 +215,10 @@ class LandlockBackend(CgroupJails, Backend):
         if self.abi < SCOPED_ABI:
             degraded.append(f"Landlock ABI {self.abi} < {SCOPED_ABI} cannot scope signals: a cell may signal only its "
                             "own process group (kill(0, ...)), no process by pid (Linux 6.12+ lifts this)")
-        if not cg and self.own_uids:
+        if not cg and (self.own_uids or self.own_userns):
+            own = "of the jail's own uid" if self.own_uids else ", counted in the jail's own user namespace"
             degraded.append("no cgroups: memory bounded by RLIMIT_AS per process, not per jail; processes by "
-                            f"RLIMIT_NPROC of the jail's own uid ({self.cgroups.reason})")
+                            f"RLIMIT_NPROC{' ' if self.own_uids else ''}{own} ({self.cgroups.reason})")
         elif not cg:
             uid = JAIL_UID if self.as_nobody else os.getuid()
             degraded.append("no cgroups: memory bounded by RLIMIT_AS; processes by RLIMIT_NPROC, which counts "
@@ -227,12 +236,23 @@ class LandlockBackend(CgroupJails, Backend):
             "cgroup": cg,
             "memory_limit": "cgroup" if cg else "rlimit_as",
             "pids_limit": "cgroup" if cg else "rlimit_nproc (the jail's own uid)" if self.own_uids else
+                          "rlimit_nproc (the jail's own user namespace)" if self.own_userns else
                           "rlimit_nproc (per user)",
             "network": "host network (policy enables it)" if policy.network else "none (no sockets; TCP denied)",
             "filesystem": "read-only interpreter and libraries; private workspace and TMPDIR; nothing else of the host",
             "rlimits": ["cpu", "fsize", "nofile", "core=0"] + ([] if cg else ["nproc", "as"]),
             "degraded": degraded,
         }
+
+
+@functools.lru_cache(maxsize=1)
+def _userns_creatable() -> bool:
+    """Whether this process may make a user namespace (asked of the kernel in a throwaway child)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pid = os.fork()
+    if pid == 0:  # only a system call here (a fork of a possibly threaded process)
+        os._exit(0 if libc.unshare(0x10000000) == 0 else 1)  # CLONE_NEWUSER
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
 
 
 def _mapped(first: int, count: int) -> bool:
