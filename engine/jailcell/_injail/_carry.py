@@ -95,6 +95,20 @@ def after_fork(state) -> None:
         pass
 
 
+def after_run(holder_sock: int | None) -> None:
+    """At the end of a session run, before its report: what it leaves open is the state's if it becomes
+    the holder (``take``), and the threads that will not survive into the next run are named on stderr."""
+    take({holder_sock} if holder_sock is not None else set())
+    lost = lost_threads()
+    if lost:
+        try:
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - the program's stderr object: the warning goes to fd 2 anyway
+            pass
+        os.write(2, f"jailcell: {len(lost)} thread(s) still running when this run ended ({', '.join(lost[:5])}) "
+                    "do not survive into the session's next run: a session keeps the main thread only\n".encode())
+
+
 def lost_threads() -> list[str]:
     """At the end of a session run: the threads besides the main one that are still running (they do
     not survive into the next run).  Each is marked so that joining it later says why."""

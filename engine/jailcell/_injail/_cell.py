@@ -507,7 +507,7 @@ def warm_up(session: bool) -> None:
     devnull = os.open("/dev/null", os.O_WRONLY)
     users = STATE.pop("user_builtins", None)  # the rehearsal runs none of the program's code
     try:
-        serve(r, user_globals(), session, res_fd=devnull)
+        serve(r, user_globals(), session, res_fd=devnull, real=False)
     finally:
         os.close(devnull)
         STATE["user_builtins"] = users
@@ -555,14 +555,14 @@ def close_fds(keep: set[int]) -> None:
     os.closerange(start, 1 << 20)
 
 
-def serve(req_fd: int, glb: dict, session: bool, res_fd: int = RES_FD) -> None:
+def serve(req_fd: int, glb: dict, session: bool, res_fd: int = RES_FD, real: bool = True) -> None:
     """Wait for the one request of this cell, run it and report.
 
     The request is ``{"code", "timeout", "cpu_s", "files": {name: base64}, "functions": [names]}``.
     """
     req = proto.read_frame(req_fd, CONFIG.get("max_request", MAX_REQUEST))
     os.close(req_fd)
-    if session:
+    if session and real:  # (a rehearsal never touches the state's files: another branch may be running)
         carry.before_run()
     try:
         for name, b64 in (req.get("files") or {}).items():
@@ -580,15 +580,8 @@ def serve(req_fd: int, glb: dict, session: bool, res_fd: int = RES_FD) -> None:
     if req.get("functions"):
         install_host_functions(glb, req["functions"], res_fd)
     report = execute(req["code"], glb, session)
-    if session:
-        lost = carry.lost_threads()
-        if lost:
-            try:
-                sys.stderr.flush()
-            except Exception:  # noqa: BLE001 - the program's stderr object: the warning goes to fd 2 anyway
-                pass
-            os.write(2, f"jailcell: {len(lost)} thread(s) still running when this run ended ({', '.join(lost[:5])}) "
-                        "do not survive into the session's next run: a session keeps the main thread only\n".encode())
+    if session and real:  # before the report: once the host has it, another branch's run may move offsets
+        carry.after_run(STATE.get("holder_sock"))
     if listed or os.stat(".").st_mtime_ns != mtime:
         after = files.list_files(".")
         report["files"] = [{"name": n, "size": v[0]} for n, v in sorted(after.items()) if before.get(n) != v]
