@@ -97,7 +97,11 @@ def run_daemon(args: argparse.Namespace) -> int:
         metrics = enable_metrics()
         import prometheus_client
 
-        prometheus_client.start_http_server(args.metrics_port, addr="127.0.0.1", registry=metrics.registry)
+        try:
+            prometheus_client.start_http_server(args.metrics_port, addr="127.0.0.1", registry=metrics.registry)
+        except (OSError, OverflowError) as exc:
+            return _usage(f"--metrics-port {args.metrics_port}: cannot serve metrics on 127.0.0.1 "
+                          f"({getattr(exc, 'strerror', None) or exc})")
 
     def ready(server: Any) -> None:
         print(f"jailcell daemon: serving {server.path} (pid {os.getpid()}, backend {server.backend.name}, "
