@@ -160,3 +160,17 @@ def test_the_repl_keeps_open_files_and_random_between_inputs(tmp_path):
                        input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "kept ''" in r.stdout and "0.134364" in r.stdout, r.stdout
+
+
+def test_a_run_that_left_every_pid_taken_does_not_starve_the_next_runs_fork():
+    """A finished run whose program forked until the jail had no pid left: its processes are killed by the
+    sweep, and the next run's own fork() finds pids free (the holder reaps them before the next spare,
+    not whenever it next forks)."""
+    forks = ("import os, time\nn = 0\nfor _ in range(100):\n    try:\n        if os.fork() == 0:\n"
+             "            time.sleep(30)\n            os._exit(0)\n        n += 1\n    except OSError:\n        break\nprint(n)")
+    with Sandbox("standard", pids=16) as sb, sb.session() as s:
+        for _ in range(5):
+            r = s.run(forks)
+            assert r.status == "ok" and int(r.stdout) >= 10, r
+            after = s.run("import os\npid = os.fork()\nif pid == 0:\n    os._exit(0)\nos.waitpid(pid, 0)\nprint('ok')")
+            assert after.status == "ok" and after.stdout == "ok\n", after

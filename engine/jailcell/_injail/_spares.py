@@ -70,10 +70,32 @@ class Channels:
 FORK_RETRY_S = 10.0  # a fork that finds every pid of the jail taken (a run's leftovers) tries again
 
 
+LEFTOVERS_WAIT_S = 2.0  # a session holder waits at most this long for its program's killed leftovers to end
+
+
+def _reap_leftovers() -> None:
+    """In a session holder about to fork its next spare: its children now are the processes its program
+    left, which the sweep has killed.  Wait (bounded) until every one has ended and is reaped: until then
+    each holds one of the jail's pids, and the next run's own fork() would find none free (a zombie is
+    reaped only by its parent, this holder, which otherwise reaps only when it forks)."""
+    deadline = time.monotonic() + LEFTOVERS_WAIT_S
+    while True:
+        reap_nohang()
+        try:  # (WNOWAIT: only whether any child is left, without reaping it here)
+            os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.001)
+
+
 def _fork(reap: bool) -> int:
     """os.fork(), again after a moment while the jail's pids are all taken (EAGAIN): the sweep
     after a fork-happy run frees them.  ``reap``: this process (a session holder, which has no
     other child it waits for) first reaps what its program left, killed by the sweep."""
+    if reap:
+        _reap_leftovers()
     deadline, delay = time.monotonic() + FORK_RETRY_S, 0.001
     while True:
         if reap:
