@@ -33,6 +33,7 @@ MAX_PROBE = 1 << 16       # descriptors looked at, at most (the policy's open_fi
 
 _kept: set[int] = set()          # the program's open descriptors when the state was taken
 _offsets: dict[int, int] = {}    # of those that are regular files: their offsets then
+_ended: dict[int, int] = {}      # the offsets of those at the end of this cell's run, before its report
 
 
 def kept() -> set[int]:
@@ -52,15 +53,18 @@ def _open_fds() -> list[int]:
 
 
 def take(machinery: set[int]) -> None:
-    """At the end of a finished session run, in the cell that becomes the holder: the program's
-    descriptors now (all but ``machinery`` and 0-3) and their offsets are the state's."""
+    """After a finished session run's report, in the cell that becomes the holder (off the run's
+    critical path): the program's descriptors now (all but ``machinery`` and 0-3) and their offsets are
+    the state's.  An offset the state had before may be shared with another branch, whose run may start
+    as soon as the host has this report: it was read before the report (``after_run``).  The files this
+    run opened are this process's alone."""
     global _kept, _offsets
     _kept = {fd for fd in _open_fds() if fd >= FIRST_KEPT and fd not in machinery}
     _offsets = {}
     for fd in _kept:
         try:
             if stat.S_ISREG(os.fstat(fd).st_mode):
-                _offsets[fd] = os.lseek(fd, 0, os.SEEK_CUR)
+                _offsets[fd] = _ended[fd] if fd in _ended else os.lseek(fd, 0, os.SEEK_CUR)
         except OSError:
             pass
 
@@ -95,10 +99,17 @@ def after_fork(state) -> None:
         pass
 
 
-def after_run(holder_sock: int | None) -> None:
-    """At the end of a session run, before its report: what it leaves open is the state's if it becomes
-    the holder (``take``), and the threads that will not survive into the next run are named on stderr."""
-    take({holder_sock} if holder_sock is not None else set())
+def after_run() -> None:
+    """At the end of a session run, before its report (so: cheap): the offsets of the files the state
+    already had (``take`` keeps them), and the threads that will not survive into the next run, named
+    on stderr."""
+    global _ended
+    _ended = {}
+    for fd in _offsets:
+        try:
+            _ended[fd] = os.lseek(fd, 0, os.SEEK_CUR)
+        except OSError:
+            pass
     lost = lost_threads()
     if lost:
         try:

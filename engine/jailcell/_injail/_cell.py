@@ -581,7 +581,7 @@ def serve(req_fd: int, glb: dict, session: bool, res_fd: int = RES_FD, real: boo
         install_host_functions(glb, req["functions"], res_fd)
     report = execute(req["code"], glb, session)
     if session and real:  # before the report: once the host has it, another branch's run may move offsets
-        carry.after_run(STATE.get("holder_sock"))
+        carry.after_run()
     if listed or os.stat(".").st_mtime_ns != mtime:
         after = files.list_files(".")
         report["files"] = [{"name": n, "size": v[0]} for n, v in sorted(after.items()) if before.get(n) != v]

@@ -133,8 +133,6 @@ def fork_spare(glb_factory, parent_sock: socket, session: bool, rehearse: bool =
         req, sock_fd = cell.become(*ch.cell_ends(), keep=(sock_fd,), stdio=session)
         if not session:
             os.close(sock_fd)
-        else:
-            cell.STATE["holder_sock"] = sock_fd  # jailcell's, never one of the program's files the state keeps
         os.setpgid(0, 0)  # os.kill(0, ...) from the program reaches its own processes only
         try:
             machinery_signals(ignore=False)
@@ -157,6 +155,7 @@ def fork_spare(glb_factory, parent_sock: socket, session: bool, rehearse: bool =
             # teardown of a large address space is not on the request's critical path.
             while True:
                 time.sleep(3600)
+        carry.take({sock_fd})  # the program's open files (and offsets) are now the state's
         devnull = os.open("/dev/null", os.O_RDWR)  # a holder keeps none of the run's channels
         for fd in (0, 1, 2, cell.RES_FD):
             os.dup2(devnull, fd)
