@@ -155,15 +155,9 @@ class RunLock:
         if self._owner == threading.get_ident():
             raise UsageError("run() was called on a Sandbox or Session from inside one of its own runs (a host "
                              "function calling back into it); use another Sandbox, Session or Pool for that")
-        m = _metrics.M
-        if m is None:
-            self._lock.acquire()
-        elif not self._lock.acquire(blocking=False):
-            m.waiting.inc()  # a run waiting for its turn on this jail
-            try:
+        if not self._lock.acquire(blocking=False):
+            with _metrics.waiting():  # a run waiting for its turn on this jail
                 self._lock.acquire()
-            finally:
-                m.waiting.dec()
         self._owner = threading.get_ident()
         return self
 

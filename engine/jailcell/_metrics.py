@@ -9,8 +9,9 @@ backends, routes and key names come from configuration, never from a request's c
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ._errors import BackendUnavailable, MissingExtra
 
@@ -28,6 +29,20 @@ def jails_from(source: Callable[[], list[tuple[bool, int]]]) -> None:
     """Where a scrape finds the live jails (set by ``_host._jail``: no import runs up the layers)."""
     global _jails
     _jails = source
+
+
+@contextlib.contextmanager
+def waiting() -> Iterator[None]:
+    """Around a run's wait for a jail (a Sandbox's lock, a Pool's queue): counted in jailcell_runs_waiting."""
+    m = M
+    if m is None:
+        yield
+        return
+    m.waiting.inc()
+    try:
+        yield
+    finally:
+        m.waiting.dec()
 
 
 def jail_started(backend: str) -> None:

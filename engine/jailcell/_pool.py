@@ -67,18 +67,11 @@ class Pool:
              cancel: Cancel | None = None) -> Result:
         if self._closed:
             raise SandboxClosed("this Pool is closed")
-        m = _metrics.M
-        if m is None:
-            sb = self._sandboxes.get()
-        else:
-            try:
-                sb = self._sandboxes.get_nowait()
-            except queue.Empty:
-                m.waiting.inc()  # every jail of the pool is busy
-                try:
-                    sb = self._sandboxes.get()
-                finally:
-                    m.waiting.dec()
+        try:
+            sb = self._sandboxes.get_nowait()
+        except queue.Empty:
+            with _metrics.waiting():  # every jail of the pool is busy
+                sb = self._sandboxes.get()
         try:
             if cancel is not None and cancel.cancelled:  # cancelled while it waited for a jail
                 raise RunCancelled("cancelled before it started")
