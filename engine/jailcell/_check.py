@@ -140,10 +140,10 @@ def _landlock_rows(pidfd_ok: bool, cg) -> tuple[list[tuple[str, str, str]], bool
         rows.append(_row("landlock process limit", True, "RLIMIT_NPROC, counted in a user namespace each jail makes "
                          "for itself (no cgroup: " + cg.reason + ")"))
     else:
-        rows.append(_row("landlock process limit", None,
-                         "RLIMIT_NPROC, which counts every process of this user (no cgroup: " + cg.reason + "); "
-                         "a delegated cgroup v2 subtree (systemd-run --user -p Delegate=yes, or a container with "
-                         "--cgroupns=private and a writable /sys/fs/cgroup) gives each jail its own"))
+        rows.append(_row("landlock process limit", True,
+                         "each jail's zygote counts its forks (seccomp user notification; no cgroup: " + cg.reason +
+                         "; no user namespace); a delegated cgroup v2 subtree (systemd-run --user -p Delegate=yes, or "
+                         "a container with --cgroupns=private and a writable /sys/fs/cgroup) costs forks nothing"))
     if not pidfd_ok:
         return rows, False
     from ._sandbox import Sandbox

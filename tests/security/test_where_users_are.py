@@ -364,3 +364,58 @@ def test_on_ubuntu_each_landlock_jail_counts_its_processes_in_a_user_namespace_o
     assert stopped[:1] == ["stopped"] and int(stopped[2]) <= 64 and stopped[4] == "11", out["bomb"]
     assert out["other"] == ["ok", "forked\n"], out
     assert out["pids"] == "rlimit_nproc (the jail's own user namespace)"
+
+
+THREADS_TOO = r"""
+import json, subprocess, threading, time
+from jailcell import Policy, Sandbox
+THREADS = "import threading, time\nthreading.stack_size(1 << 16)\nn = 0\ntry:\n    while True:\n" \
+          "        threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n        n += 1\n" \
+          "except RuntimeError as e:\n    print('stopped after', n)\n"
+with Sandbox("standard") as a:
+    out = {}
+    t = threading.Thread(target=lambda: out.update(bomb=a.run(THREADS, timeout=15)))
+    t.start()
+    time.sleep(1.5)
+    host = subprocess.run(["true"]).returncode  # the app itself still forks (same uid)
+    t.join()
+    out.update(threads=out.pop("bomb").stdout, host=host, next=a.run("print(1)").stdout)
+# No cell holds the zygote's listener of another nursery or session (it could answer their forks):
+# ioctl(SECCOMP_IOCTL_NOTIF_ID_VALID) says ENOENT on a listener only.
+LISTENERS = "import errno, fcntl, os, struct\nn = 0\nfor fd in range(3, 1024):\n    try:\n" \
+            "        fcntl.ioctl(fd, 0x40082102, struct.pack('Q', 12345))\n    except OSError as e:\n" \
+            "        n += e.errno == errno.ENOENT\nprint(n)"
+with Sandbox(Policy(name="open")) as sb:
+    first, second = sb.session(), sb.session()
+    out["listeners"] = [first.run(LISTENERS).stdout, second.run(LISTENERS).stdout, sb.run(LISTENERS).stdout]
+print(json.dumps(out))
+"""
+
+
+def test_as_a_user_in_a_container_each_landlock_jail_counts_its_own_forks(copy_root):  # noqa: F811
+    """USER 1000 in a container with the default profile: no cgroups, no user namespace, and RLIMIT_NPROC
+    would count the app's processes with every jail's.  The zygote counts its jail's tasks instead,
+    answering each clone (seccomp user notification): a fork bomb and a thread bomb stop at the jail's own
+    limit, while another jail and the app itself still fork."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": str(copy_root)}
+    launcher = copy_root / "simulated_env.py"
+    shutil.copy(LAUNCHER, launcher)
+    shutil.copy(DOCKER_DEFAULT, copy_root / "default.json")
+    for path in (launcher, copy_root / "default.json"):
+        path.chmod(0o644)
+    prefix = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", PYTHON, str(launcher),
+              f"docker={copy_root / 'default.json'}", "--", PYTHON, "-c"]
+    r = subprocess.run([*prefix, BOMB_BESIDE], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    stopped = out["bomb"].split()
+    assert stopped[:1] == ["stopped"] and 40 <= int(stopped[2]) <= 64 and stopped[4] == "11", out["bomb"]
+    assert out["other"] == ["ok", "forked\n"], out
+    assert out["pids"] == "seccomp (forks counted by the jail's zygote)"
+    r = subprocess.run([*prefix, THREADS_TOO], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    stopped = out["threads"].split()
+    assert stopped[:1] == ["stopped"] and 20 <= int(stopped[2]) <= 64, out
+    assert out["host"] == 0 and out["next"] == "1\n", out
+    assert out["listeners"] == ["0\n"] * 3, out

@@ -418,6 +418,11 @@ class Jail:
         """A control request (session operations, ping) and the zygote's reply."""
         if self.closed or self.ctl is None:
             raise JailError("the jail is closed")
+        disk = self._spawned.disk if self._spawned else None
+        if disk is not None and obj.get("op") == "upload":  # no tmpfs to refuse it: the same answer
+            full = disk.refuse_upload(len(obj.get("data") or "") * 3 // 4)
+            if full:
+                return {"op": "error", "kind": "input", "type": "OSError", "message": full}
         proto.send(self.ctl, obj)
         reply = self._reply(time.monotonic() + timeout)
         with self._cv:
@@ -533,7 +538,8 @@ class Jail:
                 if cancel is not None and not cancel.enter(self):  # cancelled while it waited for a spare
                     raise RunCancelled("cancelled before it started")
                 self.delivered = True  # from here on the program may run: never run it again
-                seen = supervise(spare, req, output_cap=cap, interrupt_fd=self._interrupt_r, on_call=on_call)
+                seen = supervise(spare, req, output_cap=cap, interrupt_fd=self._interrupt_r, on_call=on_call,
+                                 disk=self._spawned.disk if self._spawned else None)
                 self.delivered = seen.started
             except BaseException:  # e.g. KeyboardInterrupt in the caller's thread: the cell must not live on
                 spare.kill()

@@ -20,6 +20,7 @@ import time
 from typing import Any, Callable
 
 from .._injail import _protocol as proto
+from ..backends._disk import DiskWatch
 from ._run import Outcome, RunRequest
 
 DRAIN_INTERVAL_S = 0.02
@@ -208,7 +209,7 @@ class Observed:
 
     def __init__(self) -> None:
         self.finished = False                   # a complete report arrived (the cell is parked or holds state)
-        self.killed_for: str | None = None      # timeout | cpu | output | report | corrupt | bridge | interrupted
+        self.killed_for: str | None = None  # timeout | cpu | output | report | corrupt | bridge | interrupted | disk
         self.misuse = ""
         self.report = b""
         self.stdout = b""
@@ -238,11 +239,12 @@ def _send_request(spare: Spare, data: bytes, deadline: float) -> bool:
 
 
 def supervise(spare: Spare, req: RunRequest, *, output_cap: int, interrupt_fd: int,
-              on_call: Callable[[dict], dict] | None = None) -> Observed:
+              on_call: Callable[[dict], dict] | None = None, disk: DiskWatch | None = None) -> Observed:
     """Give ``req`` to ``spare`` and watch the run until its report is complete or it dies.
 
     The host wakes for the report, the cell's death, an interrupt and a slow timer that drains
-    stdout/stderr (large non-blocking pipes), so a short run costs one wake-up here.
+    stdout/stderr (large non-blocking pipes), so a short run costs one wake-up here.  ``disk``: the
+    jail's workspace bound where it has no tmpfs (scanned after file events and on the timer).
     """
     t0 = time.monotonic()
     deadline = t0 + req.timeout
@@ -275,6 +277,15 @@ def supervise(spare: Spare, req: RunRequest, *, output_cap: int, interrupt_fd: i
             seen.killed_for = reason
             spare.kill()
 
+    def measure(final: bool) -> None:
+        if disk is not None and seen.killed_for is None and disk.due(time.monotonic(), final):
+            over = disk.excess()
+            if over:
+                seen.misuse = over
+                stop("disk")
+
+    if disk is not None:  # before the request goes: what the run writes is the run's
+        disk.begin(spare.head is not None)
     seen.started = _send_request(spare, proto.encode(req.frame()), deadline)
     os.close(spare.req_w)
     spare.req_w = -1
@@ -284,6 +295,8 @@ def supervise(spare: Spare, req: RunRequest, *, output_cap: int, interrupt_fd: i
     poller.register(spare.res.fileno(), select.POLLIN)
     poller.register(spare.pidfd, select.POLLIN)
     poller.register(interrupt_fd, select.POLLIN)
+    if disk is not None and disk.fileno() >= 0:
+        poller.register(disk.fileno(), select.POLLIN)
     res_open = True
     done = not seen.started
     while not done:
@@ -291,6 +304,8 @@ def supervise(spare: Spare, req: RunRequest, *, output_cap: int, interrupt_fd: i
         if remaining <= 0:
             stop("timeout")
         wait = min(max(0.0, remaining), DRAIN_INTERVAL_S) if seen.killed_for is None else 1.0
+        if disk is not None and disk.touched:  # a scan put off by the gap between scans
+            wait = min(wait, max(0.0, disk.next_scan - time.monotonic()))
         events = poller.poll(wait * 1000)
         if not events and drain():  # the slow timer: a long run (a short one is drained once, below)
             stop("output")
@@ -306,6 +321,8 @@ def supervise(spare: Spare, req: RunRequest, *, output_cap: int, interrupt_fd: i
             elif fd == interrupt_fd:
                 os.read(interrupt_fd, 64)
                 stop("interrupted")
+            elif disk is not None and fd == disk.fileno():
+                disk.drain()
             elif ev & select.POLLOUT:
                 relay.flush()
             if fd == spare.res.fileno() and ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
@@ -320,6 +337,7 @@ def supervise(spare: Spare, req: RunRequest, *, output_cap: int, interrupt_fd: i
                     res_open = False
                 elif chunk:
                     res += chunk
+        measure(False)
         if len(res) > proto.MAX_REPORT:
             stop("report")
         while seen.killed_for is None:
@@ -359,6 +377,9 @@ def supervise(spare: Spare, req: RunRequest, *, output_cap: int, interrupt_fd: i
     # Output written before the report or the exit is already in the pipes.
     if drain():
         stop("output")
+    if disk is not None:  # what the run left: a run that ends over the bound has failed
+        disk.drain()
+        measure(True)
     while not seen.finished and len(res) <= proto.MAX_REPORT:
         try:
             chunk = spare.res.recv(1 << 16)
@@ -485,6 +506,8 @@ def outcome(seen: Observed, req: RunRequest, exit_info: dict[str, Any] | None, u
     if killed_for == "report":
         return fail("output_limit", "OutputLimit",
                     f"the program wrote over {proto.MAX_REPORT} bytes into jailcell's result channel")
+    if killed_for == "disk":
+        return fail("error", "WorkspaceFull", seen.misuse)
     if killed_for == "output":
         return fail("output_limit", "OutputLimit",
                     f"output exceeded {output_cap} bytes; the head is kept{RAISE_OUTPUT}")

@@ -110,6 +110,8 @@ def _end_detached(backend: Backend, spawned: Spawned) -> bool:
         return False
     if pid:
         os.close(pidfd)
+        if spawned.disk is not None:  # the child ends the jail; this process keeps nothing of it
+            spawned.disk.close()
         proc.returncode = 0  # reaped by init once this process is gone (detach's contract): never waited for
         return True
     try:  # the child: only plain calls until the backend's teardown (other threads' locks may be held)

@@ -26,6 +26,7 @@ import sys
 
 import _carry as carry
 import _files as files
+import _forks
 import _guard as guard
 import _protocol as proto
 
@@ -448,19 +449,25 @@ def fork_expendable() -> int:
     global OOM_FD
     fd = OOM_FD
     raised = fd >= 0 and _write_oom(fd, b"1000")
+    pair = _forks.before_fork()  # the jail's forks counted by the zygote (_forks): the child's filter
     try:
         pid = os.fork()
     except OSError:
         if raised:
             _write_oom(fd, OOM_OWN)
+        if pair is not None:
+            for end in pair:
+                end.close()
         raise
     if pid == 0:
         if fd >= 0:
             os.close(fd)
             OOM_FD = -1
+        _forks.in_child(pair)
         return 0
     if raised:
         _write_oom(fd, OOM_OWN)
+    _forks.in_parent(pair, pid)
     return pid
 
 

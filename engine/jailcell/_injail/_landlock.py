@@ -196,6 +196,11 @@ def probe(spec: dict) -> dict:
         try:
             os.close(r)
             applied = confine(spec["read"], spec["write"], spec["devices"], bool(spec.get("network")))
+            if spec.get("count_forks"):  # the filter every process that makes cells will stack
+                import _forks
+
+                os.close(_forks.install())
+                applied["forks_counted"] = True
             readable = []
             for path in spec.get("probe", []):
                 try:

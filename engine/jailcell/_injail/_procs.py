@@ -219,6 +219,7 @@ def kill_strays(keep, first: tuple[int, ...] = ()) -> dict[int, list[bytes]]:
 
 
 GONE_WAIT_S = 2.0
+WHILE_WAITING: list = []  # what the zygote keeps doing while it waits for a process to be reaped
 
 
 def _wait_reaped(pids, timeout: float) -> None:
@@ -229,6 +230,8 @@ def _wait_reaped(pids, timeout: float) -> None:
     waiting = set(pids)
     while waiting and time.monotonic() < deadline:
         reap_nohang()
+        for serve in WHILE_WAITING:  # the zygote's answers to forks (_forks): a holder may be forking
+            serve()
         left = set()
         for pid in waiting:
             try:

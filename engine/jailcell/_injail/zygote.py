@@ -37,6 +37,7 @@ from _socket import socket
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _cell as cell  # noqa: E402  (what runs inside a cell)
+import _forks as forks  # noqa: E402  (the jail's process bound where nothing else gives one)
 import _guard as guard  # noqa: E402  (the import policy)
 import _procs as procs  # noqa: E402
 import _protocol as proto  # noqa: E402  (stdlib-only framing shared with the host)
@@ -91,18 +92,31 @@ class Zygote:
             host_gone()
 
     def pump(self, deadline: float, until) -> None:
-        """Serve the engine's sockets and reap children (not the host's channel) until ``until()``
-        or the deadline."""
+        """Serve the engine's sockets, the fork listeners and reap children (not the host's channel)
+        until ``until()`` or the deadline."""
         while not until():
-            socks = self.engine.watch()
-            readable, _, _ = select.select([*socks, self.wake_r], [], [], max(0.0, deadline - time.monotonic()))
-            if not readable:
+            socks = {s.fileno(): s for s in self.engine.watch()}
+            events = self._poller(socks, False).poll(max(0.0, deadline - time.monotonic()) * 1000)
+            if not events:
                 return
-            for sock in readable:
-                if sock is self.wake_r:
-                    self._reap()
-                else:
-                    self.engine.on_readable(sock)
+            self._dispatch(events, socks)
+
+    def _poller(self, socks: dict, host: bool):
+        poller = select.poll()
+        for fd in (self.ctl.fileno(),) if host else ():
+            poller.register(fd, select.POLLIN)
+        for fd in (self.wake_r, *socks, *forks.LISTENERS):
+            poller.register(fd, select.POLLIN)
+        return poller
+
+    def _dispatch(self, events, socks: dict) -> None:
+        for fd, ev in events:
+            if fd in socks:
+                self.engine.on_readable(socks[fd])
+            elif fd == self.wake_r:
+                self._reap()
+            elif fd in forks.LISTENERS:
+                forks.serve(fd, ev)
 
     def _reap(self) -> None:
         try:
@@ -133,21 +147,12 @@ class Zygote:
     def serve_forever(self) -> None:
         while True:
             socks = {s.fileno(): s for s in self.engine.watch()}
-            poller = select.poll()
-            poller.register(self.ctl.fileno(), select.POLLIN)
-            poller.register(self.wake_r, select.POLLIN)
-            for fd in socks:
-                poller.register(fd, select.POLLIN)
             timeout = self.engine.timeout()
-            events = poller.poll(None if timeout is None else timeout * 1000)
+            events = self._poller(socks, True).poll(None if timeout is None else timeout * 1000)
             try:
                 if not events:
                     self.engine.on_timer()
-                for fd, _ev in events:
-                    if fd in socks:
-                        self.engine.on_readable(socks[fd])
-                    elif fd == self.wake_r:
-                        self._reap()
+                self._dispatch(events, socks)
             except Exception as exc:  # noqa: BLE001 - never die of a child's misbehaviour
                 log(f"{type(exc).__name__}: {exc}")
             if not any(fd == self.ctl.fileno() for fd, _ev in events):
@@ -309,6 +314,8 @@ def main() -> None:
     cell.CONFIG.update(CONFIG)
     if not CONFIG.get("pid_namespace"):  # the sweep walks this process's tree, not the machine's /proc
         procs.WALK["from"] = os.getpid()
+    if CONFIG.get("count_forks"):
+        forks.enable(CONFIG["count_forks"])
     _add_site_dirs(CONFIG.get("sys_path", []))
     guard.configure(CONFIG)
     _harden()

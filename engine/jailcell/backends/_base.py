@@ -7,11 +7,14 @@ import functools
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._injail import _protocol as proto
 from .._policy import MIB, Policy
 from ._layout import python_layout
+
+if TYPE_CHECKING:
+    from ._disk import DiskWatch
 
 JAIL_SRC = Path(__file__).resolve().parent.parent / "_injail"
 JAIL_SRC_MOUNT = "/jailcell/injail"  # where a jail with its own mount namespace sees JAIL_SRC
@@ -50,11 +53,12 @@ class Spawned:
     """A started zygote process and what the backend set up for it."""
 
     def __init__(self, proc: subprocess.Popen, config: dict[str, Any], cleanup: dict[str, Any] | None = None,
-                 config_fds: list[int] | None = None) -> None:
+                 config_fds: list[int] | None = None, disk: DiskWatch | None = None) -> None:
         self.proc = proc
         self.config = config
         self.cleanup = cleanup if cleanup is not None else {}
         self.config_fds = config_fds if config_fds is not None else []  # sent with the config, then closed here
+        self.disk = disk  # the workspace's size bound, where no tmpfs gives it (watched by the run's supervisor)
 
     def close_config_fds(self) -> None:
         while self.config_fds:
@@ -233,6 +237,8 @@ def remove_root(spawned: Spawned) -> None:
     import shutil
 
     root = spawned.cleanup.pop("root", None)
+    if spawned.disk is not None:
+        spawned.disk.close()
     if root:
         for dirpath, dirnames, _ in os.walk(root):
             for d in dirnames:  # a program may have chmod-ed its directories to 000

@@ -28,10 +28,10 @@ from ._base import (
     refusal,
     remove_root,
     slim_processes,
-    user_processes,
     zygote_argv,
 )
 from ._cgroups import CgroupJails, Cgroups
+from ._disk import DiskWatch
 from ._layout import python_layout
 from ._nsjail import JAIL_UID, nobody_reaches, ro_mounts, unreadable_for_jail
 
@@ -91,6 +91,9 @@ class LandlockBackend(CgroupJails, Backend):
         # one be made, only without powers), each jail gets its own, in which the kernel counts its
         # processes apart from this user's others (RLIMIT_NPROC is counted per user namespace).
         self.own_userns = not self.as_root and not self.cgroups.version and _userns_creatable()
+        # Else, where RLIMIT_NPROC would count processes the jail shares (this user's; host nobody's, shared
+        # by every jail), the zygote counts the jail's own, answering each fork (seccomp user notification).
+        self.count_forks = not self.cgroups.version and not self.own_uids and not self.own_userns
         if self.as_root and not self.as_nobody and not self.cgroups.version:
             # uid 0 is exempt from RLIMIT_NPROC even without capabilities: nothing would bound the processes
             raise BackendUnavailable(refusal(
@@ -117,12 +120,9 @@ class LandlockBackend(CgroupJails, Backend):
                 self.cgroups.remove(dirs)
                 shutil.rmtree(root, ignore_errors=True)
                 raise
-        if dirs is not None:
-            nproc = None
-        elif self.own_uids or self.own_userns:
-            nproc = pids + 1  # the jail's uid or user namespace is its own: the bound counts its processes alone
-        else:
-            nproc = user_processes(JAIL_UID if self.as_nobody else None) + pids + 1
+        # The jail's own process bound: its cgroup; RLIMIT_NPROC where its uid or user namespace is its own;
+        # else the zygote's count of its forks (an RLIMIT_NPROC there would count what others share)
+        nproc = pids + 1 if dirs is None and (self.own_uids or self.own_userns) else None
 
         # No preexec_fn (which makes subprocess fork the whole host, and run Python in the child): the
         # user is set by subprocess itself; the zygote sets its limits and, as root where it must, drops
@@ -136,6 +136,7 @@ class LandlockBackend(CgroupJails, Backend):
         config["enter_cgroups"] = len(entry_fds)
         config["drop_capabilities"] = self.as_root and not self.as_nobody
         config["own_userns"] = self.own_userns
+        config["count_forks"] = pids if self.count_forks else 0
         config["rlimits"] = {"core": 0, "fsize": lim.file_size_mib * MIB, "nofile": lim.open_files,
                              **({"nproc": nproc} if nproc else {})}
         config["landlock"] = {
@@ -144,9 +145,11 @@ class LandlockBackend(CgroupJails, Backend):
             "devices": list(DEVICES),
             "network": bool(policy.network),
             "probe": _probe_paths(root),
+            "count_forks": self.count_forks,
             "abi": self.abi,
         }
         env = self.env(policy, tmp=tmp, home=workspace)
+        disk = DiskWatch(root, lim.workspace_mib * MIB, lim.tmp_mib * MIB)
         try:
             proc = subprocess.Popen(
                 zygote_argv(layout.python, str(JAIL_SRC / "zygote.py")),
@@ -154,6 +157,7 @@ class LandlockBackend(CgroupJails, Backend):
                 close_fds=True, start_new_session=True, **user,
             )
         except OSError as exc:
+            disk.close()
             for fd in entry_fds:
                 os.close(fd)
             if dirs is not None:
@@ -162,7 +166,7 @@ class LandlockBackend(CgroupJails, Backend):
             if exc.errno in HOST_SHORTAGES:  # this process is out of something: not the backend's fault
                 raise
             raise BackendUnavailable(f"cannot start the jail's Python ({layout.python}): {exc}") from None
-        return Spawned(proc, config, {"root": root, "cgroups": dirs}, config_fds=entry_fds)
+        return Spawned(proc, config, {"root": root, "cgroups": dirs}, config_fds=entry_fds, disk=disk)
 
     def admit(self, spawned: Spawned, pid: int) -> None:
         if spawned.cleanup.get("cgroups") is None:
@@ -183,6 +187,8 @@ class LandlockBackend(CgroupJails, Backend):
             return refusal(f"the landlock jail can read what it must not: {readable!r:.300}")
         if self.own_userns and sees.get("uid_map") != "":
             return refusal("the landlock jail's first process did not enter a user namespace of its own")
+        if self.count_forks and sees["landlock"].get("forks_counted") is not True:
+            return refusal("the landlock jail's first process could not stack the filter that counts its forks")
         if sees.get("capabilities") != 0:
             return refusal(f"the landlock jail's first process holds capabilities ({sees.get('capabilities')!r:.40})")
         return None
@@ -206,8 +212,10 @@ class LandlockBackend(CgroupJails, Backend):
             "outside its Landlock domain (jailcell's own included)",
             "no mount namespace: files are confined by Landlock rules (and metadata calls by path are refused), "
             "not by a private file system view",
-            "no tmpfs: the workspace's total size is not bounded (each file is, by RLIMIT_FSIZE; the sweep empties "
-            "it after every run)",
+            "no tmpfs: the workspace's and TMPDIR's sizes are bounded by a watch that stops the run once either "
+            "holds more than the policy allows (a write over it is not refused with ENOSPC, as on a tmpfs; a "
+            "sparse file counts at its size; a file unlinked while open is not counted, each is bounded by "
+            "RLIMIT_FSIZE)",
         ]
         if not policy.network:
             degraded.append("no network namespace: socket() is refused by seccomp"
@@ -220,9 +228,9 @@ class LandlockBackend(CgroupJails, Backend):
             degraded.append("no cgroups: memory bounded by RLIMIT_AS per process, not per jail; processes by "
                             f"RLIMIT_NPROC{' ' if self.own_uids else ''}{own} ({self.cgroups.reason})")
         elif not cg:
-            uid = JAIL_UID if self.as_nobody else os.getuid()
-            degraded.append("no cgroups: memory bounded by RLIMIT_AS; processes by RLIMIT_NPROC, which counts "
-                            f"every process of uid {uid}, not only the jail's ({self.cgroups.reason})")
+            degraded.append("no cgroups: memory bounded by RLIMIT_AS per process, not per jail; processes by the "
+                            "jail's zygote, which answers each fork (seccomp user notification: a fork costs a "
+                            f"round trip to it) ({self.cgroups.reason})")
         return {
             "backend": "landlock",
             "namespaces": [],
@@ -237,10 +245,11 @@ class LandlockBackend(CgroupJails, Backend):
             "memory_limit": "cgroup" if cg else "rlimit_as",
             "pids_limit": "cgroup" if cg else "rlimit_nproc (the jail's own uid)" if self.own_uids else
                           "rlimit_nproc (the jail's own user namespace)" if self.own_userns else
-                          "rlimit_nproc (per user)",
+                          "seccomp (forks counted by the jail's zygote)",
             "network": "host network (policy enables it)" if policy.network else "none (no sockets; TCP denied)",
             "filesystem": "read-only interpreter and libraries; private workspace and TMPDIR; nothing else of the host",
-            "rlimits": ["cpu", "fsize", "nofile", "core=0"] + ([] if cg else ["nproc", "as"]),
+            "rlimits": ["cpu", "fsize", "nofile", "core=0"] + ([] if cg else ["as"])
+                       + (["nproc"] if not cg and not self.count_forks else []),
             "degraded": degraded,
         }
 
