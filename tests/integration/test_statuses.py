@@ -43,6 +43,9 @@ def test_the_program_is_compiled_without_jailcells_future_flags(standard):
 def test_a_broken_repr_of_the_last_expression_is_reported_not_raised(standard):
     r = standard.run("class A:\n    def __repr__(self):\n        raise ValueError('no')\nA()")
     assert r.ok and r.result == "<repr failed: ValueError: no>"
+    # a result too large to show within the memory limit is the run's memory limit, not an "ok"
+    r = standard.run("class B:\n    def __repr__(self):\n        raise MemoryError\nB()")
+    assert r.status == "memory_limit" and r.error["type"] == "MemoryError" and r.result is None, r
 
 
 def test_error_has_type_message_and_user_only_traceback(standard):

@@ -74,6 +74,44 @@ def test_the_hostile_suite_runs_against_the_landlock_jail_in_a_container():
     assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-500:]
 
 
+def test_the_hostile_suite_runs_against_the_landlock_jail_as_a_user_in_a_container(copy_root):  # noqa: F811
+    """The same suite as ``USER 1000`` would run it: no cgroups, no user namespace, so the jail's process
+    bound is its zygote's count of its forks -- the bombs and every other hostile case run against that.
+    (Debian's Python as nobody, with a world-readable copy of pytest and of the suite.)"""
+    import _pytest
+    import iniconfig
+    import packaging
+    import pluggy
+    import pygments
+
+    site = copy_root / "site"
+    for module in (pytest, _pytest, pluggy, iniconfig, packaging, pygments):
+        src = Path(module.__file__).parent
+        shutil.copytree(src, site / src.name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(Path(pytest.__file__).parent.parent / "py.py", site / "py.py")
+    suite = copy_root / "tests"
+    (suite / "security").mkdir(parents=True)
+    for name in ("__init__.py", "conftest.py", "security/__init__.py", "security/test_hostile.py",
+                 "security/test_between_runs.py"):
+        shutil.copy(REPO / "tests" / name, suite / name)
+    shutil.copy(LAUNCHER, copy_root / "simulated_env.py")
+    shutil.copy(DOCKER_DEFAULT, copy_root / "default.json")
+    for dirpath, _dirnames, filenames in os.walk(copy_root):
+        os.chmod(dirpath, 0o755)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o644)
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": f"{copy_root}:{site}",
+           "JAILCELL_TEST_BACKENDS": "landlock", "PYTHONDONTWRITEBYTECODE": "1"}
+    r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", PYTHON,
+                        str(copy_root / "simulated_env.py"), f"docker={copy_root / 'default.json'}", "--", PYTHON,
+                        "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-x", "--rootdir", str(copy_root),
+                        "-k", "landlock and not born_in_its_cgroups",  # (there are none to be born in)
+                        "tests/security/test_hostile.py", "tests/security/test_between_runs.py"],
+                       env=env, capture_output=True, text=True, timeout=900, cwd=copy_root)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-500:]
+
+
 UBUNTU_SCRIPT = r"""
 import json
 from jailcell import Sandbox

@@ -230,6 +230,8 @@ def execute(code: str, glb: dict, session: bool = False) -> dict:
         finally:
             if session:
                 STATE["user_builtins"] = _take_builtins()
+        if isinstance(repr_error, MemoryError):  # the result does not fit in the memory limit: the run's error
+            raise repr_error
         if repr_error is not None:
             report["result"] = f"<repr failed: {type(repr_error).__name__}: {_safe_str(repr_error)}>"
     except SystemExit as exc:
