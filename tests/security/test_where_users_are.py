@@ -426,6 +426,8 @@ LISTENERS = "import errno, fcntl, os, struct\nn = 0\nfor fd in range(3, 1024):\n
 with Sandbox(Policy(name="open")) as sb:
     first, second = sb.session(), sb.session()
     out["listeners"] = [first.run(LISTENERS).stdout, second.run(LISTENERS).stdout, sb.run(LISTENERS).stdout]
+    # memory is RLIMIT_AS here, which a memfd's written pages escape: no memfd_create
+    out["memfd"] = sb.run("import os\ntry:\n    os.memfd_create('x')\nexcept OSError as e:\n    print(e.errno)").stdout
 print(json.dumps(out))
 """
 
@@ -457,3 +459,15 @@ def test_as_a_user_in_a_container_each_landlock_jail_counts_its_own_forks(copy_r
     assert stopped[:1] == ["stopped"] and 20 <= int(stopped[2]) <= 64, out
     assert out["host"] == 0 and out["next"] == "1\n", out
     assert out["listeners"] == ["0\n"] * 3, out
+    assert out["memfd"] == "1\n", out  # EPERM
+
+
+@pytest.mark.parametrize("backend", ["nsjail", "landlock"])
+def test_memfd_is_there_where_a_memory_cgroup_counts_it(backend):
+    from jailcell import Policy, Sandbox
+
+    with Sandbox(Policy(name="open"), backend=backend) as sb:
+        if sb.run("1").isolation["memory_limit"] != "cgroup":
+            pytest.skip("no memory cgroup on this machine")
+        r = sb.run("import os\nfd = os.memfd_create('x')\nos.write(fd, b'x' * 100)\nprint(os.fstat(fd).st_size)")
+        assert r.stdout == "100\n", r

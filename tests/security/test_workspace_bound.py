@@ -7,6 +7,8 @@ leftovers, which may be read and removed but not grown."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from jailcell import InputError, Policy, Sandbox
@@ -144,4 +146,34 @@ def test_without_inotify_watches_every_run_that_touches_files_is_scanned_on_the_
     with Sandbox(OPEN, backend="landlock", timeout=20, workspace_mib=8, file_size_mib=64) as sb:
         assert sb.run("open('a', 'wb').write(b'x' * (4 << 20))").ok
         _stopped(sb.run("for i in range(40):\n    open(f'f{i}', 'wb').write(b'x' * (1 << 20))\nprint('all')"))
+        assert sb.run("print('next')").stdout == "next\n"
+
+
+@pytest.fixture
+def small_disk(tmp_path, monkeypatch):
+    """The jails' folders on a file system of 384 MiB of their own (a tmpfs mounted for the test)."""
+    import subprocess
+    import tempfile
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=384m,mode=0755", "jailcell-test-disk", str(mnt)], check=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(mnt))
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_files_unlinked_while_open_cannot_fill_the_host_disk(small_disk):
+    """No scan sees a file the program unlinked while holding it open: what stops it is the backstop,
+    the host's file system getting nearly full while the run writes."""
+    code = ("import os, time\nkept = []\nfor i in range(40):\n    f = open(f'u{i}', 'wb')\n    os.unlink(f'u{i}')\n"
+            "    f.write(b'x' * (8 << 20))\n    f.flush()\n    kept.append(f)\n    time.sleep(0.03)\n"
+            "time.sleep(2)\nprint('kept', len(kept))")
+    with Sandbox(OPEN, backend="landlock", timeout=30, workspace_mib=8, file_size_mib=64, memory=1024) as sb:
+        r = sb.run(code)
+        _stopped(r, "nearly full")
+        free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+        assert free > 200 * MIB, free  # given back: the run's processes are gone
         assert sb.run("print('next')").stdout == "next\n"

@@ -315,6 +315,10 @@ def supervise(spare: Spare, req: RunRequest, *, output_cap: int, interrupt_fd: i
                 stop("cpu")  # the rlimit's backstop (a session cell keeps its hard limit open)
             elif state in ("T", "t"):
                 spare.resume()  # stopped (by itself, or by the previous program): nobody else would
+            full = disk.host_full() if disk is not None else None
+            if full:
+                seen.misuse = full
+                stop("disk")
         for fd, ev in events:
             if fd == spare.pidfd:
                 done = True

@@ -60,13 +60,13 @@ ARCHES = {
         "sched_setscheduler": 144, "sched_setaffinity": 203, "sched_setattr": 314, "ioprio_set": 251,
         "migrate_pages": 256, "move_pages": 279, "kcmp": 312, "setpgid": 109, "fcntl": 72, "ioctl": 16,
         "prctl": 157, "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "pidfd_getfd": 438,
-        "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427}),
+        "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "memfd_create": 319}),
     "aarch64": (0xC00000B7, {
         "kill": 129, "rt_sigqueueinfo": 138, "prlimit64": 261, "setpriority": 140, "sched_setparam": 118,
         "sched_setscheduler": 119, "sched_setaffinity": 122, "sched_setattr": 274, "ioprio_set": 30,
         "migrate_pages": 238, "move_pages": 239, "kcmp": 272, "setpgid": 154, "fcntl": 25, "ioctl": 29,
         "prctl": 167, "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "pidfd_getfd": 438,
-        "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427}),
+        "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "memfd_create": 279}),
 }
 PRIO_PROCESS, IOPRIO_WHO_PROCESS = 0, 1
 SELF_ONLY = ("prlimit64", "sched_setparam", "sched_setscheduler", "sched_setaffinity", "sched_setattr",
@@ -127,10 +127,12 @@ class _Asm:
         return b"".join(out)
 
 
-def program(machine: str | None = None, landlock: bool = False, unscoped: bool = False) -> bytes | None:
+def program(machine: str | None = None, landlock: bool = False, unscoped: bool = False,
+            no_memfd: bool = False) -> bytes | None:
     """The cell filter (None: unknown architecture); ``landlock``: with the landlock backend's rules
     for metadata by path; ``unscoped``: signals only to the cell's own process group (kill(0)), for a
-    Landlock that cannot scope them."""
+    Landlock that cannot scope them; ``no_memfd``: no memfd_create, where memory is bounded by RLIMIT_AS
+    (no memory cgroup), which a memfd's pages escape (written, not mapped)."""
     machine = machine or os.uname().machine
     arch = ARCHES.get(machine)
     if arch is None:
@@ -154,7 +156,7 @@ def program(machine: str | None = None, landlock: bool = False, unscoped: bool =
     a.op(JEQ, nr["fcntl"], "fcntl", 0)
     a.op(JEQ, nr["ioctl"], "ioctl", 0)
     a.op(JEQ, nr["prctl"], "prctl", 0)
-    for name in DENIED:
+    for name in DENIED + (("memfd_create",) if no_memfd else ()):
         a.op(JEQ, nr[name], "deny", 0)
     if landlock:
         for number in PATH_METADATA[machine].values():
@@ -305,10 +307,10 @@ def install_program(code: bytes) -> None:
         raise OSError(err, f"cannot install a seccomp filter: {os.strerror(err)}")
 
 
-def install(landlock: bool = False, unscoped: bool = False) -> bool:
+def install(landlock: bool = False, unscoped: bool = False, no_memfd: bool = False) -> bool:
     """Stack the cell filter onto this process (and everything it will fork).  False if the
     architecture is unknown; raises OSError if the kernel refuses it."""
-    code = program(landlock=landlock, unscoped=unscoped)
+    code = program(landlock=landlock, unscoped=unscoped, no_memfd=no_memfd)
     if code is None:
         return False
     try:

@@ -185,7 +185,8 @@ def forks_cells() -> None:
     machinery_signals(ignore=True)
     try:
         spec = cell.CONFIG.get("landlock")
-        _seccomp.install(landlock=bool(spec), unscoped=bool(spec) and int(spec.get("abi", 0)) < SCOPED_ABI)
+        _seccomp.install(landlock=bool(spec), unscoped=bool(spec) and int(spec.get("abi", 0)) < SCOPED_ABI,
+                         no_memfd=bool(cell.CONFIG.get("rlimit_as_mib")))
         if cell.CONFIG.get("landlock"):  # (its filter denies metadata calls by path: a session's first holder
             cell.metadata_by_fd()        # copies a workspace for fork() through fds, as its cells do)
             cell.landlock_ruleset()

@@ -11,7 +11,9 @@ run that fills its workspace is stopped within a scan's time of the write that w
 touches no file costs two reads that find nothing.  Where inotify cannot be had (the user's instances or
 watches are used up), every run is scanned on the supervisor's timer instead.  What no scan sees: a file
 the program unlinked while holding it open (each is still bounded by RLIMIT_FSIZE, their number by
-RLIMIT_NOFILE, and a stateless run's are freed by the sweep); ``isolation["degraded"]`` says so.
+RLIMIT_NOFILE, and a stateless run's are freed by the sweep).  The backstop for those: on the timer, a run
+is stopped if the host's file system holding the jail gets nearly full while it goes on (``host_full``);
+``isolation["degraded"]`` says so.
 
 The scan opens each folder with O_NOFOLLOW relative to its parent's descriptor (a program that swaps a
 folder for a symlink mid-scan makes it fail, never wander off into the host) and holds one descriptor
@@ -38,6 +40,7 @@ EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then the name)
 MAX_OPEN = 100          # folders a scan holds open: levels above it that have folders still to see
 MAX_WATCHES = 512       # inotify watches a jail may take of the user's (fs.inotify.max_user_watches)
 WORKSPACE_FILES, TMP_FILES = 65536, 16384  # as the nsjail backend's tmpfs nr_inodes=
+FLOOR_BYTES, FLOOR_SHARE = 256 * MIB, 0.01  # the host's file system is "nearly full" below the larger
 MIN_GAP_S = 0.001       # between two scans set off by events (and at least twice the last scan's time)
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -57,6 +60,7 @@ class DiskWatch:
         self.used = {"work": (0, 0), "tmp": (0, 0)}  # bytes and files, as the last scan found them
         self.start = self.used  # at the start of this run: a session's leftovers over the bound may stay
         self.stopped = False  # the last scan found the bound crossed (the run was stopped)
+        self.free_start: int | None = None  # the host file system's free bytes when this run started
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             self._add = libc.inotify_add_watch
@@ -94,6 +98,29 @@ class DiskWatch:
         self.stopped = False
         self.touched = self.always
         self.start = self.used if session else {"work": (0, 0), "tmp": (0, 0)}
+        space = self._space()
+        self.free_start = space[0] if space else None
+
+    def host_full(self) -> str | None:
+        """On the supervisor's slow timer: the backstop for what no scan sees (files unlinked while
+        open).  The run is stopped if the host's file system holding the jail gets nearly full while it
+        goes on."""
+        space = self._space()
+        if space is None or self.free_start is None or space[0] >= self.free_start:
+            return None
+        free, size = space
+        if free < max(FLOOR_BYTES, FLOOR_SHARE * size):
+            return (f"the run was stopped: the host's file system holding the jail is nearly full ({free // MIB} MiB "
+                    "free), and it wrote while it was (this backend does not count files unlinked while open)")
+        return None
+
+    def _space(self) -> tuple[int, int] | None:
+        """Free bytes (for an unprivileged user) and size of the file system holding the jail."""
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
     def refuse_upload(self, size: int) -> str | None:
         """Why ``size`` more bytes do not fit in the workspace (a session's upload), or None."""

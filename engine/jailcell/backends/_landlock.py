@@ -214,8 +214,8 @@ class LandlockBackend(CgroupJails, Backend):
             "not by a private file system view",
             "no tmpfs: the workspace's and TMPDIR's sizes are bounded by a watch that stops the run once either "
             "holds more than the policy allows (a write over it is not refused with ENOSPC, as on a tmpfs; a "
-            "sparse file counts at its size; a file unlinked while open is not counted, each is bounded by "
-            "RLIMIT_FSIZE)",
+            "sparse file counts at its size; files unlinked while open are not counted: each is bounded by "
+            "RLIMIT_FSIZE, and a run is stopped if the host's file system gets nearly full while it goes on)",
         ]
         if not policy.network:
             degraded.append("no network namespace: socket() is refused by seccomp"
