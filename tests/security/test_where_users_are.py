@@ -96,10 +96,13 @@ def test_the_hostile_suite_runs_against_the_landlock_jail_as_a_user_in_a_contain
         shutil.copy(REPO / "tests" / name, suite / name)
     shutil.copy(LAUNCHER, copy_root / "simulated_env.py")
     shutil.copy(DOCKER_DEFAULT, copy_root / "default.json")
-    for dirpath, _dirnames, filenames in os.walk(copy_root):
-        os.chmod(dirpath, 0o755)
-        for f in filenames:
-            os.chmod(os.path.join(dirpath, f), 0o644)
+    for top in (site, suite):  # world-readable, as the fixture's copy of jailcell (its nsjail stays executable)
+        for dirpath, _dirnames, filenames in os.walk(top):
+            os.chmod(dirpath, 0o755)
+            for f in filenames:
+                os.chmod(os.path.join(dirpath, f), 0o644)
+    for path in (copy_root / "simulated_env.py", copy_root / "default.json"):
+        path.chmod(0o644)
     env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": f"{copy_root}:{site}",
            "JAILCELL_TEST_BACKENDS": "landlock", "PYTHONDONTWRITEBYTECODE": "1"}
     r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", PYTHON,

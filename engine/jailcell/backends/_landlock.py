@@ -223,14 +223,13 @@ class LandlockBackend(CgroupJails, Backend):
         if self.abi < SCOPED_ABI:
             degraded.append(f"Landlock ABI {self.abi} < {SCOPED_ABI} cannot scope signals: a cell may signal only its "
                             "own process group (kill(0, ...)), no process by pid (Linux 6.12+ lifts this)")
-        if not cg and (self.own_uids or self.own_userns):
-            own = "of the jail's own uid" if self.own_uids else ", counted in the jail's own user namespace"
-            degraded.append("no cgroups: memory bounded by RLIMIT_AS per process, not per jail; processes by "
-                            f"RLIMIT_NPROC{' ' if self.own_uids else ''}{own} ({self.cgroups.reason})")
-        elif not cg:
-            degraded.append("no cgroups: memory bounded by RLIMIT_AS per process, not per jail; processes by the "
-                            "jail's zygote, which answers each fork (seccomp user notification: a fork costs a "
-                            f"round trip to it) ({self.cgroups.reason})")
+        if not cg:
+            processes = ("RLIMIT_NPROC of the jail's own uid" if self.own_uids else
+                         "RLIMIT_NPROC, counted in the jail's own user namespace" if self.own_userns else
+                         "the jail's zygote, which answers each fork (seccomp user notification: a fork costs a "
+                         "round trip to it)")
+            degraded.append("no cgroups: memory bounded by RLIMIT_AS per process, not per jail (memfd_create "
+                            f"refused); processes by {processes} ({self.cgroups.reason})")
         return {
             "backend": "landlock",
             "namespaces": [],
