@@ -138,3 +138,39 @@ def test_a_full_temporary_directory_does_not_stop_runs(tmp_path):
         assert r.stdout.split() == ["1", "error", "2"], r.stdout
     finally:
         subprocess.run(["umount", "-l", str(full)], check=False)
+
+
+def test_a_jail_that_does_not_answer_is_ended_with_every_process_below_it():
+    """A jail whose zygote does not exit in time is killed: its process group, and first everything below
+    it -- without a pid namespace (landlock), a program's grandchild that left the group (setsid) would
+    otherwise live on as init's orphan.  (nsjail's pid namespace ends with its first process.)"""
+    from jailcell._host._teardown import killpg
+
+    code = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+            "        open('orphan.pid', 'w').write(str(os.getpid()))\n        while True:\n            time.sleep(0.01)\n"
+            "    os._exit(0)\ntime.sleep(30)")
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    with Sandbox(OPEN, backend="landlock", timeout=60) as sb:
+        sb.run("print(1)")
+        jail = sb._jail
+        workspace = Path(jail._spawned.config["workspace"])
+        runner = threading.Thread(target=lambda: sb.run(code), daemon=True)
+        runner.start()
+        deadline = time.monotonic() + 20
+        while not (workspace / "orphan.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        orphan = int((workspace / "orphan.pid").read_text())
+        assert alive(orphan)
+        os.kill(jail.pid, signal.SIGSTOP)  # the jail's first process answers nothing now
+        killpg(jail.pid)
+        deadline = time.monotonic() + 5
+        while alive(orphan) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not alive(orphan), f"the program's grandchild {orphan} outlived its jail"
+        runner.join(20)

@@ -66,16 +66,26 @@ class HeadLost(JailError):
     """A session's state is gone (a program killed the process that held it)."""
 
 
-def _start_failure(backend: str, exc: BaseException, jail_log: str) -> str:
-    """Why a jail did not start, and what to do about it."""
+class _StartFailure(JailError):
+    """A jail that did not start, why and what to do; ``cause``: resources (descriptors, disk), timeout, error."""
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+def _start_failure(backend: str, exc: BaseException, jail_log: str) -> _StartFailure:
     if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
-        return (f"cannot start a jail: this process has no file descriptors left ({exc.strerror}); a jail needs "
-                "about a dozen. Close what the application no longer uses, or raise the limit (`ulimit -n`).")
+        return _StartFailure(f"cannot start a jail: this process has no file descriptors left ({exc.strerror}); a "
+                             "jail needs about a dozen. Close what the application no longer uses, or raise the limit "
+                             "(`ulimit -n`).", "resources")
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"cannot start a jail: the host's disk is full ({exc.strerror}: {exc.filename or ''}); jailcell "
-                "keeps each jail's log in the temporary directory (TMPDIR). Free some space.")
-    return (f"the {backend} jail failed to start ({type(exc).__name__}: {exc}).\n{jail_log}\n"
-            "Run `jailcell check` to see what isolation works on this machine.")
+        return _StartFailure(f"cannot start a jail: the host's disk is full ({exc.strerror}: {exc.filename or ''}); "
+                             "jailcell keeps each jail's log in the temporary directory (TMPDIR). Free some space.",
+                             "resources")
+    return _StartFailure(f"the {backend} jail failed to start ({type(exc).__name__}: {exc}).\n{jail_log}\n"
+                         "Run `jailcell check` to see what isolation works on this machine.",
+                         "timeout" if isinstance(exc, JailTimeout) else "error")
 
 
 _preload_warned: set[tuple[str, ...]] = set()
@@ -139,7 +149,7 @@ class Jail:
                 stderr.close()
                 raise
         except OSError as exc:
-            raise JailError(_start_failure(backend.name, exc, "")) from None
+            raise _start_failure(backend.name, exc, "") from None
         self._stderr = stderr
         self._cv = threading.Condition()  # guards everything below; the control thread writes it
         self._spares: collections.deque[Spare] = collections.deque()  # stateless jails
@@ -161,7 +171,8 @@ class Jail:
             self._start()
         except BaseException as exc:
             self.close()
-            _metrics.jail_failed(backend.name, exc)
+            _metrics.jail_failed(backend.name, "unavailable" if isinstance(exc, BackendUnavailable) else
+                                 getattr(exc, "cause", "error"))
             raise
         _live.add(self)
         _metrics.jail_started(backend.name)
@@ -173,12 +184,12 @@ class Jail:
             host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             host.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # who sends the HELLO
         except OSError as exc:
-            raise JailError(_start_failure(self.backend.name, exc, "")) from None
+            raise _start_failure(self.backend.name, exc, "") from None
         self.ctl = host
         try:
             spawned = self.backend.spawn(self.policy, session=self.session, stderr=self._stderr, channel=child.fileno())
         except OSError as exc:  # e.g. creating its cgroup, or no file descriptors left
-            raise JailError(_start_failure(self.backend.name, exc, "")) from None
+            raise _start_failure(self.backend.name, exc, "") from None
         finally:
             child.close()
         self._spawned = spawned
@@ -216,7 +227,7 @@ class Jail:
             why = self.backend.start_failure(jail_log) if isinstance(exc, (EOFError, proto.ProtocolError)) else None
             if why:  # the backend could not build the jail here, and says why
                 raise BackendUnavailable(refusal(why)) from None
-            raise JailError(_start_failure(self.backend.name, exc, jail_log)) from None
+            raise _start_failure(self.backend.name, exc, jail_log) from None
         finally:
             spawned.close_config_fds()  # sent, or never will be
 

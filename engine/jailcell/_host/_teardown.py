@@ -143,7 +143,60 @@ teardown = Teardown()
 
 
 def killpg(pid: int) -> None:
+    """SIGKILL a jail's first process, its group and every process below it.  Below it first, while it
+    lives: the zygote of a jail without a pid namespace is their subreaper, and a process that left its
+    group (setsid) would otherwise outlive it as init's orphan.  Plain system calls only (it runs in a
+    detached teardown's child too)."""
+    for _attempt in range(100):
+        below = _below(pid)
+        if not below:
+            break
+        for child in below:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.002)
     try:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _below(root: int) -> list[int]:
+    """Live processes below ``root``, found through /proc's children files."""
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                fd = os.open(f"/proc/{pid}/task/{tid}/children", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    kids = os.read(fd, 1 << 16).split()
+                finally:
+                    os.close(fd)
+            except OSError:
+                continue
+            for kid in map(int, kids):
+                if kid not in found and _alive(kid):
+                    found.append(kid)
+                    todo.append(kid)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Not a zombie (a killed process that only waits to be reaped)."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 512)
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    return data[data.rindex(b")") + 2:][:1] not in (b"Z", b"X")

@@ -39,7 +39,7 @@ CLONE_THREAD = 0x10000
 FORKS = {"x86_64": (317, (56, 57, 58)), "aarch64": (277, (220,))}  # seccomp(2); clone, fork, vfork
 PENDING_S = 0.5  # a clone let through that has not shown up by then failed (or is long counted)
 
-STATE: dict = {"limit": 0, "pending": [], "libc": None}  # the jail's bound (0: not counted); clones let through
+STATE: dict = {"limit": 0, "pending": [], "libc": None, "clone": -1}  # the bound (0: none), clones let through
 LISTENERS: list[int] = []                   # the zygote's: one per process it forked to make cells
 
 
@@ -47,6 +47,7 @@ def enable(limit: int) -> None:
     """In the zygote: count this jail's forks against ``limit`` tasks."""
     STATE["limit"] = int(limit)
     STATE["libc"] = ctypes.CDLL(None, use_errno=True)
+    STATE["clone"] = FORKS.get(os.uname().machine, (0, (-1,)))[1][0]  # the call whose flags may say "thread"
     WHILE_WAITING.append(serve_ready)
 
 
@@ -178,7 +179,7 @@ def answer(fd: int) -> None:
     if libc.ioctl(fd, ctypes.c_ulong(NOTIF_RECV), buf) != 0:
         return  # ENOENT: its caller was killed meanwhile
     nid, tid, _flags, nr, _arch, _ip, flags, *_rest = NOTIF.unpack(buf.raw)
-    thread = nr == FORKS.get(os.uname().machine, (0, (0,)))[1][0] and bool(flags & CLONE_THREAD)
+    thread = nr == STATE["clone"] and bool(flags & CLONE_THREAD)
     allowed = _room()
     if allowed:
         _note(tid, thread)

@@ -4,12 +4,13 @@ causes; ``process`` (no isolation) runs only when asked for by name."""
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 
 from .._errors import BackendUnavailable, warn
 from ._base import Backend, refusal
-from ._nsjail import NsjailBackend
+from ._nsjail import NsjailBackend, has_sys_admin, proc_status
 
 __all__ = ["Backend", "get_backend", "refusal", "pidfd_support", "BACKENDS", "BACKEND_ENV", "UNSAFE_ROOT_ENV"]
 
@@ -125,11 +126,11 @@ def _surely_namespaces() -> bool:
         except OSError:
             return ""
 
-    status = dict(line.split(":\t", 1) for line in read("/proc/self/status").splitlines() if ":\t" in line)
+    status = proc_status()
     if status.get("Seccomp", "").strip() != "0":
         return False
     if os.geteuid() == 0:
-        return bool(int(status.get("CapEff", "0").strip() or "0", 16) & (1 << 21))
+        return has_sys_admin(status)
     return (read("/proc/sys/kernel/unprivileged_userns_clone").strip() in ("", "1")
             and read("/proc/sys/user/max_user_namespaces").strip() not in ("", "0")
             and read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").strip() in ("", "0"))
@@ -147,9 +148,48 @@ def namespaces_unavailable() -> str | None:
     default seccomp profile refuses the first)."""
     if _surely_namespaces():
         return None
-    import ctypes
+    code, userns = _namespace_probe()
+    if code == 0:
+        return None
+    if code == -1:
+        return "the namespace probe died"
+    if code >= 2000:
+        return (f"namespaces are created but a /proc cannot be mounted in them ({os.strerror(code - 2000)}): a "
+                "container that masks parts of its own /proc (Docker's and Podman's defaults); nsjail needs it "
+                "unmasked (`--security-opt systempaths=unconfined` with Docker, `--security-opt unmask=/proc/*` "
+                "with Podman)")
+    if code < 1000 and os.geteuid() == 0:
+        return (f"creating a user namespace is refused ({os.strerror(code)}): jailcell runs as root without "
+                "CAP_SYS_ADMIN (a container) and the container's seccomp profile refuses namespaces (Docker's "
+                "default does); jailcell's container profile allows them (`jailcell check --container-profile`)")
+    if code < 1000:
+        return f"creating a user namespace is refused ({os.strerror(code)}): unprivileged user namespaces are off"
+    refused = os.strerror(code - 1000)
+    if os.geteuid() == 0 and not userns:
+        return (f"creating mount/pid/network namespaces is refused ({refused}): inside a container without "
+                "CAP_SYS_ADMIN, or a seccomp profile that forbids them")
+    if os.geteuid() == 0:
+        return (f"a user namespace is created but namespaces inside it are refused ({refused}): a container whose "
+                "seccomp profile forbids them; jailcell's container profile allows them "
+                "(`jailcell check --container-profile`)")
+    return (f"a user namespace is created but namespaces inside it are refused ({refused}): Ubuntu 23.10+'s AppArmor "
+            "restriction of unprivileged user namespaces (kernel.apparmor_restrict_unprivileged_userns=1)")
 
-    from ._nsjail import has_sys_admin
+
+def userns_creatable() -> bool:
+    """Whether this process may make a user namespace (for the landlock jail's own process count): what
+    the namespace probe found (Ubuntu's AppArmor restriction lets one be made, not used)."""
+    if _surely_namespaces():
+        return True
+    code, userns = _namespace_probe()
+    return userns and (code == 0 or code >= 1000)
+
+
+@functools.lru_cache(maxsize=1)
+def _namespace_probe() -> tuple[int, bool]:
+    """(0, or where it failed: errno of the user namespace, 1000 + errno of the others, 2000 + errno of
+    /proc's mount, -1: the probe died; whether it made a user namespace first), once per process."""
+    import ctypes
 
     userns = os.geteuid() != 0 or not has_sys_admin()  # decided before the fork: no file reads in the child
 
@@ -183,29 +223,4 @@ def namespaces_unavailable() -> str | None:
     finally:
         os.close(r)
         os.waitpid(pid, 0)
-    code = int(answer)
-    if code == 0:
-        return None
-    if code == -1:
-        return "the namespace probe died"
-    if code >= 2000:
-        return (f"namespaces are created but a /proc cannot be mounted in them ({os.strerror(code - 2000)}): a "
-                "container that masks parts of its own /proc (Docker's and Podman's defaults); nsjail needs it "
-                "unmasked (`--security-opt systempaths=unconfined` with Docker, `--security-opt unmask=/proc/*` "
-                "with Podman)")
-    if code < 1000 and os.geteuid() == 0:
-        return (f"creating a user namespace is refused ({os.strerror(code)}): jailcell runs as root without "
-                "CAP_SYS_ADMIN (a container) and the container's seccomp profile refuses namespaces (Docker's "
-                "default does); jailcell's container profile allows them (`jailcell check --container-profile`)")
-    if code < 1000:
-        return f"creating a user namespace is refused ({os.strerror(code)}): unprivileged user namespaces are off"
-    refused = os.strerror(code - 1000)
-    if os.geteuid() == 0 and not userns:
-        return (f"creating mount/pid/network namespaces is refused ({refused}): inside a container without "
-                "CAP_SYS_ADMIN, or a seccomp profile that forbids them")
-    if os.geteuid() == 0:
-        return (f"a user namespace is created but namespaces inside it are refused ({refused}): a container whose "
-                "seccomp profile forbids them; jailcell's container profile allows them "
-                "(`jailcell check --container-profile`)")
-    return (f"a user namespace is created but namespaces inside it are refused ({refused}): Ubuntu 23.10+'s AppArmor "
-            "restriction of unprivileged user namespaces (kernel.apparmor_restrict_unprivileged_userns=1)")
+    return int(answer), userns

@@ -55,7 +55,7 @@ class DiskWatch:
         self.fd = -1
         self.watched: set[int] = set()  # the watch descriptors alive (a folder's is ended by its removal)
         self.always = False  # scan every run on the timer (no inotify, or too many folders to watch)
-        self.touched = False  # this run changed or opened something below root
+        self.touched = False  # something below root changed since the last scan
         self.next_scan = 0.0  # monotonic: the earliest the next event-driven scan may run
         self.used = {"work": (0, 0), "tmp": (0, 0)}  # bytes and files, as the last scan found them
         self.start = self.used  # at the start of this run: a session's leftovers over the bound may stay
@@ -124,11 +124,11 @@ class DiskWatch:
 
     def refuse_upload(self, size: int) -> str | None:
         """Why ``size`` more bytes do not fit in the workspace (a session's upload), or None."""
-        why = self.excess()
-        if why is None and self.used["work"][0] + size > self.limits["work"][0]:
-            why = (f"[Errno 28] No space left on device: the workspace holds {self.used['work'][0] / MIB:.1f} MiB "
-                   f"of its {self.limits['work'][0] // MIB} MiB")
-        return why
+        self.excess()  # (measures; new folders get their watches)
+        held, limit = self.used["work"][0], self.limits["work"][0]
+        if held + size <= limit:
+            return None
+        return f"[Errno 28] No space left on device: the workspace holds {held / MIB:.1f} MiB of its {limit // MIB} MiB"
 
     def drain(self) -> None:
         """Read the pending events: any sets off a scan (which looks at everything); a removed folder's

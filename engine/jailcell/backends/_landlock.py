@@ -9,7 +9,6 @@ unprivileged user namespaces.  What differs from nsjail is listed in every Resul
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 import secrets
 import shutil
@@ -18,6 +17,7 @@ from typing import Any
 
 from .._errors import BackendUnavailable
 from .._policy import MIB, Policy
+from . import userns_creatable
 from ._base import (
     HOST_SHORTAGES,
     JAIL_SRC,
@@ -90,7 +90,7 @@ class LandlockBackend(CgroupJails, Backend):
         # Not root and no cgroups: where a user namespace can be made (Ubuntu's AppArmor restriction lets
         # one be made, only without powers), each jail gets its own, in which the kernel counts its
         # processes apart from this user's others (RLIMIT_NPROC is counted per user namespace).
-        self.own_userns = not self.as_root and not self.cgroups.version and _userns_creatable()
+        self.own_userns = not self.as_root and not self.cgroups.version and userns_creatable()
         # Else, where RLIMIT_NPROC would count processes the jail shares (this user's; host nobody's, shared
         # by every jail), the zygote counts the jail's own, answering each fork (seccomp user notification).
         self.count_forks = not self.cgroups.version and not self.own_uids and not self.own_userns
@@ -251,16 +251,6 @@ class LandlockBackend(CgroupJails, Backend):
                        + (["nproc"] if not cg and not self.count_forks else []),
             "degraded": degraded,
         }
-
-
-@functools.lru_cache(maxsize=1)
-def _userns_creatable() -> bool:
-    """Whether this process may make a user namespace (asked of the kernel in a throwaway child)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    pid = os.fork()
-    if pid == 0:  # only a system call here (a fork of a possibly threaded process)
-        os._exit(0 if libc.unshare(0x10000000) == 0 else 1)  # CLONE_NEWUSER
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
 
 
 def _mapped(first: int, count: int) -> bool:

@@ -161,17 +161,19 @@ CAP_SYS_ADMIN = 21
 CONTAINER_PROFILE = Path(__file__).with_name("container-seccomp.json")  # Docker's default + what nsjail needs
 
 
-def has_sys_admin() -> bool:
+def has_sys_admin(status: dict[str, str] | None = None) -> bool:
     """Whether this process holds CAP_SYS_ADMIN (root in a container does not)."""
+    cap = (status if status is not None else proc_status()).get("CapEff", "0").strip()
+    return bool(int(cap or "0", 16) & (1 << CAP_SYS_ADMIN))
+
+
+def proc_status() -> dict[str, str]:
+    """This process's /proc/self/status, field by field (empty if unreadable)."""
     try:
         with open("/proc/self/status") as f:
-            status = f.read()
+            return dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
     except OSError:
-        return False
-    for line in status.splitlines():
-        if line.startswith("CapEff:"):
-            return bool(int(line.split()[1], 16) & (1 << CAP_SYS_ADMIN))
-    return False
+        return {}
 
 
 class NsjailCommand:
