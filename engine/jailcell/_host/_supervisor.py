@@ -244,8 +244,8 @@ def supervise(spare: Spare, req: RunRequest, *, output_cap: int, interrupt_fd: i
 
     The host wakes for the report, the cell's death, an interrupt and a slow timer that drains
     stdout/stderr (large non-blocking pipes), so a short run costs one wake-up here.  ``disk``: the
-    jail's workspace bound where it has no tmpfs (scanned after file events and on the timer).
-    """
+    jail's workspace bound where it has no tmpfs (scanned after file events; the host's free space on the
+    slow timer)."""
     t0 = time.monotonic()
     deadline = t0 + req.timeout
     cpu_limit = req.cpu_s
