@@ -25,7 +25,7 @@ import struct
 import time
 
 import _seccomp
-from _procs import WALK, WHILE_WAITING, _tree_table
+from _procs import WALK, WHILE_WAITING, _read_proc, _stat_fields, _tree_table
 
 __builtins__ = dict(builtins.__dict__)  # type: ignore[assignment]
 
@@ -201,11 +201,8 @@ def _room() -> bool:
 
 def _seen_by(tid: int) -> tuple[int, frozenset]:
     """The thread count of ``tid``'s process and ``tid``'s children, now."""
-    with open(f"/proc/{tid}/stat", "rb") as f:
-        data = f.read()
-    threads = int(data[data.rindex(b")") + 2:].split()[17])
-    with open(f"/proc/{tid}/task/{tid}/children", "rb") as f:
-        return threads, frozenset(f.read().split())
+    threads = int(_stat_fields(tid)[17])
+    return threads, frozenset(_read_proc(f"/proc/{tid}/task/{tid}/children", 1 << 16).split())
 
 
 def _note(tid: int, thread: bool) -> None:
