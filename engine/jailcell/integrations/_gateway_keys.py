@@ -45,6 +45,11 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+def owner_of(key: Key | None) -> str | None:
+    """Whose a container or a stored response is: the key's name (None without named keys)."""
+    return key.name if key is not None else None
+
+
 class Key:
     """One client: its name, the sha256 of its key, its policy and its limits."""
 

@@ -13,6 +13,7 @@ import uuid
 from typing import Any, Iterable
 
 from .. import _metrics
+from ._gateway_keys import owner_of
 from .tools import TOOL_NAME
 
 
@@ -171,7 +172,7 @@ class _Containers:
                            "too_many_containers", retry_after=max(1, wait))
 
     async def acquire(self, cid: str | None, key: Any = None, sandbox: Any = None) -> tuple[str, Any]:
-        owner = key.name if key is not None else None
+        owner = owner_of(key)
         async with self.lock:
             if cid is not None:
                 self.check(cid, owner)

@@ -39,7 +39,7 @@ from .._async import AsyncSandbox
 from .._errors import InputError, JailcellError, MissingExtra
 from .._result import Result
 from ._gateway_guard import Guard, csp_for, is_loopback, new_key
-from ._gateway_keys import Key, Keys
+from ._gateway_keys import Key, Keys, owner_of
 from ._gateway_render import _ChatRender, _dashscope_code, _DashScopeRender, _ResponsesRender
 from ._gateway_requests import (
     MAX_DEPTH,
@@ -319,7 +319,7 @@ class Gateway:
         """Events: ("delta", field, text) · ("turn", message) · ("call", id, code) ·
         ("result", ExecutedCall, container_id) · ("done", ToolLoopResult, model name, container_id)."""
         key = conv.key
-        self.containers.check(conv.container, key.name if key is not None else None)
+        self.containers.check(conv.container, owner_of(key))
         if conv.code_tool and conv.container is None:
             self.containers.room_for(key)  # a key at its cap hears so before any model call
         steps = _loop(conv.model, conv.messages, conv.own_tools, self.max_steps, 8000, conv.extra, conv.code_tool)
@@ -395,7 +395,7 @@ class Gateway:
         try:
             key = self._authorize(request)
             cid = request.path_params["container_id"]
-            self.containers.session(cid, key.name if key is not None else None)
+            self.containers.session(cid, owner_of(key))
         except GatewayError as exc:
             return self._openai_error(exc)
         data = [{"id": _file_id(name), "object": "container.file", "container_id": cid, "path": name,
@@ -408,7 +408,7 @@ class Gateway:
         try:
             key = self._authorize(request)
             cid = request.path_params["container_id"]
-            session = self.containers.session(cid, key.name if key is not None else None)
+            session = self.containers.session(cid, owner_of(key))
             name = _file_name(request.path_params["file_id"])
             try:
                 data = await session.download(name)
@@ -472,7 +472,7 @@ class Gateway:
         previous = body.get("previous_response_id")
         if previous is not None:
             stored = self.stored.get(previous) if isinstance(previous, str) else None
-            if stored is not None and stored["owner"] != (key.name if key is not None else None):
+            if stored is not None and stored["owner"] != owner_of(key):
                 stored = None  # another key's conversation: as if it did not exist
             if stored is None:
                 raise GatewayError(404, f"previous response {previous!r} not found (this gateway keeps the last "
@@ -511,7 +511,7 @@ class Gateway:
                 log.info("response %s not stored: its conversation is %d bytes", response_id, size)
                 return
             self.stored[response_id] = {"messages": messages, "container": container, "bytes": size,
-                                        "owner": key.name if key is not None else None}
+                                        "owner": owner_of(key)}
             self.stored_bytes += size
             while len(self.stored) > MAX_STORED_RESPONSES or self.stored_bytes > MAX_STORED_BYTES:
                 _, dropped = self.stored.popitem(last=False)
