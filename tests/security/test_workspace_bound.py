@@ -48,62 +48,46 @@ def test_writes_within_the_bounds_are_untouched(small):
     assert r.ok and r.stdout == f"{6 * MIB}\n", r
 
 
-def test_one_big_write_is_stopped(small):
-    r = small.run("open('a', 'wb').write(b'x' * (20 << 20))\nprint('wrote it all')")
-    _stopped(r)
-    assert "wrote it all" not in r.stdout
-    _fresh(small)
+# Ways to grow the workspace or TMPDIR past its bound: (code, where the Result says it happened, a line
+# the program prints only if it was not stopped in time -- asserted where the stop is surely first).
+GROWTH = {
+    "one big write": ("open('a', 'wb').write(b'x' * (20 << 20))\nprint('wrote it all')",
+                      "its workspace", "wrote it all"),
+    "many files under the file-size limit": (
+        "for i in range(40):\n    open(f'f{i}', 'wb').write(b'x' * (1 << 20))\nprint('all forty')",
+        "its workspace", "all forty"),
+    "TMPDIR's own bound": (
+        "import os\nfor i in range(8):\n    open(os.environ['TMPDIR'] + f'/{i}', 'wb').write(b'x' * (1 << 20))\n"
+        "print('done')", "TMPDIR", None),
+    # pages dirtied through mmap raise no inotify event: a sparse file counts at its size already
+    "writes through a shared mapping": (
+        "import mmap, time\nfor i in range(4):\n    f = open(f'm{i}', 'w+b')\n    f.truncate(3 << 20)\n"
+        "    m = mmap.mmap(f.fileno(), 3 << 20)\n    m[:] = b'x' * (3 << 20)\n    m.flush()\n"
+        "time.sleep(1)\nprint('mapped')", "its workspace", None),
+    "a sparse file counts at its size": (
+        "f = open('sparse', 'wb')\nf.truncate(12 << 20)\nf.close()\nimport time\ntime.sleep(1)\nprint('made')",
+        "its workspace", None),
+    "a child process that fills the workspace": (
+        "import os, time\npid = os.fork()\nif pid == 0:\n    for i in range(40):\n"
+        "        open(f'c{i}', 'wb').write(b'x' * (1 << 20))\n    os._exit(0)\ntime.sleep(3)\nprint('slept')",
+        "its workspace", "slept"),
+    "too many files": (
+        "import os\nd = os.environ['TMPDIR']\nfor i in range(20000):\n    open(f'{d}/{i}', 'w').close()\n"
+        "print('made')", "over 16384 files in TMPDIR", None),
+    "a folder without modes is measured all the same": (
+        "import os\nos.mkdir('hid')\nfor i in range(3):\n    open(f'hid/{i}', 'wb').write(b'x' * (3 << 20))\n"
+        "os.chmod('hid', 0)\nopen('poke', 'w').close()\nimport time; time.sleep(0.5)\nprint('hidden')",
+        "its workspace", None),
+}
 
 
-def test_many_files_under_the_file_size_limit_are_stopped(small):
-    r = small.run("for i in range(40):\n    open(f'f{i}', 'wb').write(b'x' * (1 << 20))\nprint('all forty')")
-    _stopped(r)
-    assert "all forty" not in r.stdout
-    _fresh(small)
-
-
-def test_tmpdir_has_its_own_bound(small):
-    r = small.run("import os\nfor i in range(8):\n    open(os.environ['TMPDIR'] + f'/{i}', 'wb').write(b'x' * (1 << 20))\n"
-                  "print('done')")
-    _stopped(r, "TMPDIR")
-    _fresh(small)
-
-
-def test_writes_through_a_shared_mapping_are_stopped(small):
-    """Pages dirtied through mmap raise no inotify event: a sparse file counts at its size already."""
-    code = ("import mmap, time\nfor i in range(4):\n    f = open(f'm{i}', 'w+b')\n    f.truncate(3 << 20)\n"
-            "    m = mmap.mmap(f.fileno(), 3 << 20)\n    m[:] = b'x' * (3 << 20)\n    m.flush()\n"
-            "time.sleep(1)\nprint('mapped')")
-    _stopped(small.run(code))
-    _fresh(small)
-
-
-def test_a_sparse_file_counts_at_its_size(small):
-    r = small.run("f = open('sparse', 'wb')\nf.truncate(12 << 20)\nf.close()\nimport time\ntime.sleep(1)\nprint('made')")
-    _stopped(r)
-    _fresh(small)
-
-
-def test_a_child_process_that_fills_the_workspace_is_stopped_with_the_run(small):
-    code = ("import os, time\npid = os.fork()\nif pid == 0:\n    for i in range(40):\n"
-            "        open(f'c{i}', 'wb').write(b'x' * (1 << 20))\n    os._exit(0)\ntime.sleep(3)\nprint('slept')")
+@pytest.mark.parametrize("attack", sorted(GROWTH))
+def test_a_run_that_grows_past_the_bound_is_stopped(small, attack):
+    code, where, unreached = GROWTH[attack]
     r = small.run(code)
-    _stopped(r)
-    assert "slept" not in r.stdout
-    _fresh(small)
-
-
-def test_too_many_files_are_stopped(small):
-    r = small.run("import os\nd = os.environ['TMPDIR']\nfor i in range(20000):\n    open(f'{d}/{i}', 'w').close()\n"
-                  "print('made')")
-    _stopped(r, "over 16384 files in TMPDIR")
-    _fresh(small)
-
-
-def test_a_folder_without_modes_is_measured_all_the_same(small):
-    code = ("import os\nos.mkdir('hid')\nfor i in range(3):\n    open(f'hid/{i}', 'wb').write(b'x' * (3 << 20))\n"
-            "os.chmod('hid', 0)\nopen('poke', 'w').close()\nimport time; time.sleep(0.5)\nprint('hidden')")
-    _stopped(small.run(code))
+    _stopped(r, where)
+    if unreached:
+        assert unreached not in r.stdout, r
     _fresh(small)
 
 

@@ -93,8 +93,7 @@ class DiskWatch:
         if self.touched or (session and self.stopped):
             # Changed between runs (a session's new folder, an upload: new folders get their watches), or
             # what a stopped run's processes wrote until they were killed: measured, not judged
-            self.start = {"work": (1 << 62, 1 << 62), "tmp": (1 << 62, 1 << 62)}
-            self.excess()
+            self.excess(judge=False)
         self.stopped = False
         self.touched = self.always
         self.start = self.used if session else {"work": (0, 0), "tmp": (0, 0)}
@@ -124,7 +123,7 @@ class DiskWatch:
 
     def refuse_upload(self, size: int) -> str | None:
         """Why ``size`` more bytes do not fit in the workspace (a session's upload), or None."""
-        self.excess()  # (measures; new folders get their watches)
+        self.excess(judge=False)  # (new folders get their watches)
         held, limit = self.used["work"][0], self.limits["work"][0]
         if held + size <= limit:
             return None
@@ -154,11 +153,12 @@ class DiskWatch:
         run is over, no later chance)."""
         return self.touched and (final or now >= self.next_scan)
 
-    def excess(self) -> str | None:
-        """Scan the jail's folder; what is over its bound (a message for the Result), or None."""
+    def excess(self, judge: bool = True) -> str | None:
+        """Scan the jail's folder; what is over its bound (a message for the Result), or None.
+        ``judge=False``: only measure (``used``) and watch new folders."""
         t0 = time.monotonic()
         try:
-            why = self._scan()
+            why = self._scan(judge)
         except OSError as exc:
             why = f"jailcell could not measure the jail's folder ({exc.strerror or exc}); the run was stopped"
         took = time.monotonic() - t0
@@ -167,7 +167,7 @@ class DiskWatch:
         self.next_scan = time.monotonic() + max(MIN_GAP_S, 2 * took)
         return why
 
-    def _scan(self) -> str | None:
+    def _scan(self, judge: bool) -> str | None:
         used = {"work": [0, 0], "tmp": [0, 0]}  # bytes, files
         seen: set[int] = set()
         top = os.open(self.root, DIR_FLAGS)
@@ -193,7 +193,8 @@ class DiskWatch:
                             subdirs.append(entry.name)
                 for where, (size, files) in used.items():
                     limit, max_files = self.limits[where]
-                    if size > max(limit, self.start[where][0]) or files > max(max_files, self.start[where][1]):
+                    if judge and (size > max(limit, self.start[where][0])
+                                  or files > max(max_files, self.start[where][1])):
                         self.used = {k: (v[0], v[1]) for k, v in used.items()}
                         return self._message(where, size, files)
                 if subdirs:
